@@ -1,0 +1,163 @@
+"""The ``captioner`` command line: one command per verb, errors with the fix.
+
+The CLI only parses flags into the config tree (pipeline.config) and hands it
+to the job; nothing here knows about Ray, models or Parquet internals.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline import __version__
+from pipeline.config import (
+    CAPTION_LENGTHS,
+    DEFAULT_CAPTION_MODEL,
+    DEFAULT_EMBED_MODEL,
+    DEVICES,
+    ConfigError,
+    RunConfig,
+    load_config_file,
+    with_overrides,
+)
+
+RUN_EXAMPLES = """
+\b
+Examples:
+  captioner run ./photos --out captions.parquet
+  captioner run ./photos --out out/ --probes my_probes.yaml --caption-length short
+  captioner run s3://bucket/photos --out s3://bucket/captions/ --storage-option endpoint_url=http://127.0.0.1:9000
+  captioner run ./photos --out captions.parquet --caption-model ./models/moondream2 --device cuda
+  captioner run ./photos --out captions.parquet --address ray://head:10001   # an existing cluster
+
+\b
+Re-running into the same --out skips images already captioned with the same
+models and probes, retries the ones that failed, and never duplicates a row.
+Images that cannot be decoded become rows with status=error; the exit code is
+non-zero only when the run itself fails (Ray, storage, missing weights).
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="captioner")
+def main() -> None:
+    """Caption, probe and embed every image in a folder or bucket, then search them.
+
+    \b
+    captioner run SOURCE --out captions.parquet   caption + probes + embedding -> Parquet
+    captioner index captions.parquet              build a DuckDB search index
+    captioner search "a red bicycle"              full-text, semantic or hybrid search
+    captioner schema                              the Parquet columns and what they mean
+    """
+
+
+def _parse_storage_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
+    if not values:
+        return None
+    pairs = []
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--storage-option")
+        pairs.append((key.strip(), val))
+    return tuple(sorted(pairs))
+
+
+@main.command(epilog=RUN_EXAMPLES)
+@click.argument("source")
+@click.option("--out", "output", required=True, help="Output: a .parquet file, or a directory (local or bucket URL) for part files.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON config file; flags override it.")
+@click.option("--caption-model", help=f"Caption backend: moondream2[@REV], transformers:HUB_ID[@REV], or a local model directory PATH. [default: {DEFAULT_CAPTION_MODEL}]")
+@click.option("--embed-model", help=f"Embedder: open_clip:NAME[@PRETRAINED], open_clip:NAME@/path/ckpt.pt, or a local open_clip directory. [default: {DEFAULT_EMBED_MODEL}]")
+@click.option("--probes", "probes_file", type=click.Path(dir_okay=False), help="YAML/JSON list of probe questions asked of every image. [default: the built-in set]")
+@click.option("--caption-length", type=click.Choice(CAPTION_LENGTHS), help="Caption length. [default: normal]")
+@click.option("--batch-size", type=int, help="Images per captioning batch. [default: 8]")
+@click.option("--embed-batch-size", type=int, help="Images per embedding batch. [default: 32]")
+@click.option("--device", type=click.Choice(DEVICES), help="Where models run; auto picks CUDA when the cluster has GPUs. [default: auto]")
+@click.option("--address", help="Address of a running Ray cluster (ray start --head). [default: start an embedded local Ray]")
+@click.option("--limit", type=int, help="Process only the first N images of the sorted listing.")
+@click.option("--no-caption", is_flag=True, help="Skip captioning and probes; embeddings only.")
+@click.option("--no-embed", is_flag=True, help="Skip the image embedding; captions and probes only.")
+@click.option("--max-pixels", type=int, help="Refuse images larger than this many pixels (decompression-bomb guard). [default: 100000000]")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for bucket sources/outputs (repeatable), e.g. endpoint_url=..., anon=true.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output made with other models or probes instead of refusing.")
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+def run(source, output, config_file, probes_file, storage_options, no_caption, no_embed, no_progress, **flags) -> None:
+    """Caption, probe and embed every image under SOURCE into Parquet.
+
+    SOURCE is a local folder (searched recursively), a single image, or an
+    fsspec URL such as s3://bucket/prefix or gs://bucket/prefix.
+    """
+    from jobs.caption_job import RayUnavailable, run_job
+    from pipeline.output import OutputError
+    from pipeline.probes import ProbeFileError, default_probes, load_probes
+    from pipeline.sources import SourceError
+
+    try:
+        data = load_config_file(config_file) if config_file else {}
+        base = RunConfig.from_dict({**data, "source": source, "output": output})
+        probes = load_probes(probes_file) if probes_file else None
+        if probes is None and not base.caption.probes:
+            probes = default_probes()
+        config = with_overrides(
+            base,
+            {
+                "source": source,
+                "output": output,
+                "device": flags["device"],
+                "limit": flags["limit"],
+                "overwrite": True if flags["overwrite"] else None,
+                "storage_options": _parse_storage_options(storage_options),
+                "caption.model": flags["caption_model"],
+                "caption.length": flags["caption_length"],
+                "caption.batch_size": flags["batch_size"],
+                "caption.probes": probes,
+                "caption.enabled": False if no_caption else None,
+                "embed.model": flags["embed_model"],
+                "embed.batch_size": flags["embed_batch_size"],
+                "embed.enabled": False if no_embed else None,
+                "decode.max_pixels": flags["max_pixels"],
+                "ray.address": flags["address"],
+            },
+        )
+        summary = run_job(config, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
+    except (ConfigError, ProbeFileError, SourceError, OutputError, RayUnavailable) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except Exception as exc:
+        _raise_model_unavailable(exc)
+        raise
+    click.echo("\n".join(summary.lines()))
+
+
+def _raise_model_unavailable(exc: BaseException) -> None:
+    """Weights that fail to load on a worker arrive wrapped in Ray errors; unwrap the fix."""
+    text = str(exc)
+    marker = "ModelUnavailable"
+    if marker in text:
+        tail = text[text.rindex(marker) + len(marker):].lstrip(": ").strip().splitlines()
+        raise click.ClickException(tail[0] if tail else text) from exc
+
+
+@main.command()
+@click.option("--dim", type=int, help="Embedding width to show for the embedding column (e.g. 1152 for SigLIP SO400M).")
+def schema(dim: int | None) -> None:
+    """Print the Parquet schema: every column, its type and meaning."""
+    from schemas.v1 import describe
+
+    click.echo(describe(dim))
+
+
+def _add_search_commands() -> None:
+    try:
+        from pipeline.search.commands import SEARCH_COMMANDS
+    except ImportError:  # pragma: no cover - search layer not installed
+        return
+    for command in SEARCH_COMMANDS:
+        main.add_command(command)
+
+
+_add_search_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

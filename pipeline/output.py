@@ -1,0 +1,247 @@
+"""Where rows go: atomic part files, resume state, and the final merge.
+
+Layout
+  --out captions.parquet   one file. While a run is going, rows are committed
+                           as part files in ``captions.parquet.parts/``; at the
+                           end every row (old and new) is merged into a new
+                           file that replaces the old one in a single rename.
+  --out DIR/               a directory of ``part-*.parquet`` files; a rerun
+                           adds parts and rewrites only the parts whose rows a
+                           retry superseded.
+
+Part files are written under a temporary dot-name and renamed into place
+(object stores publish a PUT whole, so there the final name is written
+directly): a crash leaves whole parts or none, never half a file. Readers
+ignore names that start with '.' or '_'. The resolved run config is saved
+beside the output (``captions.config.json`` / ``DIR/_captioner_config.json``).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema
+
+PART_GLOB = "part-*.parquet"
+# Columns that decide resume; reading only these keeps a rerun's start cheap.
+_STATE_COLUMNS = ["uri", "status", "bytes", "processed_at"]
+
+
+class OutputError(RuntimeError):
+    """The output cannot be used as asked; the message says how to fix it."""
+
+
+@dataclass
+class ResumeState:
+    """What an existing output already holds."""
+
+    run: RunMetadata | None = None
+    rows: int = 0
+    # uri -> file size of rows that finished with status ok
+    done: dict[str, int | None] = field(default_factory=dict)
+    errors: int = 0
+
+    def is_done(self, uri: str, size: int | None) -> bool:
+        if uri not in self.done:
+            return False
+        recorded = self.done[uri]
+        # A file whose size changed since it was captioned is new content.
+        return size is None or recorded is None or recorded == size
+
+
+class OutputStore:
+    def __init__(self, output: str, storage_options: dict | None = None):
+        self.output = output
+        self.single_file = output.rstrip().lower().endswith(".parquet")
+        self.fs, path = fsspec.core.url_to_fs(output, **(storage_options or {}))
+        self.path = path.rstrip("/")
+        self.is_local = "file" in _protocols(self.fs)
+        self.parts_dir = self.path + ".parts" if self.single_file else self.path
+        # Time first, so part names sort in commit order across runs.
+        self._run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        self._seq = 0
+
+    # ---- paths -------------------------------------------------------
+    @property
+    def config_path(self) -> str:
+        if self.single_file:
+            return self.path[: -len(".parquet")] + ".config.json"
+        return posixpath.join(self.path, "_captioner_config.json")
+
+    def _part_files(self) -> list[str]:
+        if not self.fs.isdir(self.parts_dir):
+            return []
+        return sorted(self.fs.glob(posixpath.join(self.parts_dir, PART_GLOB)))
+
+    def data_files(self) -> list[str]:
+        """Every committed file whose rows belong to the output."""
+        files = self._part_files()
+        if self.single_file and self.fs.isfile(self.path):
+            files = [self.path] + files
+        return files
+
+    def _display(self, path: str) -> str:
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    # ---- preparing a run ------------------------------------------------
+    def check_writable(self) -> None:
+        parent = self.parts_dir if not self.single_file else posixpath.dirname(self.path)
+        try:
+            self.fs.makedirs(parent or ".", exist_ok=True)
+            probe = posixpath.join(parent or ".", f".captioner-write-test-{self._run_id}")
+            with self.fs.open(probe, "wb") as handle:
+                handle.write(b"ok")
+            self.fs.rm(probe)
+        except (OSError, PermissionError) as exc:
+            raise OutputError(
+                f"cannot write to {self.output}: {exc}. Choose a writable --out location."
+            ) from exc
+
+    def load_state(self, run: RunMetadata, *, overwrite: bool) -> ResumeState:
+        """Read what is already there; refuse an output made by other models unless overwriting."""
+        files = self.data_files()
+        if files and overwrite:
+            self.remove_all()
+            return ResumeState()
+        state = ResumeState()
+        for path in files:
+            try:
+                schema = pq.read_schema(path, filesystem=self.fs)
+                existing = check_schema(schema, where=self._display(path))
+            except (SchemaMismatch, pa.ArrowInvalid) as exc:
+                raise OutputError(f"{exc}. Pass --overwrite to replace it, or choose another --out.") from exc
+            if existing.models_signature() != run.models_signature():
+                raise OutputError(
+                    f"{self._display(path)} was made with {_describe_signature(existing)}; this run uses "
+                    f"{_describe_signature(run)}. Pass --overwrite to replace it, or choose another --out."
+                )
+            state.run = existing
+            table = pq.read_table(path, columns=_STATE_COLUMNS, filesystem=self.fs)
+            state.rows += table.num_rows
+            for uri, status, size in zip(
+                table["uri"].to_pylist(), table["status"].to_pylist(), table["bytes"].to_pylist()
+            ):
+                if status == STATUS_OK:
+                    state.done[uri] = size
+                else:
+                    state.done.pop(uri, None)
+        state.errors = state.rows - len(state.done)
+        return state
+
+    def remove_all(self) -> None:
+        for path in self.data_files():
+            self.fs.rm(path)
+
+    def save_config(self, text: str) -> None:
+        self._write_bytes(self.config_path, text.encode())
+
+    # ---- writing --------------------------------------------------------
+    def write_part(self, table: pa.Table) -> str:
+        self.fs.makedirs(self.parts_dir, exist_ok=True)
+        self._seq += 1
+        final = posixpath.join(self.parts_dir, f"part-{self._run_id}-{self._seq:05d}.parquet")
+        self._write_table(final, table)
+        return final
+
+    def _write_table(self, final: str, table: pa.Table) -> None:
+        if not self.is_local:
+            pq.write_table(table, final, filesystem=self.fs)
+            return
+        tmp = posixpath.join(posixpath.dirname(final), "." + posixpath.basename(final) + ".tmp")
+        try:
+            pq.write_table(table, tmp, filesystem=self.fs)
+            self.fs.mv(tmp, final)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+
+    def _write_bytes(self, final: str, data: bytes) -> None:
+        parent = posixpath.dirname(final)
+        if parent:
+            self.fs.makedirs(parent, exist_ok=True)
+        tmp = final if not self.is_local else posixpath.join(parent, "." + posixpath.basename(final) + ".tmp")
+        with self.fs.open(tmp, "wb") as handle:
+            handle.write(data)
+        if tmp != final:
+            self.fs.mv(tmp, final)
+
+    # ---- finishing --------------------------------------------------------
+    def finalize(self, schema: pa.Schema | None) -> int:
+        """Leave exactly one row per uri (the newest); return the row count.
+
+        ``schema`` is this run's output schema; None when this run wrote nothing.
+        """
+        if self.single_file:
+            return self._merge_into_single_file(schema)
+        return self._drop_superseded_rows()
+
+    def _merge_into_single_file(self, schema: pa.Schema | None) -> int:
+        files = self.data_files()
+        parts = self._part_files()
+        if not parts:
+            return pq.read_metadata(self.path, filesystem=self.fs).num_rows if files else 0
+        tables = [pq.read_table(path, filesystem=self.fs) for path in files]
+        target = schema or tables[-1].schema
+        merged = _newest_row_per_uri(pa.concat_tables([t.cast(target) for t in tables]))
+        merged = merged.sort_by("uri").replace_schema_metadata(target.metadata)
+        self._write_table(self.path, merged)
+        for path in parts:
+            self.fs.rm(path)
+        try:
+            self.fs.rmdir(self.parts_dir)
+        except OSError:
+            pass
+        return merged.num_rows
+
+    def _drop_superseded_rows(self) -> int:
+        files = self._part_files()
+        latest: dict[str, tuple] = {}
+        per_file: dict[str, pa.Table] = {}
+        for path in files:
+            table = pq.read_table(path, columns=["uri", "processed_at"], filesystem=self.fs)
+            per_file[path] = table
+            for uri, when in zip(table["uri"].to_pylist(), table["processed_at"].to_pylist()):
+                if uri not in latest or (when, path) >= latest[uri]:
+                    latest[uri] = (when, path)
+        for path, table in per_file.items():
+            keep = [latest[uri][1] == path for uri in table["uri"].to_pylist()]
+            if all(keep):
+                continue
+            full = pq.read_table(path, filesystem=self.fs)
+            kept = full.filter(pa.array(keep))
+            if kept.num_rows:
+                self._write_table(path, kept)
+            else:
+                self.fs.rm(path)
+        return len(latest)
+
+
+def _newest_row_per_uri(table: pa.Table) -> pa.Table:
+    # Later rows win on equal timestamps: parts are concatenated in commit order.
+    order = pa.array(range(table.num_rows))
+    table = table.append_column("_order", order)
+    ranked = table.sort_by([("uri", "ascending"), ("processed_at", "descending"), ("_order", "descending")])
+    uris = ranked["uri"]
+    first = pc.not_equal(uris.slice(1), uris.slice(0, max(len(uris) - 1, 0)))
+    keep = pa.concat_arrays([pa.array([True]), first.combine_chunks()]) if len(uris) else pa.array([], pa.bool_())
+    return ranked.filter(keep).drop_columns(["_order"])
+
+
+def _describe_signature(run: RunMetadata) -> str:
+    return (
+        f"caption_model={run.caption_model}@{run.caption_revision}, "
+        f"embed_model={run.embed_model}@{run.embed_revision}, probe set {run.probe_set_hash[:12]}"
+    )
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
