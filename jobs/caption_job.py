@@ -162,12 +162,15 @@ class _PartWriter:
         self.buffer.append(table.select(self.schema.names).cast(self.schema))
         self.buffered += table.num_rows
         if self.buffered >= self.rows_per_part:
-            self.flush()
+            rows = pa.concat_tables(self.buffer)
+            while rows.num_rows >= self.rows_per_part:
+                self.store.write_part(rows.slice(0, self.rows_per_part))
+                rows = rows.slice(self.rows_per_part)
+            self.buffer, self.buffered = [rows], rows.num_rows
 
     def flush(self) -> None:
-        if not self.buffer:
-            return
-        self.store.write_part(pa.concat_tables(self.buffer))
+        if self.buffered:
+            self.store.write_part(pa.concat_tables(self.buffer))
         self.buffer, self.buffered = [], 0
 
 
@@ -260,7 +263,9 @@ class ray_session:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=_local_cpus(self.config), **kwargs)
+                # "local" always starts a fresh instance, never joins a cluster
+                # that happens to run on this machine.
+                ray.init(address="local", num_cpus=_local_cpus(self.config), **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same fault
             where = f"the Ray cluster at {address}" if address else "an embedded local Ray"
             fix = "check the address (ray status on the head node) or drop --address to run locally" if address else (

@@ -1,0 +1,7 @@
+"""Shared fixtures live in tests/fixtures/, one module per area."""
+
+pytest_plugins = [
+    "tests.fixtures.images",
+    "tests.fixtures.models",
+    "tests.fixtures.s3",
+]
