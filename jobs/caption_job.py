@@ -32,7 +32,7 @@ from pipeline.models.registry import resolve_captioner, resolve_embedder
 from pipeline.output import OutputStore
 from pipeline.preflight import check_caption_weights
 from pipeline.probes import probe_set_hash
-from pipeline.sources import list_images
+from pipeline.sources import list_images, stored_uri
 from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
 from schemas import STATUS_OK, RunMetadata, output_schema
 
@@ -105,7 +105,7 @@ def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummar
         limit=config.limit,
     )
     state = store.load_state(identity, overwrite=config.overwrite)
-    pending = [item for item in items if not state.is_done(item.uri, item.size)]
+    pending = [item for item in items if not state.is_done(stored_uri(item.uri), item.size)]
     store.save_config(config.to_json())
     summary = RunSummary(output=config.output, listed=len(items), skipped=len(items) - len(pending))
     echo(f"captioner: {len(items)} images listed, {summary.skipped} already done, {len(pending)} to process")
@@ -224,7 +224,13 @@ def _input_blocks(pending, batch_size: int, max_blocks: int = 2000) -> list[pa.T
     # the cap keeps a million-image run from creating a million tiny objects.
     rows = max(batch_size, -(-len(pending) // max_blocks))
     return [
-        pa.table({"uri": [i.uri for i in chunk], "size": pa.array([i.size for i in chunk], pa.int64())})
+        pa.table(
+            {
+                "uri": [stored_uri(i.uri) for i in chunk],
+                "location": pa.array([i.uri.encode("utf-8", "surrogateescape") for i in chunk], pa.binary()),
+                "size": pa.array([i.size for i in chunk], pa.int64()),
+            }
+        )
         for chunk in (pending[start : start + rows] for start in range(0, len(pending), rows))
     ]
 

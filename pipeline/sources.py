@@ -45,6 +45,20 @@ def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def stored_uri(uri: str) -> str:
+    """The uri as written to Parquet: always valid UTF-8.
+
+    A file name that is not UTF-8 lists as a str with surrogate escapes, which
+    open() accepts but Parquet cannot store. Those bytes are written as \\xNN
+    instead; the mapping is deterministic, so resume matches it again.
+    """
+    try:
+        uri.encode("utf-8")
+        return uri
+    except UnicodeEncodeError:
+        return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec filesystem and in-filesystem path for ``uri``; SourceError when the backend is missing."""
     try:

@@ -46,9 +46,12 @@ def decode_batch(batch: dict[str, np.ndarray], *, stage: StageConfig) -> dict[st
     from pipeline.decode import load_image
 
     options = stage.run.storage_options_dict()
-    decoded = [load_image(str(uri), stage.run.decode, options) for uri in batch["uri"]]
+    # ``location`` is the uri's exact bytes (a file name need not be UTF-8);
+    # ``uri`` is its printable form, the one stored in the output.
+    locations = [bytes(raw).decode("utf-8", "surrogateescape") for raw in batch["location"]]
+    decoded = [load_image(location, stage.run.decode, options) for location in locations]
     return {
-        "uri": np.array([d.uri for d in decoded], dtype=object),
+        "uri": np.array(batch["uri"], dtype=object),
         "image_id": np.array([d.image_id for d in decoded], dtype=object),
         "bytes": np.array([d.bytes for d in decoded], dtype=object),
         "format": np.array([d.format for d in decoded], dtype=object),
