@@ -1,0 +1,114 @@
+"""`captioner run --address` against a real two-node Ray cluster on this machine.
+
+The head and the second node are started with `ray start --block`, so that
+terminating those two processes tears down exactly this cluster's services
+(a global `ray stop` would also kill any other Ray running here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import STATUS_OK, check_schema
+from tests.fixtures.images import make_jpegs
+
+pytestmark = pytest.mark.cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray(*args: str, env: dict) -> subprocess.Popen:
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    return subprocess.Popen(
+        [ray_cli, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_for_nodes(address: str, count: int, env: dict, timeout_s: int = 90) -> None:
+    # One client process polls, instead of paying Ray's import for every look.
+    probe = (
+        "import ray, time; ray.init(address=%r, logging_level='ERROR')\n"
+        "deadline = time.monotonic() + %d\n"
+        "while sum(n['Alive'] for n in ray.nodes()) < %d:\n"
+        "    assert time.monotonic() < deadline, 'nodes did not join'\n"
+        "    time.sleep(0.5)\n"
+    ) % (address, timeout_s, count)
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=timeout_s + 30)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    # One auth mode for head, node and clients; the token lives in ~/.ray.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    head = _ray("--head", f"--port={port}", "--include-dashboard=false", env=env)
+    nodes = [head]
+    try:
+        deadline = time.monotonic() + 60
+        while not _port_open(port):
+            assert head.poll() is None, head.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "head node did not come up"
+            time.sleep(0.5)
+        nodes.append(_ray(f"--address={address}", env=env))
+        _wait_for_nodes(address, 2, env)
+        yield address, env
+    finally:
+        for process in reversed(nodes):
+            _stop(process)
+
+
+def test_run_on_a_two_node_cluster(two_node_cluster, tmp_path, tiny_vlm_dir, tiny_clip_dir):
+    address, env = two_node_cluster
+    photos = tmp_path / "photos"
+    make_jpegs(photos, 12)
+    out = tmp_path / "captions.parquet"
+    # The caption and embed actors (1.5 CPUs each) cannot share one 2-CPU
+    # node, so the run only finishes if Ray places work on both nodes.
+    config = tmp_path / "run.yaml"
+    config.write_text("ray:\n  model_actor_cpus: 1.5\n")
+    captioner = os.path.join(os.path.dirname(sys.executable), "captioner")
+    done = subprocess.run(
+        [captioner, "run", str(photos), "--out", str(out), "--address", address, "--config", str(config),
+         "--caption-model", str(tiny_vlm_dir), "--embed-model", str(tiny_clip_dir), "--no-progress", "--batch-size", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pq.read_table(out)
+    check_schema(table.schema)
+    rows = table.to_pylist()
+    assert len(rows) == 12 and all(r["status"] == STATUS_OK for r in rows)
+    assert all(r["caption"] and r["embedding"] for r in rows)
+    assert "ok          12" in done.stdout
