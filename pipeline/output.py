@@ -9,15 +9,22 @@ Layout
                            adds parts and rewrites only the parts whose rows a
                            retry superseded.
 
-Part files are written under a temporary dot-name and renamed into place
-(object stores publish a PUT whole, so there the final name is written
-directly): a crash leaves whole parts or none, never half a file. Readers
+Part files are written under a temporary dot-name and renamed into place: a
+crash leaves whole parts or none, never half a file. Object stores (s3://,
+gs://, ...) have no rename but publish a PUT whole, so there each file is
+serialized in memory and stored under its final name in one request. Readers
 ignore names that start with '.' or '_'. The resolved run config is saved
 beside the output (``captions.config.json`` / ``DIR/_captioner_config.json``).
+
+On object stores "directories" are only key prefixes: nothing is created
+before writing (s3fs's makedirs would create a missing *bucket*), and a
+listing is never answered from the listings cache, which may predate writes
+made by another process or an earlier run.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 import time
 import uuid
@@ -77,13 +84,18 @@ class OutputStore:
         return posixpath.join(self.path, "_captioner_config.json")
 
     def _part_files(self) -> list[str]:
-        if not self.fs.isdir(self.parts_dir):
+        self._forget_listings()
+        # ls + fnmatch rather than glob: a folder name holding glob characters
+        # ("out[1]/") must match itself literally.
+        try:
+            names = self.fs.ls(self.parts_dir, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(self.fs.glob(posixpath.join(self.parts_dir, PART_GLOB)))
+        return sorted(name for name in names if fnmatch.fnmatchcase(posixpath.basename(name), PART_GLOB))
 
     def data_files(self) -> list[str]:
         """Every committed file whose rows belong to the output."""
-        files = self._part_files()
+        files = self._part_files()  # also refreshes what isfile() below sees
         if self.single_file and self.fs.isfile(self.path):
             files = [self.path] + files
         return files
@@ -91,18 +103,38 @@ class OutputStore:
     def _display(self, path: str) -> str:
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
+    def _forget_listings(self) -> None:
+        # s3fs answers ls/isfile from listings it cached, and fsspec shares one
+        # filesystem instance per set of options across the whole process.
+        # invalidate_cache(path) drops the path and its parents.
+        self.fs.invalidate_cache(self.parts_dir)
+        self.fs.invalidate_cache(self.path)
+
+    def _delete(self, paths: list[str]) -> None:
+        # rm_file, not rm: fsspec's rm expands glob characters, so on a bucket
+        # "run[1]/part-x.parquet" would match nothing (or another key).
+        for path in paths:
+            self.fs.rm_file(path)
+
+    def _makedirs(self, path: str) -> None:
+        # Only real filesystems need folders; on a bucket a prefix exists once
+        # a key under it does.
+        if self.is_local and path:
+            self.fs.makedirs(path, exist_ok=True)
+
     # ---- preparing a run ------------------------------------------------
     def check_writable(self) -> None:
         parent = self.parts_dir if not self.single_file else posixpath.dirname(self.path)
         try:
-            self.fs.makedirs(parent or ".", exist_ok=True)
+            self._makedirs(parent or ".")
             probe = posixpath.join(parent or ".", f".captioner-write-test-{self._run_id}")
-            with self.fs.open(probe, "wb") as handle:
-                handle.write(b"ok")
-            self.fs.rm(probe)
-        except (OSError, PermissionError) as exc:
+            self._write_bytes(probe, b"ok")
+            self._delete([probe])
+        except Exception as exc:  # backends raise their own types (no bucket, no credentials, ...)
+            reason = str(exc) or type(exc).__name__
             raise OutputError(
-                f"cannot write to {self.output}: {exc}. Choose a writable --out location."
+                f"cannot write to {self.output}: {reason}. Choose a writable --out location"
+                + ("." if self.is_local else ", or check the bucket name, credentials and --storage-option values.")
             ) from exc
 
     def load_state(self, run: RunMetadata, *, overwrite: bool) -> ResumeState:
@@ -137,15 +169,14 @@ class OutputStore:
         return state
 
     def remove_all(self) -> None:
-        for path in self.data_files():
-            self.fs.rm(path)
+        self._delete(self.data_files())
 
     def save_config(self, text: str) -> None:
         self._write_bytes(self.config_path, text.encode())
 
     # ---- writing --------------------------------------------------------
     def write_part(self, table: pa.Table) -> str:
-        self.fs.makedirs(self.parts_dir, exist_ok=True)
+        self._makedirs(self.parts_dir)
         self._seq += 1
         final = posixpath.join(self.parts_dir, f"part-{self._run_id}-{self._seq:05d}.parquet")
         self._write_table(final, table)
@@ -153,7 +184,12 @@ class OutputStore:
 
     def _write_table(self, final: str, table: pa.Table) -> None:
         if not self.is_local:
-            pq.write_table(table, final, filesystem=self.fs)
+            # Whole file first, then one PUT. Streaming into an s3fs file is not
+            # safe: pyarrow closes the file even when writing fails, and closing
+            # completes the upload, publishing a partial file under the final name.
+            buffer = pa.BufferOutputStream()
+            pq.write_table(table, buffer)
+            self._write_bytes(final, buffer.getvalue().to_pybytes())
             return
         tmp = posixpath.join(posixpath.dirname(final), "." + posixpath.basename(final) + ".tmp")
         try:
@@ -164,14 +200,15 @@ class OutputStore:
                 self.fs.rm(tmp)
 
     def _write_bytes(self, final: str, data: bytes) -> None:
+        if not self.is_local:
+            self.fs.pipe_file(final, data)
+            return
         parent = posixpath.dirname(final)
-        if parent:
-            self.fs.makedirs(parent, exist_ok=True)
-        tmp = final if not self.is_local else posixpath.join(parent, "." + posixpath.basename(final) + ".tmp")
+        self._makedirs(parent)
+        tmp = posixpath.join(parent, "." + posixpath.basename(final) + ".tmp")
         with self.fs.open(tmp, "wb") as handle:
             handle.write(data)
-        if tmp != final:
-            self.fs.mv(tmp, final)
+        self.fs.mv(tmp, final)
 
     # ---- finishing --------------------------------------------------------
     def finalize(self, schema: pa.Schema | None) -> int:
@@ -193,12 +230,12 @@ class OutputStore:
         merged = _newest_row_per_uri(pa.concat_tables([t.cast(target) for t in tables]))
         merged = merged.sort_by("uri").replace_schema_metadata(target.metadata)
         self._write_table(self.path, merged)
-        for path in parts:
-            self.fs.rm(path)
-        try:
-            self.fs.rmdir(self.parts_dir)
-        except OSError:
-            pass
+        self._delete(parts)
+        if self.is_local:  # on a bucket the prefix is gone with its last key
+            try:
+                self.fs.rmdir(self.parts_dir)
+            except OSError:
+                pass
         return merged.num_rows
 
     def _drop_superseded_rows(self) -> int:
@@ -220,7 +257,7 @@ class OutputStore:
             if kept.num_rows:
                 self._write_table(path, kept)
             else:
-                self.fs.rm(path)
+                self._delete([path])
         return len(latest)
 
 

@@ -5,10 +5,15 @@ more) and yield absolute paths; remote sources (``s3://``, ``gs://``,
 ``memory://`` ...) are listed through fsspec and keep their protocol in the uri.
 ``file://`` URLs count as local. Hidden files and hidden folders (name starting
 with ".") are skipped on both sides.
+
+On object stores a listing always asks the store (never s3fs's listings cache,
+which may predate the latest uploads), "folder" marker keys ending in "/" are
+not images, and a whole object is read with one GET.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -96,9 +101,45 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, max_byte
     if is_local(uri):
         with open(local_path(uri), "rb") as handle:
             return handle.read(size)
+    if max_bytes == 0:
+        return b""
     fs, path = open_fs(uri, storage_options)
-    with fs.open(path, "rb") as handle:
-        return handle.read(size)
+    try:
+        # A ranged read from 0 is one GET; s3fs's open(), or cat_file() without
+        # a range, first asks for the size (a HEAD): two requests per image.
+        return fs.cat_file(path, start=0, end=max_bytes)
+    except PermissionError as exc:
+        raise _explain_refused_read(exc) from exc
+
+
+def _explain_refused_read(exc: PermissionError) -> OSError:
+    """A clearer error for a read the store refuses although access is allowed.
+
+    S3 answers GET on an archived object (GLACIER / DEEP_ARCHIVE storage
+    class) with 403 InvalidObjectState, which s3fs turns into PermissionError;
+    "permission denied" would send the user after credentials instead.
+    """
+    error = _service_error(exc)
+    if error.get("Code") != "InvalidObjectState":
+        return exc
+    storage = error.get("StorageClass") or "an archive"
+    return OSError(
+        errno.EIO,
+        f"the object is archived in storage class {storage} and must be restored before it can be read "
+        f"(S3 InvalidObjectState)",
+    )
+
+
+def _service_error(exc: BaseException | None) -> dict:
+    """The botocore ``Error`` dict of the first exception in the cause chain that carries one."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return response["Error"]
+        exc = exc.__cause__
+    return {}
 
 
 def _has_extension(name: str, wanted: frozenset[str]) -> bool:
@@ -153,6 +194,9 @@ def _list_local(root: str, wanted: frozenset[str]) -> list[SourceItem]:
 
 def _list_remote(source: str, wanted: frozenset[str], storage_options: dict[str, Any] | None) -> list[SourceItem]:
     fs, root = open_fs(source, storage_options)
+    # Listings cached by this (process-wide, shared) filesystem instance may be
+    # older than the objects now in the store; isfile/exists would trust them.
+    fs.invalidate_cache(root)
     try:
         if fs.isfile(root):
             return [SourceItem(fs.unstrip_protocol(root), fs.size(root))]
@@ -172,7 +216,8 @@ def _list_remote(source: str, wanted: frozenset[str], storage_options: dict[str,
         relative = path[len(prefix):] if path.startswith(prefix) else path
         if any(part.startswith(".") for part in relative.split("/")):
             continue
-        if info.get("type", "file") != "file" or not _has_extension(path, wanted):
+        # "album.jpg/" is a zero-byte folder marker (S3 consoles create them), not an image.
+        if path.endswith("/") or info.get("type", "file") != "file" or not _has_extension(path, wanted):
             continue
         items.append(SourceItem(fs.unstrip_protocol(path), info.get("size")))
     return items
