@@ -1,0 +1,250 @@
+"""Search benchmark: synthetic captioner Parquet -> DuckDB index -> query latencies.
+
+    python bench/search.py --n 100000 --dim 768
+    python bench/search.py --n 1000000 --dim 768 --ef-search 64,128
+
+One run prints: index build times (load, fts, HNSW), DuckDB brute-force top-10
+latency, numpy brute-force top-10 latency on the same vectors, HNSW query
+latency and recall@10 against the exact answer for each --ef-search, BM25
+latency, a filtered (exact) semantic query, and the ratios to numpy.
+
+Synthetic vectors are not uniform on the sphere: uniform random vectors in
+768-D have no near neighbours at all, which no real embedding set looks like,
+and they are the worst case for any graph index. Each row here is a cluster
+centre (N/1000 clusters) plus low-rank within-cluster variation (rank 64) plus
+a little isotropic noise, then L2-normalised, which gives CLIP-like cosine
+structure (close neighbours around 0.8-0.9, unrelated pairs near 0). Queries
+are fresh draws from the same distribution, not rows of the data.
+Memory: the vectors are held once in numpy (N x D x 4 bytes: 3.1 GB at
+1M x 768), parked in a .npy file while the index is built, and DuckDB holds
+its own copy in the HNSW index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.search import ImageIndex, build_index  # noqa: E402
+from schemas import PROBE_TYPE, RunMetadata, output_schema  # noqa: E402
+
+CHUNK = 50_000
+PERSON = "Is there a person?"
+COLOR = "What is the main colour?"
+COLORS = ["red", "green", "blue", "yellow", "black", "white", "brown", "grey", "orange", "purple"]
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "ba", "do", "fu", "ge", "hi", "ju", "pe"]
+
+
+class Vectors:
+    """Clustered, low-rank-plus-noise unit vectors (see the module docstring)."""
+
+    def __init__(self, n: int, dim: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.dim = dim
+        self.centres = _unit(rng.standard_normal((max(100, n // 1000), dim), dtype=np.float32))
+        self.basis = _unit(rng.standard_normal((64, dim), dtype=np.float32))
+
+    def draw(self, count: int) -> np.ndarray:
+        rng = self.rng
+        centre = self.centres[rng.integers(0, len(self.centres), count)]
+        within = rng.standard_normal((count, len(self.basis)), dtype=np.float32) @ self.basis * (0.6 / 8)
+        noise = rng.standard_normal((count, self.dim), dtype=np.float32) * (0.15 / np.sqrt(self.dim))
+        return _unit(centre + within + noise)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def vocabulary(rng, size: int = 20_000) -> np.ndarray:
+    parts = rng.integers(0, len(SYLLABLES), (size * 2, 3))
+    words = np.unique(["".join(SYLLABLES[i] for i in row) for row in parts])
+    return rng.permutation(words)[:size]
+
+
+def captions(rng, vocab: np.ndarray, count: int) -> list[str]:
+    # Zipf-like word frequencies, 8-16 words a caption, like real captions.
+    ranks = np.minimum(rng.zipf(1.3, (count, 16)) - 1, len(vocab) - 1)
+    lengths = rng.integers(8, 17, count)
+    return [" ".join(vocab[r[:k]]) for r, k in zip(ranks, lengths)]
+
+
+def chunk_table(start: int, x: np.ndarray, caps: list[str], rng, schema: pa.Schema, run: RunMetadata) -> pa.Table:
+    n, dim = x.shape
+    person = rng.random(n) < 0.4
+    colour = np.asarray(COLORS)[rng.integers(0, len(COLORS), n)]
+    answers = np.empty(2 * n, dtype=object)
+    answers[0::2] = np.where(person, "yes", "no")
+    answers[1::2] = colour
+    answer_bool = np.empty(2 * n, dtype=object)
+    answer_bool[0::2] = person
+    answer_bool[1::2] = None
+    probes = pa.StructArray.from_arrays(
+        [pa.array(np.tile([PERSON, COLOR], n)), pa.array(answers, pa.string()), pa.array(answer_bool, pa.bool_())],
+        fields=list(PROBE_TYPE),
+    )
+    ids = np.arange(start, start + n)
+
+    def const(value, typ):
+        return pa.array([value] * n, typ)
+
+    columns = {
+        "schema_version": const(1, pa.int16()),
+        "image_id": pa.array([f"{i:064x}" for i in ids]),
+        "uri": pa.array([f"/bench/img_{i:07d}.jpg" for i in ids]),
+        "bytes": pa.array(rng.integers(50_000, 500_000, n)),
+        "format": const("JPEG", pa.string()),
+        "width": const(1024, pa.int32()),
+        "height": const(768, pa.int32()),
+        "status": const("ok", pa.string()),
+        "error_kind": const(None, pa.string()),
+        "error": const(None, pa.string()),
+        "caption": pa.array(caps),
+        "probes": pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), probes, type=schema.field("probes").type),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
+        "caption_model": const(run.caption_model, pa.string()),
+        "caption_revision": const(run.caption_revision, pa.string()),
+        "embed_model": const(run.embed_model, pa.string()),
+        "embed_revision": const(run.embed_revision, pa.string()),
+        "probe_set_hash": const(run.probe_set_hash, pa.string()),
+        "processed_at": const(datetime(2024, 1, 1, tzinfo=timezone.utc), pa.timestamp("us", tz="UTC")),
+    }
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def write_parquet(path: Path, n: int, dim: int, seed: int):
+    """Write N rows; return the (N, D) vectors, the query generator and the vocabulary."""
+    run = RunMetadata("bench", "local", "bench:synthetic", "bench", dim, "0" * 64, (PERSON, COLOR))
+    schema = output_schema(dim, run)
+    gen = Vectors(n, dim, seed)
+    rng = np.random.default_rng(seed + 1)
+    vocab = vocabulary(rng)
+    x = np.empty((n, dim), dtype=np.float32)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, n, CHUNK):
+            count = min(CHUNK, n - start)
+            x[start : start + count] = gen.draw(count)
+            writer.write_table(chunk_table(start, x[start : start + count], captions(rng, vocab, count), rng, schema, run))
+    return x, gen, vocab
+
+
+def numpy_top10(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    scores = x @ q
+    top = np.argpartition(-scores, 10)[:10]
+    return top[np.argsort(-scores[top])]
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def ms(seconds: list[float]) -> str:
+    s = sorted(seconds)
+    p95 = s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+    return f"median {statistics.median(s) * 1e3:8.2f} ms   p95 {p95 * 1e3:8.2f} ms   (n={len(s)})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100_000, help="rows (up to 1,000,000)")
+    ap.add_argument("--dim", type=int, default=768, choices=[768, 1152])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--duckdb-brute-queries", type=int, default=10, help="exact DuckDB scans are slow at 1M; fewer of them")
+    ap.add_argument("--ef-search", default="64,128,256", help="comma-separated HNSW ef_search values to try")
+    ap.add_argument("--hnsw-m", type=int, default=16)
+    ap.add_argument("--ef-construction", type=int, default=128)
+    ap.add_argument("--workdir", type=Path, help="keep the Parquet and index here (default: a temp dir, removed)")
+    args = ap.parse_args(argv)
+    if not 10 < args.n <= 1_000_000:
+        ap.error("--n must be in (10, 1000000]")
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="captioner-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path) -> int:
+    import os
+
+    n, dim = args.n, args.dim
+    print(f"search bench: N={n:,} D={dim} seed={args.seed}  ({os.cpu_count()} CPUs, numpy {np.__version__})")
+    (x, gen, vocab), t_gen = timed(write_parquet, work / "bench.parquet", n, dim, args.seed)
+    print(f"generate + write Parquet       {t_gen:8.1f} s")
+
+    # Park the vectors on disk while DuckDB builds (its buffer pool and the
+    # HNSW graph want the RAM); reload them for the numpy baseline afterwards.
+    np.save(work / "vectors.npy", x)
+    del x
+    db = work / "index.duckdb"
+    report, _ = timed(
+        build_index, [work / "bench.parquet"], db, hnsw=True, hnsw_m=args.hnsw_m,
+        hnsw_ef_construction=args.ef_construction, fresh=True,
+    )  # fmt: skip
+    t = report.timings
+    print(
+        f"index build total              {report.seconds:8.1f} s   (load {t.get('load', 0):.1f}, embeddings "
+        f"{t.get('embeddings', 0):.1f}, fts {t.get('fts', 0):.1f}, checkpoint {t.get('checkpoint', 0):.1f})"
+    )
+    print(f"HNSW build (M={args.hnsw_m}, ef_construction={args.ef_construction})  {t['hnsw']:8.1f} s")
+    print(f"index file                     {db.stat().st_size / 2**30:8.2f} GiB")
+
+    x = np.load(work / "vectors.npy")
+    queries = gen.draw(args.queries)
+    truth, t_np = zip(*(timed(numpy_top10, x, q) for q in queries))
+    print(f"numpy brute force top-10       {ms(t_np)}")
+    np_median = statistics.median(t_np)
+
+    with ImageIndex.open(db) as idx:
+        brute = [timed(idx.search_vector, q, 10, exact=True) for q in queries[: args.duckdb_brute_queries]]
+        agree = np.mean([len({h.id for h in hits} & set(truth[i].tolist())) / 10 for i, (hits, _) in enumerate(brute)])
+        t_brute = [s for _, s in brute]
+        print(f"DuckDB brute force top-10      {ms(t_brute)}   agreement with numpy {agree:.3f}")
+
+        words = vocab[np.random.default_rng(args.seed + 2).integers(20, 2000, (args.queries, 2))]
+        t_bm25 = [timed(idx.search_text, " ".join(w), 10)[1] for w in words]
+        print(f"BM25 top-10 (2-word queries)   {ms(t_bm25)}")
+
+        t_filtered = [
+            timed(idx.search_vector, q, 10, probes=[f"{PERSON}=yes"])[1] for q in queries[: args.duckdb_brute_queries]
+        ]
+        print(f"semantic + probe filter (exact, ~40% of rows pass)  {ms(t_filtered)}")
+
+    results = []
+    for ef in [int(v) for v in args.ef_search.split(",")]:
+        with ImageIndex.open(db, ef_search=ef) as idx:
+            _, first = timed(idx.search_vector, queries[0], 10)
+            runs = [timed(idx.search_vector, q, 10) for q in queries]
+        recall = np.mean([len({h.id for h in hits} & set(truth[i].tolist())) / 10 for i, (hits, _) in enumerate(runs)])
+        t_h = [s for _, s in runs]
+        results.append((ef, statistics.median(t_h), recall))
+        print(f"HNSW ef_search={ef:<4d} top-10     {ms(t_h)}   recall@10 {recall:.3f}   (first query, loads index: {first:.2f} s)")
+
+    print()
+    print(f"ratio DuckDB brute / numpy     {statistics.median(t_brute) / np_median:8.2f}")
+    for ef, median, recall in results:
+        print(f"ratio HNSW(ef={ef}) / numpy     {median / np_median:8.3f}   recall@10 {recall:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

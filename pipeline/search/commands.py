@@ -1,0 +1,219 @@
+"""CLI commands: ``captioner index | search | sql | duplicates``.
+
+They are plain click commands; the ``captioner`` group adds them from
+``SEARCH_COMMANDS``. Every user-fixable failure is a click.ClickException
+whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+from pipeline.search.errors import SearchError
+
+DEFAULT_DB = "index.duckdb"
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SearchError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _index_option(fn):
+    return click.option(
+        "--index",
+        "index_path",
+        default=DEFAULT_DB,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="Index database built by `captioner index`.",
+    )(fn)
+
+
+def _json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def _one_line(text, width: int) -> str:
+    text = " ".join(str(text).split()) if text is not None else ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _echo_table(header: list[str], rows: list[list[str]], align_right=()) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+
+    def fmt(cells):
+        out = []
+        for i, cell in enumerate(cells):
+            last = i == len(cells) - 1
+            out.append(cell if last else cell.rjust(widths[i]) if i in align_right else cell.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    click.echo(fmt(header))
+    for row in rows:
+        click.echo(fmt(row))
+
+
+@click.command("index")
+@click.argument("parquet", nargs=-1, type=click.Path())
+@click.option("--db", default=DEFAULT_DB, show_default=True, type=click.Path(dir_okay=False), help="Index database to create or update.")
+@click.option(
+    "--hnsw/--no-hnsw",
+    default=None,
+    help="Force the HNSW vector index on or off. Default: built when there are at least --hnsw-min-rows embeddings.",
+)
+@click.option("--hnsw-min-rows", default=None, type=click.IntRange(min=0), help="Row count from which HNSW is built automatically [default: 100000].")
+@click.option("--hnsw-m", default=None, type=click.IntRange(min=2), help="HNSW graph degree M [default: 16].")
+@click.option("--hnsw-ef-construction", default=None, type=click.IntRange(min=1), help="HNSW build beam width [default: 128].")
+@click.option("--fresh", is_flag=True, help="Forget the sources recorded in an existing --db and index only PARQUET.")
+@_user_errors
+def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction, fresh):
+    """Build or update a DuckDB search index over captioner Parquet output.
+
+    PARQUET are files or directories (searched recursively). Sources already
+    recorded in --db are re-scanned too, so `captioner index --db index.duckdb`
+    alone picks up new files in indexed directories. All files must come from
+    one embedder. Nothing is rebuilt when no file changed.
+    """
+    from pipeline.search import index as ix
+
+    report = ix.build_index(
+        parquet,
+        db,
+        hnsw=hnsw,
+        hnsw_min_rows=ix.DEFAULT_HNSW_MIN_ROWS if hnsw_min_rows is None else hnsw_min_rows,
+        hnsw_m=hnsw_m or ix.DEFAULT_HNSW_M,
+        hnsw_ef_construction=hnsw_ef_construction or ix.DEFAULT_HNSW_EF_CONSTRUCTION,
+        fresh=fresh,
+    )
+    info = report.info
+    if not report.rebuilt:
+        click.echo(f"{db} is up to date ({len(info.files)} files unchanged); pass --fresh to rebuild it anyway")
+        return
+    embedder = (
+        f"{info.embed_model} (revision {info.embed_revision}, dim {info.embedding_dim})" if info.embed_model else "none"
+    )
+    hnsw_text = f"yes (M={info.hnsw_m}, ef_construction={info.hnsw_ef_construction})" if info.hnsw else "no (exact scan)"
+    click.echo(
+        f"indexed {len(info.files)} files into {db} in {report.seconds:.1f} s: {info.rows} rows, "
+        f"{info.searchable_rows} searchable (status ok), {info.embedded_rows} with embeddings\n"
+        f"embedder: {embedder}\nHNSW: {hnsw_text}"
+    )
+
+
+SEARCH_EPILOG = """\b
+--where takes a SQL boolean expression, by design, evaluated per row of the
+`images` view (all schema columns, e.g. status, width, height, format, bytes,
+caption, probes, embed_model, processed_at). Helpers:
+probe_bool(probes, 'Question?') and probe_answer(probes, 'Question?').
+It must be one expression (no ';'), and it runs on a read-only connection
+with file access disabled.
+\b
+Examples:
+  captioner search "dog on a beach" --index index.duckdb
+  captioner search "red car" --mode text --where "width >= 1024" --json
+  captioner search --image query.jpg --probe "Is there a person?=no"
+"""
+
+
+@click.command("search", epilog=SEARCH_EPILOG)
+@click.argument("query", required=False)
+@_index_option
+@click.option(
+    "--mode",
+    type=click.Choice(["hybrid", "text", "semantic"]),
+    default=None,
+    help="text: BM25 over captions and probe answers; semantic: the query embedded with the index's model; "
+    "hybrid: reciprocal-rank fusion of both [default: hybrid, or text for an index without embeddings].",
+)
+@click.option("--image", type=click.Path(dir_okay=False), help="Find images similar to this image (with QUERY and hybrid mode: fused with BM25 of QUERY).")
+@click.option("--where", help="SQL boolean expression over the images view (see below).")
+@click.option("--probe", "probes", multiple=True, metavar='"QUESTION=ANSWER"', help='Keep images whose probe answer matches, e.g. "Is there a person?=yes" (yes/no compare the parsed boolean; other answers case-insensitively). Repeatable.')
+@click.option("--limit", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Number of results.")
+@_json_option
+@click.option("--device", default="auto", show_default=True, help="Where to run the query embedder: auto, cpu, cuda.")
+@click.option("--ef-search", default=None, type=click.IntRange(min=1), help="HNSW search beam width (higher: better recall, slower) [default: 64 up to 300k images, else 256].")
+@_user_errors
+def search_command(query, index_path, mode, image, where, probes, limit, as_json, device, ef_search):
+    """Search the index for QUERY (or --image) and print the best matches."""
+    from pipeline.search.image_index import ImageIndex
+
+    with ImageIndex.open(index_path, device=device, ef_search=ef_search) as idx:
+        hits = idx.search(query, mode=mode, image=image, k=limit, where=where, probes=probes)
+    if as_json:
+        _echo_json([h.to_dict() for h in hits])
+        return
+    if not hits:
+        click.echo("no matches", err=True)
+        return
+    rows = [[str(h.rank), f"{h.score:.4f}", h.uri, _one_line(h.caption, 100)] for h in hits]
+    _echo_table(["rank", "score", "path", "caption"], rows, align_right=(0, 1))
+
+
+@click.command("sql")
+@click.argument("statement")
+@_index_option
+@_json_option
+@_user_errors
+def sql_command(statement, index_path, as_json):
+    """Run one read-only SQL STATEMENT against the index.
+
+    \b
+    Tables and views: images (every row; error rows included), image_rows,
+    embeddings (id, embedding), docs (id, text), index_meta (key, value).
+    Example: captioner sql "SELECT status, count(*) FROM images GROUP BY ALL"
+    """
+    from pipeline.search.image_index import ImageIndex
+
+    with ImageIndex.open(index_path) as idx:
+        result = idx.sql(statement)
+    if as_json:
+        _echo_json(result.to_dicts())
+        return
+    if not result.columns:
+        return
+    rows = [[_one_line(v, 80) if v is not None else "NULL" for v in row] for row in result.rows]
+    _echo_table(result.columns, rows)
+
+
+@click.command("duplicates")
+@_index_option
+@click.option("--threshold", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Minimum cosine similarity between embeddings.")
+@_json_option
+@_user_errors
+def duplicates_command(index_path, threshold, as_json):
+    """List groups of near-identical images (embedding cosine >= --threshold).
+
+    Groups are connected: A~B and B~C put A, B, C in one group. Exact
+    comparison of every pair; minutes above ~100k images.
+    """
+    from pipeline.search.image_index import ImageIndex
+
+    with ImageIndex.open(index_path) as idx:
+        groups = idx.duplicates(threshold)
+    if as_json:
+        _echo_json([{"size": len(g), "images": [vars(m) for m in g]} for g in groups])
+        return
+    if not groups:
+        click.echo(f"no near-duplicates at threshold {threshold}", err=True)
+        return
+    for n, group in enumerate(groups, start=1):
+        click.echo(f"group {n} ({len(group)} images)")
+        for m in group:
+            click.echo(f"  {m.similarity:.4f}  {m.uri}  {_one_line(m.caption, 80)}".rstrip())
+
+
+SEARCH_COMMANDS = [index_command, search_command, sql_command, duplicates_command]

@@ -1,0 +1,109 @@
+"""Row filters shared by every search mode: ``--where`` and ``--probe``.
+
+``--where`` is, by design, a SQL boolean expression written by the user over
+the columns of the ``images`` view (e.g. ``width >= 1024 AND format = 'PNG'``,
+``probe_bool(probes, 'Is there a person?')``). It is accepted only when
+
+  * it contains no ';' (no statement separators, not even inside literals),
+  * DuckDB's parser reads it as exactly one expression, and
+  * the original text, wrapped as ``SELECT 1 WHERE (<expr>)``, parses as
+    exactly one SELECT statement (this catches text the expression parser
+    silently ignores, such as a trailing ``FROM x``).
+
+What reaches the query is the expression as DuckDB's parser re-rendered it
+(comments dropped), inside parentheses, as a subquery filter on ``images``.
+It also runs only on a read-only connection with file access disabled (see
+ImageIndex.open), so the worst a hostile expression can do is read the index.
+
+``--probe "Question?=answer"`` never becomes SQL text: the question and the
+answer are bound parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+from pipeline.search.errors import SearchError
+
+_YES = {"yes", "true", "y"}
+_NO = {"no", "false", "n"}
+
+
+@dataclass(frozen=True)
+class ProbeFilter:
+    """Rows whose answer to ``question`` is ``answer`` (yes/no compare answer_bool)."""
+
+    question: str
+    answer: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ProbeFilter":
+        # Split at the last '=': questions end with '?', answers are short.
+        question, sep, answer = text.rpartition("=")
+        question, answer = " ".join(question.split()), answer.strip()
+        if not sep or not question or not answer:
+            raise SearchError(f"--probe {text!r} must look like \"Is there a person?=yes\" (QUESTION=ANSWER)")
+        return cls(question, answer)
+
+    @property
+    def as_bool(self) -> bool | None:
+        word = self.answer.lower()
+        return True if word in _YES else False if word in _NO else None
+
+    def sql(self) -> tuple[str, list]:
+        if self.as_bool is not None:
+            cond = "p.answer_bool = ?"
+            value = self.as_bool
+        else:
+            cond = "lower(trim(p.answer)) = lower(?)"
+            value = self.answer
+        sql = (
+            "id IN (SELECT id FROM image_rows WHERE "
+            f"len(list_filter(probes, lambda p: lower(p.question) = lower(?) AND {cond})) > 0)"
+        )
+        return sql, [self.question, value]
+
+
+def validate_where(expression: str) -> str:
+    """The user's boolean expression, checked and re-rendered by DuckDB's parser."""
+    text = expression.strip()
+    if not text:
+        raise SearchError("--where is empty; give a SQL boolean expression such as \"width > 512\"")
+    if ";" in text:
+        raise SearchError("--where must be a single SQL expression; ';' is not allowed (use chr(59) inside a string)")
+    try:
+        rendered = str(duckdb.SQLExpression(text))
+        parser = duckdb.connect(":memory:")
+        try:
+            statements = parser.extract_statements(f"SELECT 1 WHERE (\n{text}\n)")
+        finally:
+            parser.close()
+    except duckdb.Error as exc:
+        raise SearchError(f"--where {expression!r} is not a SQL expression: {_first_line(exc)}") from exc
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise SearchError(f"--where {expression!r} must be one boolean expression, not a statement")
+    return rendered
+
+
+def filter_sql(where: str | None, probes, known_questions) -> tuple[str, list]:
+    """A SQL condition on ``id`` (and its parameters) combining every filter; 'TRUE' when none."""
+    parts, params = [], []
+    if where is not None:
+        parts.append(f"id IN (SELECT id FROM images WHERE (\n{validate_where(where)}\n))")
+    known = {q.lower(): q for q in known_questions}
+    for probe in probes or ():
+        if isinstance(probe, str):
+            probe = ProbeFilter.parse(probe)
+        if probe.question.lower() not in known:
+            listed = "; ".join(known.values()) or "none (the files were captioned without probes)"
+            raise SearchError(f"--probe: no question {probe.question!r} in this index. Its questions: {listed}")
+        sql, values = probe.sql()
+        parts.append(sql)
+        params += values
+    return (" AND ".join(parts) if parts else "TRUE"), params
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]

@@ -1,0 +1,449 @@
+"""Query a search index: BM25, text-to-image, image-to-image, hybrid, SQL.
+
+An ImageIndex holds one read-only DuckDB connection. It is not thread-safe;
+open one per thread (opening is cheap; the HNSW index loads on first use).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import duckdb
+import numpy as np
+
+from pipeline.search.errors import SearchError
+from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
+from pipeline.search.filters import filter_sql
+from pipeline.search.fusion import K_RRF, reciprocal_rank_fusion
+from pipeline.search.index import INDEX_FORMAT, IndexInfo, default_ef_search, read_info
+
+MODES = ("hybrid", "text", "semantic")
+# How deep each list goes before fusion: RRF needs more than the top k of
+# each list, or an item ranked k+1 in both lists would be lost.
+DEFAULT_FUSION_DEPTH = 50
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float  # BM25 (text), cosine similarity (semantic/image), RRF score (hybrid)
+    id: int
+    uri: str
+    caption: str | None
+    image_id: str | None
+    text_rank: int | None = None  # hybrid only: rank in the BM25 list
+    semantic_rank: int | None = None  # hybrid only: rank in the vector list
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SqlResult:
+    columns: list[str]
+    rows: list[tuple]
+
+    def to_dicts(self) -> list[dict]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+
+@dataclass(frozen=True)
+class DuplicateMember:
+    id: int
+    uri: str
+    caption: str | None
+    similarity: float  # highest cosine similarity to another member of its group
+
+
+class ImageIndex:
+    def __init__(self, con: duckdb.DuckDBPyConnection, info: IndexInfo, path: Path, *, embedder=None, device="auto"):
+        self._con = con
+        self.info = info
+        self.path = path
+        self.device = device
+        self._embedder = None
+        if embedder is not None:
+            self._embedder = self._checked(embedder)
+
+    # -- opening -----------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        db_path,
+        read_only: bool = True,
+        *,
+        embedder=None,
+        device: str = "auto",
+        ef_search: int | None = None,
+    ) -> "ImageIndex":
+        """Open an index built by ``captioner index``.
+
+        ``embedder`` (an Embedder) is used for semantic queries; without it
+        the embedder recorded in the index is built on first use, on
+        ``device``. Either way it must be the one that built the index.
+        ``ef_search``: HNSW search beam; None picks one by index size
+        (pipeline.search.index.default_ef_search).
+        """
+        if not read_only:
+            raise ValueError("ImageIndex is read-only; rebuild an index with pipeline.search.build_index")
+        path = Path(os.path.expanduser(str(db_path)))
+        if not path.is_file():
+            raise SearchError(f"no index at {path}; build it with `captioner index PARQUET... --db {path}`")
+        # Each index gets its own in-memory DuckDB instance with the file
+        # ATTACHed read-only: settings below then apply to this index alone
+        # (DuckDB shares one instance per file path otherwise).
+        con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
+        try:
+            load_extensions(con)  # before ATTACH, so the HNSW index binds
+            literal = "'" + str(path).replace("'", "''") + "'"  # ATTACH takes no parameters
+            con.execute(f"ATTACH {literal} AS idx (READ_ONLY)")
+            con.execute("USE idx")
+            con.execute("DETACH memory")  # nothing writable is left, apart from TEMP objects
+            info = read_info(con, where=str(path))
+            _check_versions(info, path)
+            ef = int(ef_search) if ef_search else default_ef_search(info.embedded_rows)
+            con.execute(f"SET hnsw_ef_search = {ef}")
+            # DuckDB's top-N "late materialization" joins the k winners back
+            # to the table with a scan over every row; after an HNSW lookup
+            # that scan costs more than the lookup itself (measured: 2x at 50k
+            # rows, growing with N), and our top-N queries fetch narrow rows.
+            con.execute("SET late_materialization_max_rows = 0")
+            # From here on: no file access (COPY TO, ATTACH, read_csv ...) and
+            # no changing that back; user SQL runs on this connection.
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        except duckdb.Error as exc:
+            con.close()
+            raise SearchError(f"cannot open the index {path}: {exc}") from exc
+        except BaseException:
+            con.close()
+            raise
+        return cls(con, info, path, embedder=embedder, device=device)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- embedder ------------------------------------------------------------
+
+    @property
+    def embedder(self):
+        """The Embedder for queries: injected, or built from the index's spec on first use."""
+        if self._embedder is None:
+            self._embedder = self._checked(self._build_embedder())
+        return self._embedder
+
+    def _build_embedder(self):
+        from pipeline.config import ConfigError
+        from pipeline.models import build_embedder, resolve_embedder
+        from pipeline.models.base import ModelUnavailable
+
+        spec = self._require_embeddings()
+        try:
+            return build_embedder(resolve_embedder(spec), self.device)  # backends resolve "auto" themselves
+        except (ConfigError, ModelUnavailable) as exc:
+            raise SearchError(f"cannot load the embedder {spec!r} that built this index: {exc}") from exc
+
+    def _checked(self, embedder):
+        info = self.info
+        self._require_embeddings()
+        theirs = (getattr(embedder, "model_id", None), getattr(embedder, "revision", None), getattr(embedder, "dim", None))
+        ours = (info.embed_model, info.embed_revision, info.embedding_dim)
+        if theirs != ours:
+            raise SearchError(
+                f"this index was built with embeddings from {ours[0]} (revision {ours[1]}, dim {ours[2]}) "
+                f"but the query embedder is {theirs[0]} (revision {theirs[1]}, dim {theirs[2]}); vectors from "
+                f"different models are not comparable. Query with the index's model, or re-run `captioner run` "
+                f"with --embed-model {theirs[0]} and build a new index from that output"
+            )
+        return embedder
+
+    def _require_embeddings(self) -> str:
+        if not self.info.embed_model or not self.info.embedding_dim:
+            raise SearchError(
+                f"the index {self.path} has no embeddings (its Parquet was written without an embedder); "
+                f"use --mode text, or re-run `captioner run` with --embed-model and re-index"
+            )
+        return self.info.embed_model
+
+    # -- search --------------------------------------------------------------
+
+    def search(
+        self,
+        query: str | None = None,
+        *,
+        mode: str | None = None,
+        image=None,
+        k: int = 10,
+        where: str | None = None,
+        probes: Sequence = (),
+    ) -> list[Hit]:
+        """The CLI's entry point: pick a mode from what was given.
+
+        mode None means hybrid when the index has embeddings, else text. With
+        ``image``: semantic mode (or no query) ranks by image similarity;
+        hybrid fuses BM25 of ``query`` with image similarity.
+        """
+        query = (query or "").strip()
+        if mode is None:
+            mode = "hybrid" if self.info.embedding_dim else "text"
+        if mode not in MODES:
+            raise SearchError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if image is not None:
+            if mode == "text":
+                raise SearchError("--image searches by image similarity; it cannot be combined with --mode text")
+            if mode == "semantic" and query:
+                raise SearchError("--mode semantic takes QUERY or --image, not both (hybrid fuses BM25 of QUERY with --image)")
+            if not query:
+                return self.search_image(image, k, where=where, probes=probes)
+            return self.search_hybrid(query, k, where=where, probes=probes, image=image)
+        if not query:
+            raise SearchError("give a QUERY to search for, or --image PATH")
+        if mode == "text":
+            return self.search_text(query, k, where=where, probes=probes)
+        if mode == "semantic":
+            return self.search_semantic(query, k, where=where, probes=probes)
+        return self.search_hybrid(query, k, where=where, probes=probes)
+
+    def search_text(self, query: str, k: int = 10, *, where=None, probes=()) -> list[Hit]:
+        """BM25 over caption + probe answers."""
+        return self._hits(self._text_ranked(query, k, where, probes))
+
+    def search_semantic(self, query_text: str, k: int = 10, *, where=None, probes=()) -> list[Hit]:
+        """Images nearest to the query text in the index's embedding space."""
+        return self.search_vector(self._embed_text(query_text), k, where=where, probes=probes)
+
+    def search_image(self, path, k: int = 10, *, where=None, probes=()) -> list[Hit]:
+        """Images nearest to the image at ``path`` (which is returned too, if indexed)."""
+        return self.search_vector(self._embed_image(path), k, where=where, probes=probes)
+
+    def search_vector(self, vector, k: int = 10, *, where=None, probes=(), exact: bool = False) -> list[Hit]:
+        """Images nearest to an already computed query vector (cosine).
+
+        ``exact`` scans every row even when the index has HNSW (which is
+        approximate); filtered searches are always exact.
+        """
+        return self._hits(self._vector_ranked(self._query_vector(vector), k, where, probes, exact=exact))
+
+    def search_hybrid(
+        self,
+        query_text: str,
+        k: int = 10,
+        *,
+        where=None,
+        probes=(),
+        image=None,
+        k_rrf: int = K_RRF,
+        depth: int | None = None,
+    ) -> list[Hit]:
+        """Reciprocal-rank fusion of the BM25 list and the vector list.
+
+        The vector list comes from ``query_text`` embedded, or from ``image``
+        when given. Each list is cut at ``depth`` (default max(k, 50)) before
+        fusion; the score is the RRF score.
+        """
+        depth = max(int(depth or DEFAULT_FUSION_DEPTH), int(k))
+        vector = self._embed_image(image) if image is not None else self._embed_text(query_text)
+        text = self._text_ranked(query_text, depth, where, probes) if query_text.strip() else []
+        semantic = self._vector_ranked(vector, depth, where, probes)
+        fused = reciprocal_rank_fusion([[i for i, _ in text], [i for i, _ in semantic]], k_rrf=k_rrf)[: int(k)]
+        hits = self._hits([(item, score) for item, score, _ in fused])
+        return [
+            Hit(**{**h.to_dict(), "text_rank": ranks[0], "semantic_rank": ranks[1]})
+            for h, (_, _, ranks) in zip(hits, fused)
+        ]
+
+    # -- the two ranked lists --------------------------------------------------
+
+    def _text_ranked(self, query: str, k: int, where, probes) -> list[tuple[int, float]]:
+        if not isinstance(query, str) or not query.strip():
+            raise SearchError("the text query is empty")
+        cond, params = filter_sql(where, probes, self.info.probes)
+        # The query is a bound parameter; fts tokenises it, so quotes and SQL
+        # keywords in it are just words.
+        sql = f"""
+            SELECT id, score FROM (
+                SELECT id, fts_main_docs.match_bm25(id, ?) AS score FROM docs
+            )
+            WHERE score IS NOT NULL AND {cond}
+            ORDER BY score DESC, id
+            LIMIT {_positive(k)}
+        """
+        return self._run(sql, [query, *params])
+
+    def _vector_ranked(self, vector: np.ndarray, k: int, where, probes, exact=False) -> list[tuple[int, float]]:
+        sql, params = self._vector_query(vector, k, where, probes, exact)
+        return self._run(sql, params)
+
+    def _vector_query(self, vector: np.ndarray, k: int, where, probes, exact=False) -> tuple[str, list]:
+        """The SQL (and parameters) for a vector top-k; rows are (id, cosine similarity)."""
+        cond, params = filter_sql(where, probes, self.info.probes)
+        dim = int(self.info.embedding_dim)
+        q = vector.tolist()
+        if self.info.hnsw and cond == "TRUE" and not exact:
+            # vss rewrites only this shape into an HNSW index scan: ORDER BY the
+            # aliased array_cosine_distance on the indexed table, then LIMIT.
+            # (Selecting a second copy of the expression defeats the rewrite.)
+            inner = f"""
+                SELECT id, array_cosine_distance(embedding, ?::FLOAT[{dim}]) AS distance
+                FROM embeddings ORDER BY distance LIMIT {_positive(k)}
+            """
+            return f"SELECT id, 1 - distance AS score FROM ({inner}) ORDER BY distance, id", [q]
+        # Exact scan. With a filter it must be exact: vss applies filters after
+        # the HNSW top-k, which would silently return fewer than k rows.
+        # Ordering by similarity (not the index's distance) keeps vss out.
+        sql = f"""
+            SELECT id, array_cosine_similarity(embedding, ?::FLOAT[{dim}]) AS score
+            FROM embeddings
+            WHERE {cond}
+            ORDER BY score DESC, id
+            LIMIT {_positive(k)}
+        """
+        return sql, [q, *params]
+
+    def _run(self, sql: str, params: list) -> list[tuple[int, float]]:
+        try:
+            return [(int(i), float(s)) for i, s in self._con.execute(sql, params).fetchall()]
+        except duckdb.Error as exc:
+            self._rollback()
+            raise SearchError(f"search failed: {_first_line(exc)}") from exc
+
+    def _hits(self, ranked: list[tuple[int, float]]) -> list[Hit]:
+        if not ranked:
+            return []
+        rows = self._con.execute(
+            "SELECT id, uri, caption, image_id FROM image_rows WHERE id IN (SELECT unnest(?::BIGINT[]))",
+            [[i for i, _ in ranked]],
+        ).fetchall()
+        by_id = {r[0]: r for r in rows}
+        return [
+            Hit(rank=n, score=score, id=i, uri=by_id[i][1], caption=by_id[i][2], image_id=by_id[i][3])
+            for n, (i, score) in enumerate(ranked, start=1)
+        ]
+
+    # -- query vectors -------------------------------------------------------
+
+    def _embed_text(self, text: str) -> np.ndarray:
+        if not isinstance(text, str) or not text.strip():
+            raise SearchError("the query text is empty")
+        return self._query_vector(self.embedder.embed_texts([text])[0])
+
+    def _embed_image(self, path) -> np.ndarray:
+        from PIL import Image, ImageOps, UnidentifiedImageError
+
+        try:
+            with Image.open(os.path.expanduser(str(path))) as im:
+                image = ImageOps.exif_transpose(im).convert("RGB")
+        except FileNotFoundError as exc:
+            raise SearchError(f"--image {path}: no such file") from exc
+        except (UnidentifiedImageError, OSError) as exc:
+            raise SearchError(f"--image {path} is not a readable image: {exc}") from exc
+        return self._query_vector(self.embedder.embed_images([image])[0])
+
+    def _query_vector(self, vector) -> np.ndarray:
+        dim = self._require_dim()
+        v = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if v.shape != (dim,) or not np.all(np.isfinite(v)):
+            raise SearchError(f"the query vector must be {dim} finite floats, got shape {v.shape}")
+        norm = float(np.linalg.norm(v))
+        if norm == 0.0:
+            raise SearchError("the query vector is all zeros")
+        return v / norm
+
+    def _require_dim(self) -> int:
+        self._require_embeddings()
+        return int(self.info.embedding_dim)
+
+    # -- near-duplicates -----------------------------------------------------
+
+    def duplicates(self, threshold: float = 0.95) -> list[list[DuplicateMember]]:
+        """Groups of searchable images whose embeddings have cosine >= threshold.
+
+        A group is a connected component of the "similar" relation (so two
+        members may be linked only through a third). Exact and O(N^2) in
+        blocks; see pipeline.search.duplicates for its cost.
+        """
+        from pipeline.search.duplicates import embeddings_matrix, near_duplicate_groups
+
+        dim = self._require_dim()
+        if not 0.0 < threshold <= 1.0:
+            raise SearchError(f"--threshold {threshold} must be in (0, 1]")
+        table = self._con.execute("SELECT id, embedding FROM embeddings ORDER BY id").fetch_arrow_table()
+        ids = table.column("id").to_numpy()
+        groups = near_duplicate_groups(embeddings_matrix(table.column("embedding"), dim), threshold)
+        wanted = [int(ids[m]) for g in groups for m, _ in g]
+        rows = self._con.execute(
+            "SELECT id, uri, caption FROM image_rows WHERE id IN (SELECT unnest(?::BIGINT[]))", [wanted]
+        ).fetchall()
+        by_id = {r[0]: r for r in rows}
+        out = []
+        for group in groups:
+            members = [DuplicateMember(int(ids[m]), by_id[int(ids[m])][1], by_id[int(ids[m])][2], s) for m, s in group]
+            out.append(sorted(members, key=lambda d: d.uri))
+        return out
+
+    # -- SQL -------------------------------------------------------------------
+
+    def sql(self, statement: str, params: Sequence | None = None) -> SqlResult:
+        """Run one read-only SQL statement against the index.
+
+        The connection cannot write the index file (attached READ_ONLY), has
+        file access disabled and its configuration locked; TEMP tables live
+        in memory and vanish with the connection.
+        """
+        try:
+            statements = self._con.extract_statements(statement)
+        except duckdb.Error as exc:
+            raise SearchError(f"SQL error: {_first_line(exc)}") from exc
+        if len(statements) != 1:
+            raise SearchError(f"give exactly one SQL statement, got {len(statements)}")
+        try:
+            cursor = self._con.execute(statement, list(params) if params else None)
+            columns = [d[0] for d in cursor.description] if cursor.description else []
+            return SqlResult(columns, cursor.fetchall() if columns else [])
+        except duckdb.Error as exc:
+            self._rollback()
+            raise SearchError(f"SQL error (the index is read-only): {_first_line(exc)}") from exc
+
+    def _rollback(self) -> None:
+        # A failed statement can leave the transaction aborted; later
+        # statements on this connection would fail until it is rolled back.
+        try:
+            self._con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+
+
+def _check_versions(info: IndexInfo, path: Path) -> None:
+    from schemas import SCHEMA_VERSION
+
+    if info.index_format != INDEX_FORMAT:
+        raise SearchError(
+            f"{path} is an index of format {info.index_format}; this captioner reads format {INDEX_FORMAT}. "
+            f"Rebuild it with `captioner index --fresh --db {path} PARQUET...`"
+        )
+    if info.schema_version != SCHEMA_VERSION:
+        raise SearchError(
+            f"{path} was built from schema v{info.schema_version} Parquet; this captioner reads v{SCHEMA_VERSION}. "
+            f"Rebuild it from v{SCHEMA_VERSION} output with `captioner index --fresh --db {path} PARQUET...`"
+        )
+
+
+def _positive(k) -> int:
+    k = int(k)
+    if k < 1:
+        raise SearchError(f"--limit must be at least 1, got {k}")
+    return k
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]

@@ -1,0 +1,417 @@
+"""Build the DuckDB search index from captioner Parquet output.
+
+Layout of an index database (all names fixed, nothing derived from user text):
+
+  image_rows   every row of every source file (all statuses), latest row per
+               uri, without the embedding; ``id`` is ours, ``source_file`` /
+               ``source_row`` say where the row came from.
+  embeddings   (id, embedding FLOAT[D]) for status='ok' rows that have one;
+               the HNSW index, when built, lives on this table.
+  docs         (id, text) for status='ok' rows: caption + probe answers, with
+               a BM25 full-text index (schema ``fts_main_docs``).
+  images       a view: image_rows joined with embeddings, in schema column
+               order. This is what ``--where`` and ``captioner sql`` see.
+  index_meta   key -> JSON value: the facts in :class:`IndexInfo`.
+
+Searchable = status 'ok'; error rows stay in ``images`` for SQL. Re-indexing
+rebuilds everything into a temporary file that replaces the old one only once
+complete, so readers never see a half-built index and a failed build leaves
+the previous index intact. A rebuild is skipped when the source files are
+unchanged (same paths, sizes, mtimes) and the HNSW choice is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.search.errors import SearchError
+from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
+
+INDEX_FORMAT = 1
+
+# Below this many searchable rows an exact scan is a few milliseconds, and an
+# HNSW index would only add build time and approximation. Measured with
+# bench/search.py (see the README performance section).
+DEFAULT_HNSW_MIN_ROWS = 100_000
+# HNSW graph degree and build beam: vss's defaults-sized graph. Building it
+# is the slow step (bench, 2 cores: 152 s at 100k x 768, 27 min at 1M x 768).
+DEFAULT_HNSW_M = 16
+DEFAULT_HNSW_EF_CONSTRUCTION = 128
+
+
+def default_ef_search(rows: int) -> int:
+    """HNSW search beam for an index of ``rows`` vectors.
+
+    From bench/search.py (M=16, ef_construction=128, D=768): at 100k rows
+    ef_search=64 gave recall@10 0.996 in 0.35x numpy brute-force time; at 1M
+    ef_search=128 gave 0.940 in 0.27x, short of the 0.95 target, so larger
+    indexes use 256 (recall grows with ef_search; latency had 3.7x headroom).
+    """
+    return 64 if rows <= 300_000 else 256
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What an index was built from; stored in ``index_meta``."""
+
+    index_format: int
+    schema_version: int
+    embed_model: str | None
+    embed_revision: str | None
+    embedding_dim: int | None
+    probes: tuple[str, ...]
+    sources: tuple[str, ...]
+    files: tuple[tuple[str, int, int], ...]  # (path, size, mtime_ns): the rebuild fingerprint
+    rows: int
+    searchable_rows: int
+    embedded_rows: int
+    hnsw: bool
+    hnsw_m: int | None = None
+    hnsw_ef_construction: int | None = None
+    built_at: str = ""
+    duckdb_version: str = field(default=duckdb.__version__)
+
+    def to_meta_rows(self) -> list[tuple[str, str]]:
+        return [(key, json.dumps(value)) for key, value in asdict(self).items()]
+
+    @classmethod
+    def from_meta_rows(cls, rows) -> "IndexInfo":
+        data = {key: json.loads(value) for key, value in rows}
+        known = cls.__dataclass_fields__
+        missing = [
+            k for k, f in known.items() if k not in data and f.default is MISSING and f.default_factory is MISSING
+        ]
+        if missing:
+            raise SearchError(f"the index metadata lacks {missing}; rebuild it with `captioner index --fresh`")
+        data["probes"] = tuple(data.get("probes", ()))
+        data["sources"] = tuple(data.get("sources", ()))
+        data["files"] = tuple(tuple(f) for f in data.get("files", ()))
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    info: IndexInfo
+    rebuilt: bool  # False when the sources were unchanged and the index was kept
+    seconds: float
+    timings: dict = field(default_factory=dict)  # seconds per build step (load, embeddings, fts, hnsw)
+
+
+def read_info(con: duckdb.DuckDBPyConnection, where: str = "the index") -> IndexInfo:
+    try:
+        rows = con.execute("SELECT key, value FROM index_meta").fetchall()
+    except duckdb.CatalogException as exc:
+        raise SearchError(
+            f"{where} is not a captioner search index (no index_meta table); "
+            f"build one with `captioner index PARQUET... --db PATH`"
+        ) from exc
+    return IndexInfo.from_meta_rows(rows)
+
+
+def expand_sources(sources) -> list[Path]:
+    """Parquet files named by ``sources`` (files or directories, searched recursively)."""
+    files: list[Path] = []
+    for source in sources:
+        path = Path(os.path.expanduser(str(source)))
+        if "://" in str(source):
+            raise SearchError(f"{source}: only local Parquet files and directories can be indexed; copy them locally first")
+        if path.is_dir():
+            # '_' and '.' prefixes are writer side-files (_SUCCESS, .part temp files).
+            found = sorted(
+                p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith(("_", "."))
+            )
+            if not found:
+                raise SearchError(f"{source} is a directory with no .parquet files in it")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SearchError(f"{source} does not exist; pass Parquet files or directories written by `captioner run`")
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    if not unique:
+        raise SearchError("no Parquet files to index; pass files or directories written by `captioner run`")
+    return unique
+
+
+def check_files(files: list[Path]):
+    """Run metadata of each file, after checking its schema and that all share one embedder."""
+    from schemas import SchemaMismatch, check_schema
+
+    runs = []
+    for path in files:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise SearchError(f"{path} is not a readable Parquet file: {exc}") from exc
+        try:
+            runs.append(check_schema(schema, where=str(path)))
+        except SchemaMismatch as exc:
+            raise SearchError(f"{exc}; re-run `captioner run` to rewrite it, or leave it out of the index") from exc
+    first_path, first = files[0], runs[0]
+    for path, run in zip(files[1:], runs[1:]):
+        ours = (run.embed_model, run.embed_revision, run.embedding_dim)
+        theirs = (first.embed_model, first.embed_revision, first.embedding_dim)
+        if ours != theirs:
+            raise SearchError(
+                f"{path} was embedded with {_describe(*ours)} but {first_path} with {_describe(*theirs)}; "
+                f"embeddings from different models are not comparable, so build one index per embedder (--db)"
+            )
+    return runs
+
+
+def _describe(model, revision, dim) -> str:
+    if model is None:
+        return "no embedder"
+    return f"{model} (revision {revision}, dim {dim})"
+
+
+def _fingerprint(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for path in files:
+        st = path.stat()
+        out.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def build_index(
+    sources,
+    db_path,
+    *,
+    hnsw: bool | None = None,
+    hnsw_min_rows: int = DEFAULT_HNSW_MIN_ROWS,
+    hnsw_m: int = DEFAULT_HNSW_M,
+    hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
+    fresh: bool = False,
+) -> BuildReport:
+    """Build (or rebuild) the index at ``db_path`` over ``sources``.
+
+    Sources stored in an existing index are kept (and re-scanned, so files
+    added to an indexed directory are picked up) unless ``fresh``. ``hnsw``:
+    True/False forces the HNSW index on/off; None builds it when there are at
+    least ``hnsw_min_rows`` searchable embeddings.
+    """
+    started = time.perf_counter()
+    db_path = Path(os.path.expanduser(str(db_path)))
+    # Always look at an existing file, even with fresh: never overwrite
+    # something that is not one of our indexes (say, --db captions.parquet).
+    existing = _existing_info(db_path)
+    previous = None if fresh else existing
+    all_sources = list(dict.fromkeys([*(previous.sources if previous else ()), *map(_source_key, sources)]))
+    if not all_sources:
+        raise SearchError("nothing to index: pass Parquet files or directories (PARQUET...)")
+    try:
+        files = expand_sources(all_sources)
+    except SearchError as exc:
+        if not previous:
+            raise
+        raise SearchError(
+            f"{exc}. {db_path} records the sources {list(previous.sources)} and re-scans them; "
+            f"pass --fresh with the PARQUET to index to forget them"
+        ) from exc
+    runs = check_files(files)
+    fingerprint = _fingerprint(files)
+    settings = (hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction)
+    if previous and previous.files == fingerprint and _same_hnsw_choice(previous, settings):
+        return BuildReport(previous, rebuilt=False, seconds=time.perf_counter() - started)
+
+    tmp = db_path.with_name(f"{db_path.name}.building-{os.getpid()}")
+    _remove_db_files(tmp)
+    try:
+        con = duckdb.connect(str(tmp), config=CONNECT_CONFIG)
+        try:
+            load_extensions(con)
+            timings: dict[str, float] = {}
+            info = _build(con, files, runs, all_sources, fingerprint, settings, timings)
+            with _timed(timings, "checkpoint"):
+                con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        # A leftover WAL next to the old file would be replayed onto the new one.
+        _remove_db_files(db_path, keep_main=True)
+        os.replace(tmp, db_path)
+    except BaseException:
+        _remove_db_files(tmp)
+        raise
+    return BuildReport(info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings)
+
+
+def _source_key(source) -> str:
+    return str(Path(os.path.expanduser(str(source))).resolve())
+
+
+def _same_hnsw_choice(previous: IndexInfo, settings) -> bool:
+    hnsw, min_rows, m, efc = settings
+    want = hnsw if hnsw is not None else previous.embedded_rows >= min_rows
+    want = want and previous.embedding_dim is not None
+    if want != previous.hnsw:
+        return False
+    return not want or (previous.hnsw_m, previous.hnsw_ef_construction) == (m, efc)
+
+
+def _existing_info(db_path: Path) -> IndexInfo | None:
+    if not db_path.exists():
+        return None
+    refuse = f"{db_path} exists and is not a captioner search index; refusing to overwrite it: pass another --db"
+    try:
+        con = duckdb.connect(str(db_path), read_only=True, config=CONNECT_CONFIG)
+    except duckdb.Error as exc:
+        raise SearchError(f"{refuse} ({_first_line(exc)})") from exc
+    try:
+        return read_info(con, where=str(db_path))
+    except SearchError as exc:
+        raise SearchError(refuse) from exc
+    finally:
+        con.close()
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def _remove_db_files(path: Path, keep_main: bool = False) -> None:
+    for p in ([] if keep_main else [path]) + [Path(f"{path}.wal")]:
+        if p.exists():
+            p.unlink()
+
+
+@contextmanager
+def _timed(timings: dict, step: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[step] = timings.get(step, 0.0) + time.perf_counter() - t0
+
+
+def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexInfo:
+    from schemas import SCHEMA_VERSION
+    from schemas.v1 import COLUMN_NAMES
+
+    hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction = settings
+    run = runs[0]
+    dim = int(run.embedding_dim) if run.embedding_dim else None
+    file_list = [str(p) for p in files]
+    plain = [c for c in COLUMN_NAMES if c != "embedding"]
+    cols = ", ".join(plain)  # constant schema column names, not user input
+
+    # Latest row per uri wins: a rerun that re-processed an image supersedes it.
+    with _timed(timings, "load"):
+        con.execute(
+            f"""
+            CREATE TABLE image_rows AS
+            SELECT row_number() OVER (ORDER BY uri) - 1 AS id, *
+            FROM (
+                SELECT {cols}, filename AS source_file, file_row_number AS source_row
+                FROM read_parquet(?, filename = true, file_row_number = true)
+                QUALIFY row_number() OVER (
+                    PARTITION BY uri ORDER BY processed_at DESC, filename DESC, file_row_number DESC) = 1
+            )
+            ORDER BY id
+            """,
+            [file_list],
+        )
+    _check_row_models(con, run)
+
+    if dim:
+        con.execute(f"CREATE TABLE embeddings (id BIGINT NOT NULL, embedding FLOAT[{dim}] NOT NULL)")
+        # Second pass over the files joins on (file, row) so the wide embedding
+        # column never goes through the dedup window above.
+        with _timed(timings, "embeddings"):
+            con.execute(
+                f"""
+                INSERT INTO embeddings
+                SELECT r.id, p.embedding::FLOAT[{dim}]
+                FROM read_parquet(?, filename = true, file_row_number = true) AS p
+                JOIN image_rows AS r ON r.source_file = p.filename AND r.source_row = p.file_row_number
+                WHERE r.status = 'ok' AND p.embedding IS NOT NULL
+                """,
+                [file_list],
+            )
+        emb_select = "e.embedding"
+        emb_join = "LEFT JOIN embeddings AS e ON e.id = r.id"
+    else:
+        emb_select = "CAST(NULL AS FLOAT[]) AS embedding"
+        emb_join = ""
+
+    select_list = ", ".join(emb_select if c == "embedding" else f"r.{c}" for c in COLUMN_NAMES)
+    con.execute(
+        f"CREATE VIEW images AS SELECT {select_list}, r.id, r.source_file, r.source_row FROM image_rows AS r {emb_join}"
+    )
+
+    # BM25 text: the caption and every probe answer of searchable rows.
+    with _timed(timings, "fts"):
+        con.execute(
+            """
+            CREATE TABLE docs AS
+            SELECT id, concat_ws(' ', caption, array_to_string(list_transform(probes, lambda p: p.answer), ' ')) AS text
+            FROM image_rows WHERE status = 'ok'
+            """
+        )
+        con.execute("PRAGMA create_fts_index('docs', 'id', 'text', overwrite = 1)")
+
+    # Helpers for --where / captioner sql: the answer to one probe question.
+    con.execute("CREATE MACRO probe_answer(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer")
+    con.execute("CREATE MACRO probe_bool(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer_bool")
+
+    rows = con.execute("SELECT count(*) FROM image_rows").fetchone()[0]
+    searchable = con.execute("SELECT count(*) FROM image_rows WHERE status = 'ok'").fetchone()[0]
+    embedded = con.execute("SELECT count(*) FROM embeddings").fetchone()[0] if dim else 0
+
+    want_hnsw = bool(dim) and (hnsw if hnsw is not None else embedded >= hnsw_min_rows)
+    if want_hnsw:
+        # Persisting an HNSW index is flagged experimental in vss because WAL
+        # replay after a crash can corrupt it; we build into a fresh file and
+        # CHECKPOINT before it replaces the live index, so no WAL is replayed.
+        con.execute("SET hnsw_enable_experimental_persistence = true")
+        with _timed(timings, "hnsw"):
+            con.execute(
+                f"CREATE INDEX embeddings_hnsw ON embeddings USING HNSW (embedding) "
+                f"WITH (metric = 'cosine', M = {int(hnsw_m)}, ef_construction = {int(hnsw_ef_construction)})"
+            )
+
+    probes: dict[str, None] = {}
+    for r in runs:
+        probes.update(dict.fromkeys(r.probes))
+    info = IndexInfo(
+        index_format=INDEX_FORMAT,
+        schema_version=SCHEMA_VERSION,
+        embed_model=run.embed_model,
+        embed_revision=run.embed_revision,
+        embedding_dim=dim,
+        probes=tuple(probes),
+        sources=tuple(sources),
+        files=fingerprint,
+        rows=rows,
+        searchable_rows=searchable,
+        embedded_rows=embedded,
+        hnsw=want_hnsw,
+        hnsw_m=int(hnsw_m) if want_hnsw else None,
+        hnsw_ef_construction=int(hnsw_ef_construction) if want_hnsw else None,
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    con.execute("CREATE TABLE index_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+    con.executemany("INSERT INTO index_meta VALUES (?, ?)", info.to_meta_rows())
+    return info
+
+
+def _check_row_models(con, run) -> None:
+    """Per-row embed_model/revision must agree with the files' metadata."""
+    found = con.execute(
+        "SELECT DISTINCT embed_model, embed_revision FROM image_rows WHERE embed_model IS NOT NULL"
+    ).fetchall()
+    stray = [f for f in found if f != (run.embed_model, run.embed_revision)]
+    if stray:
+        raise SearchError(
+            f"rows were embedded with {stray} but the files' metadata says "
+            f"{(run.embed_model, run.embed_revision)}; rewrite the files with one embedder before indexing"
+        )
