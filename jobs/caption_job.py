@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -236,6 +237,11 @@ def _input_blocks(pending, batch_size: int, max_blocks: int = 2000) -> list[pa.T
 
 
 def _model_resources(config: RunConfig, use_gpu: bool, gpus: float) -> dict:
+    # Fault tolerance is Ray Data's default for actor pools: an actor that dies
+    # (OOM kill, lost node, segfault) is restarted and its in-flight batch
+    # retried (max_restarts=-1, max_task_retries=-1; tests/test_crash_resume.py
+    # kills one). Ray 2.60 deprecates every way of changing those two, so a
+    # batch that kills its actor on every try is retried until interrupted.
     if use_gpu:
         return {"num_gpus": gpus, "num_cpus": 1}
     return {"num_cpus": config.ray.model_actor_cpus}
@@ -265,6 +271,8 @@ class ray_session:
             return self
         address = self.config.ray.address or os.environ.get("RAY_ADDRESS")
         kwargs = {"include_dashboard": False, "log_to_driver": bool(os.environ.get("CAPTIONER_DEBUG"))}
+        if address:
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, **kwargs)
@@ -287,6 +295,29 @@ class ray_session:
 
             ray.shutdown()
         return False
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at ``address``.
+
+    ray.init retries an unreachable GCS for ever (a warning every few seconds),
+    so a mistyped address would hang the run instead of failing it.
+    """
+    if address in ("auto", "local"):
+        return  # ray.init resolves these itself and fails fast
+    # host:port (the GCS) or ray://host:port (Ray Client); other forms are left to ray.init.
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RayUnavailable(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}. Fix: check the host "
+            "and port (`ray status` on the head node shows them; the GCS listens on 6379 and Ray Client on "
+            "10001 by default), or drop --address and unset RAY_ADDRESS to run on an embedded local Ray."
+        ) from exc
 
 
 def _local_cpus(config: RunConfig) -> int:

@@ -38,6 +38,12 @@ Images that cannot be decoded become rows with status=error; the exit code is
 non-zero only when the run itself fails (Ray, storage, missing weights).
 """
 
+PROBE_FILE_FIX = (
+    "A probe file is a YAML (or JSON) list of distinct questions, one per item, e.g.\n"
+    "  - Is there a person in the image?\n"
+    "  - What is the main colour?"
+)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="captioner")
@@ -122,7 +128,9 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
             },
         )
         summary = run_job(config, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
-    except (ConfigError, ProbeFileError, SourceError, OutputError, RayUnavailable) as exc:
+    except ProbeFileError as exc:
+        raise click.ClickException(f"{exc}. {PROBE_FILE_FIX}") from exc
+    except (ConfigError, SourceError, OutputError, RayUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:
         _raise_model_unavailable(exc)

@@ -1,0 +1,60 @@
+"""FAULT-INJECTION TEST DOUBLES for the crash and split-and-retry tests.
+
+Each is the real backend (the tiny models run as usual) with one fault added
+in front of it, triggered by an image of a tell-tale pixel size that a test
+puts in the input on purpose:
+
+``PoisonedCaptioner`` (backend ``poisoned``)
+    ``describe`` raises for any batch holding a POISON_SIZE image, the way a
+    model that chokes on one input fails the whole batch it came in; the
+    size of each batch it failed is appended to ``$CAPTIONER_FAULT_DIR/poisoned_batches``.
+``KillableEmbedder`` (backend ``killable``)
+    on the first batch holding a VICTIM_SIZE image, writes its process id to
+    ``$CAPTIONER_FAULT_DIR/victim.pid`` and waits to be killed from outside;
+    once ``killed`` exists in that folder it embeds normally (the retry).
+
+Model stages build their backend on Ray workers, so the backends must be
+registered there too: the tests' Ray runs ``register`` as its
+``worker_process_setup_hook``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pipeline.models.hf_vlm import TransformersCaptioner
+from pipeline.models.openclip import OpenClipEmbedder
+from pipeline.models.registry import register_captioner, register_embedder
+
+POISON_SIZE = (37, 29)
+VICTIM_SIZE = (41, 23)
+FAULT_DIR_ENV = "CAPTIONER_FAULT_DIR"
+
+
+def register() -> None:
+    register_captioner("poisoned", "tests.fault_doubles:PoisonedCaptioner")
+    register_embedder("killable", "tests.fault_doubles:KillableEmbedder")
+
+
+class PoisonedCaptioner(TransformersCaptioner):
+    def describe(self, images, questions, *, caption=True):
+        if any(image.size == POISON_SIZE for image in images):
+            with open(Path(os.environ[FAULT_DIR_ENV]) / "poisoned_batches", "a") as log:
+                log.write(f"{len(images)}\n")
+            raise RuntimeError(f"injected fault: a {POISON_SIZE[0]}x{POISON_SIZE[1]} image poisons its batch")
+        return super().describe(images, questions, caption=caption)
+
+
+class KillableEmbedder(OpenClipEmbedder):
+    def embed_images(self, images):
+        if any(image.size == VICTIM_SIZE for image in images):
+            folder = Path(os.environ[FAULT_DIR_ENV])
+            if not (folder / "killed").exists():
+                (folder / "victim.pid").write_text(str(os.getpid()))
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:  # the test SIGKILLs us here
+                    time.sleep(0.05)
+                raise RuntimeError("injected fault: the test never killed this worker")
+        return super().embed_images(images)
