@@ -194,6 +194,7 @@ def build_dataset(pending, stage: StageConfig):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver's tqdm bar is the one progress bar
     use_gpu = _use_gpu(config.device)
+    _check_cluster_fits(config, use_gpu)
     dataset = ray.data.from_arrow(_input_blocks(pending, config.ray.decode_batch_size))
     dataset = dataset.map_batches(
         decode_batch,
@@ -201,23 +202,20 @@ def build_dataset(pending, stage: StageConfig):
         batch_size=config.ray.decode_batch_size,
         num_cpus=config.ray.decode_cpus,
     )
-    if config.caption.enabled:
-        dataset = dataset.map_batches(
-            CaptionStage,
-            fn_constructor_kwargs={"stage": stage},
-            batch_size=config.caption.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.ray.caption_actors),
-            **_model_resources(config, use_gpu, config.ray.caption_gpus),
-        )
-    if config.embed.enabled:
-        dataset = dataset.map_batches(
-            EmbedStage,
-            fn_constructor_kwargs={"stage": stage},
-            batch_size=config.embed.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.ray.embed_actors),
-            **_model_resources(config, use_gpu, config.ray.embed_gpus),
-        )
-    return dataset.map_batches(conform_batch, fn_kwargs={"stage": stage}, batch_size=None, num_cpus=0.25)
+    model_stages = [
+        (config.caption.enabled, CaptionStage, config.caption.batch_size, config.ray.caption_actors, config.ray.caption_gpus),
+        (config.embed.enabled, EmbedStage, config.embed.batch_size, config.ray.embed_actors, config.ray.embed_gpus),
+    ]
+    for enabled, stage_class, batch_size, actors, gpus in model_stages:
+        if enabled:
+            dataset = dataset.map_batches(
+                stage_class,
+                fn_constructor_kwargs={"stage": stage},
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                **_model_resources(config, use_gpu, gpus),
+            )
+    return dataset.map_batches(conform_batch, fn_kwargs={"stage": stage}, batch_size=None, num_cpus=_CONFORM_CPUS)
 
 
 def _input_blocks(pending, batch_size: int, max_blocks: int = 2000) -> list[pa.Table]:
@@ -247,6 +245,34 @@ def _model_resources(config: RunConfig, use_gpu: bool, gpus: float) -> dict:
     return {"num_cpus": config.ray.model_actor_cpus}
 
 
+_CONFORM_CPUS = 0.25
+
+
+def _check_cluster_fits(config: RunConfig, use_gpu: bool) -> None:
+    """Refuse a run whose actors would leave no room for decode tasks: Ray would wait forever."""
+    import ray
+
+    actors = config.caption.enabled * config.ray.caption_actors + config.embed.enabled * config.ray.embed_actors
+    gpus_needed = (
+        config.caption.enabled * config.ray.caption_actors * config.ray.caption_gpus
+        + config.embed.enabled * config.ray.embed_actors * config.ray.embed_gpus
+    )
+    per_actor_cpus = 1 if use_gpu else config.ray.model_actor_cpus
+    cpus_needed = actors * per_actor_cpus + config.ray.decode_cpus + _CONFORM_CPUS
+    available = ray.cluster_resources()
+    problems = []
+    if available.get("CPU", 0) < cpus_needed:
+        problems.append(f"{cpus_needed:g} CPUs (the cluster has {available.get('CPU', 0):g})")
+    if use_gpu and available.get("GPU", 0) < gpus_needed:
+        problems.append(f"{gpus_needed:g} GPUs (the cluster has {available.get('GPU', 0):g})")
+    if problems:
+        raise RayUnavailable(
+            f"this run needs {' and '.join(problems)}: {actors} model actor(s) plus decode and conform tasks. "
+            "Lower ray.model_actor_cpus / ray.caption_gpus / ray.embed_gpus or the actor counts in --config, "
+            "or add nodes to the cluster."
+        )
+
+
 def _use_gpu(device: str) -> bool:
     import ray
 
@@ -270,7 +296,17 @@ class ray_session:
         if ray.is_initialized():
             return self
         address = self.config.ray.address or os.environ.get("RAY_ADDRESS")
-        kwargs = {"include_dashboard": False, "log_to_driver": bool(os.environ.get("CAPTIONER_DEBUG"))}
+        debug = bool(os.environ.get("CAPTIONER_DEBUG"))
+        # Ray's start-up and Ray Data's per-dataset INFO lines would bury the
+        # progress bar; CAPTIONER_DEBUG=1 brings them and worker output back.
+        kwargs = {
+            "include_dashboard": False,
+            "log_to_driver": debug,
+            "logging_level": logging.INFO if debug else logging.WARNING,
+        }
+        if not debug:
+            # Read when ray.data is first imported, which happens after this.
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
         if address:
             _check_reachable(address)
         try:

@@ -93,6 +93,14 @@ class OutputStore:
             return []
         return sorted(name for name in names if fnmatch.fnmatchcase(posixpath.basename(name), PART_GLOB))
 
+    def _abandoned_temp_files(self) -> list[str]:
+        """Dot-named temporaries a killed writer left in the parts folder (readers never see them)."""
+        try:
+            names = self.fs.ls(self.parts_dir, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [n for n in names if fnmatch.fnmatchcase(posixpath.basename(n), ".part-*.parquet.tmp")]
+
     def data_files(self) -> list[str]:
         """Every committed file whose rows belong to the output."""
         files = self._part_files()  # also refreshes what isfile() below sees
@@ -132,6 +140,8 @@ class OutputStore:
             self._delete([probe])
         except Exception as exc:  # backends raise their own types (no bucket, no credentials, ...)
             reason = str(exc) or type(exc).__name__
+            if isinstance(exc, (FileExistsError, NotADirectoryError)):
+                reason += " (a parent of the output path is a file, not a folder)"
             raise OutputError(
                 f"cannot write to {self.output}: {reason}. Choose a writable --out location"
                 + ("." if self.is_local else ", or check the bucket name, credentials and --storage-option values.")
@@ -148,8 +158,13 @@ class OutputStore:
             try:
                 schema = pq.read_schema(path, filesystem=self.fs)
                 existing = check_schema(schema, where=self._display(path))
-            except (SchemaMismatch, pa.ArrowInvalid) as exc:
+            except SchemaMismatch as exc:
                 raise OutputError(f"{exc}. Pass --overwrite to replace it, or choose another --out.") from exc
+            except pa.ArrowInvalid as exc:
+                raise OutputError(
+                    f"{self._display(path)} is not a readable Parquet file ({exc}). "
+                    "Pass --overwrite to replace it, or choose another --out."
+                ) from exc
             if existing.models_signature() != run.models_signature():
                 raise OutputError(
                     f"{self._display(path)} was made with {_describe_signature(existing)}; this run uses "
@@ -232,6 +247,7 @@ class OutputStore:
         self._write_table(self.path, merged)
         self._delete(parts)
         if self.is_local:  # on a bucket the prefix is gone with its last key
+            self._delete(self._abandoned_temp_files())
             try:
                 self.fs.rmdir(self.parts_dir)
             except OSError:
@@ -239,6 +255,8 @@ class OutputStore:
         return merged.num_rows
 
     def _drop_superseded_rows(self) -> int:
+        if self.is_local:
+            self._delete(self._abandoned_temp_files())
         files = self._part_files()
         latest: dict[str, tuple] = {}
         per_file: dict[str, pa.Table] = {}

@@ -185,3 +185,11 @@ def test_schema_command_prints_every_column():
     assert result.exit_code == 0
     for column in ("image_id", "probes", "embedding", "fixed_size_list<item: float>[1152]", "processed_at"):
         assert column in result.output
+
+
+def test_a_run_that_cannot_fit_the_cluster_is_refused_not_left_waiting(ray_local, photos, tmp_path, tiny_clip_dir):
+    config = tmp_path / "big.yaml"
+    config.write_text("ray:\n  model_actor_cpus: 64\n")
+    result = run_cli(photos, "--out", tmp_path / "c.parquet", "--config", config, "--embed-model", tiny_clip_dir,
+                     "--no-caption", expect_exit=1)
+    assert "needs 64.75 CPUs (the cluster has 4)" in result.output and "model_actor_cpus" in result.output
