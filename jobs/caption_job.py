@@ -252,13 +252,12 @@ def _check_cluster_fits(config: RunConfig, use_gpu: bool) -> None:
     """Refuse a run whose actors would leave no room for decode tasks: Ray would wait forever."""
     import ray
 
-    actors = config.caption.enabled * config.ray.caption_actors + config.embed.enabled * config.ray.embed_actors
+    actors = _model_actor_count(config)
     gpus_needed = (
         config.caption.enabled * config.ray.caption_actors * config.ray.caption_gpus
         + config.embed.enabled * config.ray.embed_actors * config.ray.embed_gpus
     )
-    per_actor_cpus = 1 if use_gpu else config.ray.model_actor_cpus
-    cpus_needed = actors * per_actor_cpus + config.ray.decode_cpus + _CONFORM_CPUS
+    cpus_needed = _cpus_needed(config, use_gpu)
     available = ray.cluster_resources()
     problems = []
     if available.get("CPU", 0) < cpus_needed:
@@ -271,6 +270,16 @@ def _check_cluster_fits(config: RunConfig, use_gpu: bool) -> None:
             "Lower ray.model_actor_cpus / ray.caption_gpus / ray.embed_gpus or the actor counts in --config, "
             "or add nodes to the cluster."
         )
+
+
+def _model_actor_count(config: RunConfig) -> int:
+    return config.caption.enabled * config.ray.caption_actors + config.embed.enabled * config.ray.embed_actors
+
+
+def _cpus_needed(config: RunConfig, use_gpu: bool) -> float:
+    """Logical CPUs for the model actors plus one decode and one conform task."""
+    per_actor = 1 if use_gpu else config.ray.model_actor_cpus
+    return _model_actor_count(config) * per_actor + config.ray.decode_cpus + _CONFORM_CPUS
 
 
 def _use_gpu(device: str) -> bool:
@@ -359,8 +368,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def _local_cpus(config: RunConfig) -> int:
     # Ray counts logical CPUs: the model actors must fit beside at least a
     # couple of decode tasks or the pipeline stalls, even on a 2-core laptop.
-    actors = config.caption.enabled * config.ray.caption_actors + config.embed.enabled * config.ray.embed_actors
-    needed = actors * config.ray.model_actor_cpus + 2 * config.ray.decode_cpus + 0.5
+    needed = _cpus_needed(config, use_gpu=False) + config.ray.decode_cpus + _CONFORM_CPUS
     return max(os.cpu_count() or 1, int(needed + 0.999))
 
 

@@ -181,8 +181,9 @@ def conform_batch(batch: dict[str, np.ndarray], *, stage: StageConfig) -> pa.Tab
     questions = list(identity.probes)
 
     probes = []
+    answers_json = batch.get("answers_json")
     for i in range(n):
-        raw = batch.get("answers_json", [None] * n)[i]
+        raw = None if answers_json is None else answers_json[i]
         if not ok[i] or raw is None:
             probes.append(None)
             continue
