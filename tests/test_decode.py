@@ -369,8 +369,12 @@ def test_minimized_heif_and_avif_are_unsupported_images_not_videos(data):
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """Joins the session's Ray when one runs (tests/fixtures/ray.py); else starts one for this module."""
     import ray
 
+    if ray.is_initialized():
+        yield
+        return
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
