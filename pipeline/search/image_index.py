@@ -21,6 +21,8 @@ from pipeline.search.fusion import K_RRF, reciprocal_rank_fusion
 from pipeline.search.index import INDEX_FORMAT, IndexInfo, default_ef_search, read_info
 
 MODES = ("hybrid", "text", "semantic")
+# DuckDB statement types that only read; any other type is an attempt to write or reconfigure.
+_READING_STATEMENTS = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "RELATION", "CALL"})
 # How deep each list goes before fusion: RRF needs more than the top k of
 # each list, or an item ranked k+1 in both lists would be lost.
 DEFAULT_FUSION_DEPTH = 50
@@ -412,7 +414,10 @@ class ImageIndex:
             return SqlResult(columns, cursor.fetchall() if columns else [])
         except duckdb.Error as exc:
             self._rollback()
-            raise SearchError(f"SQL error (the index is read-only): {_first_line(exc)}") from exc
+            # The read-only hint explains a refused write; on a query it would
+            # send the user looking for the wrong cause.
+            hint = " (the index is read-only)" if statements[0].type.name not in _READING_STATEMENTS else ""
+            raise SearchError(f"SQL error{hint}: {_first_line(exc)}") from exc
 
     def _rollback(self) -> None:
         # A failed statement can leave the transaction aborted; later
