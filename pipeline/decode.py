@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from pipeline.config import DecodeConfig
-from pipeline.sources import read_bytes
+from pipeline.storage import read_bytes
 
 ERROR_KINDS = (
     "missing",  # the file was listed but is gone when read
@@ -30,6 +30,12 @@ ERROR_KINDS = (
     "truncated",  # the file ends before the image data does
     "corrupt",  # any other decoding failure
 )
+
+# Kinds that say the file itself is bad: the same bytes fail the same way on a
+# rerun, so resume skips them unless the file changes or --retry-errors asks.
+# Every other kind (missing, unreadable, model errors, kinds added later) is
+# retried: it may go away by itself.
+PERMANENT_ERROR_KINDS = frozenset({"empty", "not_image", "unsupported_format", "too_large", "truncated", "corrupt"})
 
 HEIF_HINT = "pip install pillow-heif (or pip install 'captioner[heif]')"
 
