@@ -274,3 +274,16 @@ def test_empty_run_writes_an_empty_schema_valid_output_that_indexes(tmp_path, ou
     assert store.finalize(None) == 2
     assert sum(pq.read_metadata(f).num_rows for f in store.data_files()) == 2
     assert len(store.data_files()) == 1
+
+
+@pytest.mark.parametrize("out", ["captions.parquet", "captions/"])
+def test_captioner_run_on_an_empty_folder_writes_an_output_that_indexes(tmp_path, out, tiny_vlm_dir, tiny_clip_dir):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, [
+        "run", str(tmp_path / "empty"), "--out", str(tmp_path / out),
+        "--caption-model", str(tiny_vlm_dir), "--embed-model", str(tiny_clip_dir), "--no-progress",
+    ])
+    assert result.exit_code == 0, (result.output, result.exception)
+    result = CliRunner().invoke(main, ["index", str(tmp_path / out), "--db", str(tmp_path / "i.duckdb")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "0 rows" in result.output
