@@ -248,6 +248,15 @@ class OutputStore:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
 
+    def _move(self, source: str, target: str) -> None:
+        if self.is_local:
+            self.fs.mv(source, target)  # a rename
+            return
+        # A server-side copy (multipart above 5 GB on S3); cp_file and
+        # rm_file, not mv, which expands glob characters in the key.
+        self.fs.cp_file(source, target)
+        self.fs.rm_file(source)
+
     def _write_bytes(self, final: str, data: bytes) -> None:
         if not self.is_local:
             self.fs.pipe_file(final, data)
@@ -334,7 +343,7 @@ class OutputStore:
                 positions = current[row_rule.ROW].to_numpy()
                 for start in range(0, current.num_rows, step):
                     writer.write_table(reader.take(ranks[start : start + step], positions[start : start + step]))
-            self.fs.mv(tmp, final)
+            self._move(tmp, final)
         finally:
             self.merge_row_groups_read = reader.row_groups_read
             if self.fs.exists(tmp):
