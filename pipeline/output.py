@@ -3,19 +3,27 @@
 Layout
   --out captions.parquet   one file. While a run is going, rows are committed
                            as part files in ``captions.parquet.parts/``; at the
-                           end every row (old and new) is merged into a new
-                           file that replaces the old one in a single rename.
+                           end the current row of every image (old and new) is
+                           streamed into a new file that replaces the old one
+                           in a single move.
   --out DIR/               a directory of ``part-*.parquet`` files; a rerun
                            adds parts and rewrites only the parts whose rows a
                            retry superseded.
 
+Which row is current for an image is decided in one place, pipeline.rows;
+resume (``load_state``), both merges and the search index ask it.
+
 Part files are written under a temporary dot-name and renamed into place: a
 crash leaves whole parts or none, never half a file. Object stores (s3://,
-gs://, ...) have no rename but publish a PUT whole, so there each file is
-serialized in memory and stored under its final name in one request. Readers
-ignore names that start with '.' or '_'. The resolved run config is saved
-beside the output (``captions.config.json`` / ``DIR/_captioner_config.json``).
+gs://, ...) have no rename but publish a PUT whole, so there each part (small)
+is serialized in memory and stored under its final name in one request. The
+merged single file is streamed, a row group at a time, into a dot-named
+temporary object and then copied server-side to its name. Readers ignore names
+that start with '.' or '_'. The resolved run config is saved beside the output
+(``captions.config.json`` / ``DIR/_captioner_config.json``).
 
+Filesystems are opened through pipeline.storage, which turns backend errors
+(missing s3fs/gcsfs, credentials, buckets) into OutputErrors naming the fix.
 On object stores "directories" are only key prefixes: nothing is created
 before writing (s3fs's makedirs would create a missing *bucket*), and a
 listing is never answered from the listings cache, which may predate writes
