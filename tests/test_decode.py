@@ -397,7 +397,7 @@ def test_run_records_turned_near_square_size_and_mif3_as_unsupported(ray_local, 
     (folder / "keyed.png").write_bytes(_png(_half_and_half("RGB", (0, 255, 0), (200, 10, 10)), transparency=(0, 255, 0)))
     out = tmp_path / "out.parquet"
     result = CliRunner().invoke(
-        main, ["run", str(folder), "--out", str(out), "--embed-model", str(tiny_clip_dir), "--no-caption", "--no-progress"]
+        main, ["run", str(folder), "--out", str(out), "--embed-model", str(tiny_clip_dir), "--no-caption", "--no-probes", "--no-progress"]
     )
     assert result.exit_code == 0, (result.output, result.exception)
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(out).to_pylist()}

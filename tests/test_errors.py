@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from schemas import check_schema
 import pytest
 from click.testing import CliRunner
 
@@ -20,7 +22,7 @@ from tests.fixtures.images import make_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
 # Resolving an embed model is string work on the driver; its weights are never loaded here.
-EMBED_ONLY = ["--no-caption", "--embed-model", "open_clip:ViT-B-32"]
+EMBED_ONLY = ["--no-caption", "--no-probes", "--embed-model", "open_clip:ViT-B-32"]
 
 
 @pytest.fixture
@@ -81,7 +83,10 @@ def test_output_not_made_by_captioner_is_refused_unless_overwrite(photos, tmp_pa
     # --overwrite clears it (--limit 0: nothing to process, so no Ray is needed to show that).
     result = CliRunner().invoke(main, ["run", str(photos), "--out", out, *EMBED_ONLY, "--overwrite", "--limit", "0"])
     assert result.exit_code == 0, result.output
-    assert not list(tmp_path.glob("captions.parquet")) and not list(tmp_path.glob("out/part-*.parquet"))
+    # What is left is captioner's own (empty) output, which `captioner index` reads.
+    left = list(tmp_path.glob("captions.parquet")) + list(tmp_path.glob("out/part-*.parquet"))
+    assert len(left) == 1 and pq.read_table(left[0]).num_rows == 0
+    check_schema(pq.read_schema(left[0]))
 
 
 @pytest.mark.parametrize(
@@ -105,7 +110,8 @@ def test_bad_probe_file(photos, tmp_path, tiny_vlm_dir, text, says):
     "text, says",
     [
         ("rows_per_part: [10\n", "is not valid YAML/JSON"),
-        ("rows_per_parts: 10\n", "unknown key(s) ['rows_per_parts'] in config; valid keys:"),
+        ("rows_per_parts: 10\n", "rows_per_parts: unknown key; valid keys here: caption, decode, device"),
+        ("decode:\n  max_pixel: 10\n", "decode.max_pixel: unknown key; valid keys here: extensions, max_pixels, model_max_side"),
     ],
 )
 def test_bad_config_file(photos, tmp_path, text, says):
@@ -118,7 +124,7 @@ def test_bad_config_file(photos, tmp_path, text, says):
     "flags, known",
     [
         (["--caption-model", "llava-next", "--no-embed"], ["moondream2", "transformers"]),
-        (["--embed-model", "siglip:so400m", "--no-caption"], ["open_clip"]),
+        (["--embed-model", "siglip:so400m", "--no-caption", "--no-probes"], ["open_clip"]),
     ],
 )
 def test_unknown_model_lists_the_known_ones(photos, tmp_path, flags, known):
