@@ -2,9 +2,12 @@
 
 Layout of an index database (all names fixed, nothing derived from user text):
 
-  image_rows   every row of every source file (all statuses), latest row per
-               uri, without the embedding; ``id`` is ours, ``source_file`` /
-               ``source_row`` say where the row came from.
+  image_rows   one row per uri (all statuses), without the embedding: the
+               newest row (pipeline.rows) with, when it is ok, the newest
+               caption/probes and the newest embedding model columns of the
+               same bytes from any source file; ``id`` is ours,
+               ``source_file`` / ``source_row`` say where the row came from,
+               ``embedding_source_file`` / ``_row`` where its embedding did.
   embeddings   (id, embedding FLOAT[D]) for status='ok' rows that have one;
                the HNSW index, when built, lives on this table.
   docs         (id, text) for status='ok' rows: caption + probe answers, with
