@@ -73,6 +73,11 @@ class ModelIdentity:
     def is_local(self) -> bool:
         return self.revision.startswith("sha256:")
 
+    @property
+    def resolved(self) -> bool:
+        """False for a backend registered from outside (plug-in, test double): its spec is all that is known."""
+        return self.backend == "open_clip" or self.backend in _HUB_BACKENDS
+
     def describe(self) -> str:
         return f"{self.model} (revision {self.revision})"
 
