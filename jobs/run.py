@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from jobs.quiet import native_stderr_filter
 from jobs.ray_plan import build_dataset, current_plan, ray_session
 from pipeline.config import RunConfig
 from pipeline.models.registry import resolve_captioner, resolve_embedder
@@ -130,10 +131,15 @@ def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummar
 
     schema = None
     if pending:
-        with ray_session(config):
-            plan = current_plan(config)
-            stage = StageConfig(run=config, identity=identity, torch_threads=plan.torch_threads)
-            schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress)
+        try:
+            with ray_session(config), native_stderr_filter():
+                plan = current_plan(config)
+                stage = StageConfig(run=config, identity=identity, torch_threads=plan.torch_threads)
+                schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress)
+        except KeyboardInterrupt:
+            # _process committed every row that reached the driver; Ray's
+            # teardown may raise a second interrupt, which lands here too.
+            raise RunInterrupted(summary.processed, config.output) from None
     summary.total_rows = store.finalize(schema, run=identity)
     summary.elapsed_s = time.monotonic() - started
     return summary
@@ -157,9 +163,6 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
             summary.processed += len(statuses)
             bar.set_postfix(ok=summary.ok, errors=summary.errors, refresh=False)
             bar.update(len(statuses))
-    except KeyboardInterrupt:
-        writer.flush()
-        raise RunInterrupted(summary.processed, config.output) from None
     finally:
         # Rows that reached the driver are finished work: commit them even when
         # the run is being torn down, so a rerun does not redo them.
