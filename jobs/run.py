@@ -20,10 +20,9 @@ import pyarrow as pa
 from jobs.quiet import native_stderr_filter
 from jobs.ray_plan import build_dataset, current_plan, ray_session
 from pipeline.config import RunConfig
-from pipeline.models.registry import resolve_captioner, resolve_embedder
 from pipeline.output import OutputStore, PartWriter
-from pipeline.preflight import check_caption_weights
-from pipeline.probes import probe_set_hash
+from pipeline.models.identity import identity_for_run
+from pipeline.preflight import check_weights
 from pipeline.sources import list_images, stored_uri
 from pipeline.stages import StageConfig
 from schemas import STATUS_OK, RunMetadata
@@ -74,19 +73,10 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def run_identity(config: RunConfig) -> RunMetadata:
-    """The models and probe set every row of this run is stamped with (resolved on the driver)."""
-    caption = resolve_captioner(config.caption.model) if config.caption.runs_model else None
-    embed = resolve_embedder(config.embed.model) if config.embed.enabled else None
-    probes = tuple(config.caption.probes) if caption else ()
-    return RunMetadata(
-        caption_model=caption.spec if caption else None,
-        caption_revision=(caption.revision or "local") if caption else None,
-        embed_model=embed.spec if embed else None,
-        embed_revision=(embed.revision or ("local" if embed.is_local else "default")) if embed else None,
-        embedding_dim=None,
-        probe_set_hash=probe_set_hash(probes),
-        probes=probes,
-    )
+    """The models and probe set every row of this run is stamped with (resolved on the driver, no weights)."""
+    caption = config.caption.model if config.caption.runs_model else None
+    embed = config.embed.model if config.embed.enabled else None
+    return identity_for_run(caption, embed, tuple(config.caption.probes) if caption else ())
 
 
 def _progress_label(config: RunConfig) -> str:
@@ -106,8 +96,11 @@ def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummar
     started = time.monotonic()
     config = config.validate()
     identity = run_identity(config)
-    if config.caption.runs_model:
-        check_caption_weights(resolve_captioner(config.caption.model))
+    # Missing weights fail here, in seconds, not on a worker after Ray started.
+    check_weights(
+        config.caption.model if config.caption.runs_model else None,
+        config.embed.model if config.embed.enabled else None,
+    )
 
     store = OutputStore(config.output, config.storage_options_dict())
     store.check_writable()

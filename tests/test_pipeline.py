@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.models.identity import model_identity
 from schemas import STATUS_ERROR, STATUS_OK, check_schema
 from tests.fixtures.images import make_jpegs
 
@@ -74,8 +75,9 @@ def test_run_writes_one_schema_valid_row_per_image(ray_local, photos, tmp_path, 
         if row["status"] == STATUS_ERROR:
             assert row["caption"] is None and row["embedding"] is None and row["error"]
     run = check_schema(table.schema)
-    assert run.caption_model == f"transformers:{tiny_vlm_dir}" and run.caption_revision == "local"
-    assert run.embed_model == f"open_clip:{tiny_clip_dir}" and run.embedding_dim == 32
+    caption_id, embed_id = model_identity(str(tiny_vlm_dir), "caption"), model_identity(str(tiny_clip_dir), "embed")
+    assert (run.caption_model, run.caption_revision) == (caption_id.model, caption_id.revision)
+    assert (run.embed_model, run.embed_revision) == (embed_id.model, embed_id.revision) and run.embedding_dim == 32
     assert run.probes == tuple(PROBES)
 
     saved = json.loads((tmp_path / "captions.config.json").read_text())
@@ -133,7 +135,7 @@ def test_output_from_other_models_is_refused_unless_overwrite(ray_local, photos,
     assert "--overwrite" in refused.output
     run_cli(photos, "--out", out, *model_args(tiny_vlm_dir, tiny_clip_dir, probes_file), "--no-embed", "--limit", 2, "--overwrite")
     _, rows = read_rows(out)
-    assert len(rows) == 2 and rows[0]["caption_model"] == f"transformers:{tiny_vlm_dir}"
+    assert len(rows) == 2 and rows[0]["caption_model"] == model_identity(str(tiny_vlm_dir), "caption").model
 
 
 def test_job_entrypoint_runs_a_saved_config(ray_local, photos, tmp_path, tiny_clip_dir, capsys):
