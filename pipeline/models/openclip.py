@@ -10,6 +10,8 @@ pipeline.models.identity resolves it (the identity this object reports):
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Sequence
 
 import numpy as np
@@ -43,7 +45,12 @@ class OpenClipEmbedder(Embedder):
         hint = f" (`hf download {self.identity.hub_repo}`)" if self.identity.hub_repo else ""
         precision = "fp16" if self.device.startswith("cuda") else "fp32"
         try:
-            name, pretrained = _open_clip_source(self.identity)
+            # A backend registered under another name on top of this class (a
+            # plug-in, a test double) still loads open_clip weights.
+            weights = self.identity if self.identity.backend == "open_clip" else model_identity(
+                dataclasses.replace(ref, backend="open_clip")
+            )
+            name, pretrained = _open_clip_source(weights)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=self.device, precision=precision
             )
