@@ -3,5 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.models",
+    "tests.fixtures.moondream_cache",
     "tests.fixtures.s3",
 ]
