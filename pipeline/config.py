@@ -22,6 +22,7 @@ DEFAULT_CAPTION_MODEL = f"moondream2@{MOONDREAM_REVISION}"
 DEFAULT_EMBED_MODEL = "open_clip:ViT-SO400M-14-SigLIP-384"
 
 CAPTION_LENGTHS = ("short", "normal", "long")
+CAPTION_DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif",
@@ -58,15 +59,24 @@ class CaptionConfig:
     length: str = "normal"
     probes: tuple[str, ...] = ()
     batch_size: int = 8
-    max_new_tokens: int = 64
+    # None: the backend's per-length caption budget (Moondream: the reference's 768 for normal/long),
+    # so captions end at end-of-sequence rather than at an arbitrary cut.
+    max_new_tokens: int | None = None
     answer_max_new_tokens: int = 16
+    # Moondream: local crops per image (the reference's 12) and weights dtype (auto: bf16 on GPU, fp32 on CPU).
+    max_crops: int = 12
+    dtype: str = "auto"
 
     def validate(self) -> None:
         if self.length not in CAPTION_LENGTHS:
             raise ConfigError(f"caption.length must be one of {', '.join(CAPTION_LENGTHS)}, got {self.length!r}")
-        for name in ("batch_size", "max_new_tokens", "answer_max_new_tokens"):
+        for name in ("batch_size", "answer_max_new_tokens", "max_crops"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"caption.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"caption.max_new_tokens must be at least 1 (or unset), got {self.max_new_tokens}")
+        if self.dtype not in CAPTION_DTYPES:
+            raise ConfigError(f"caption.dtype must be one of {', '.join(CAPTION_DTYPES)}, got {self.dtype!r}")
         if not self.model:
             raise ConfigError("caption.model is empty; pass --caption-model NAME or PATH")
 

@@ -28,10 +28,6 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class MoondreamFilesMissing(ModelUnavailable):
-    """A repo or file of the model is not available; the message names the download commands."""
-
-
 @dataclass(frozen=True)
 class MoondreamFiles:
     weights: Path
@@ -83,13 +79,13 @@ def _download(repo: str, filename: str, revision: str) -> str:
                            local_files_only=hub_offline())
 
 
-def _missing(ref: ModelRef, what: str, exc: Exception | None = None) -> MoondreamFilesMissing:
+def _missing(ref: ModelRef, what: str, exc: Exception | None = None) -> ModelUnavailable:
     cause = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})" if exc else ""
     commands = " and ".join(f"`{c}`" for c in download_commands(ref))
     where = (f"{ref.source} must hold {WEIGHTS_FILE} (+ optional {CONFIG_FILE}) and the starmie-v1 "
              f"{TOKENIZER_FILE}, or the tokenizer must be in the HF cache" if ref.is_local
              else f"the HF cache ({hf_hub_cache()})")
-    return MoondreamFilesMissing(
+    return ModelUnavailable(
         f"caption model {ref.spec}: {what} is not available in {where}{cause}"
         + (" and HF_HUB_OFFLINE is set" if hub_offline() and not ref.is_local else "")
         + f". On a connected machine run {commands} and copy the HF cache (HF_HOME) here, "
@@ -167,11 +163,11 @@ def missing_repos(ref: ModelRef) -> list[str]:
 
 
 def check_moondream_files(ref: ModelRef) -> None:
-    """Driver-side preflight: raise MoondreamFilesMissing naming the exact `hf download` commands when
+    """Driver-side preflight: raise ModelUnavailable naming the exact `hf download` commands when
     either repo is absent from the HF cache (or the local directory is incomplete). Loads nothing."""
     missing = missing_repos(ref)
     if missing:
-        raise MoondreamFilesMissing(
+        raise ModelUnavailable(
             f"caption model {ref.spec} needs files that are not in the HF cache ({hf_hub_cache()})"
             + (" and HF_HUB_OFFLINE is set" if hub_offline() else "")
             + ". On a connected machine run " + " and ".join(f"`{c}`" for c in missing)
