@@ -55,6 +55,7 @@ def conform_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
         "error_kind": column("error_kind"),
         "error": column("error"),
         "caption": only_ok(column("caption").combine_chunks()) if "caption" in batch.column_names else pa.nulls(n),
+        "caption_truncated": pa.nulls(n, pa.bool_()),
         "probes": probes,
         "embedding": embedding,
         "caption_model": [identity.caption_model] * n,
