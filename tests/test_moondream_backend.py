@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION, CaptionConfig, ConfigError
+from pipeline.config import RunConfig, MOONDREAM_REPO, MOONDREAM_REVISION, CaptionConfig, ConfigError
 from pipeline.models.base import ModelUnavailable
 from pipeline.models.moondream.hub import (
     STARMIE_REPO,
@@ -116,6 +116,10 @@ def test_caption_budgets_dtype_and_config_validation():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
-    for bad in (dict(dtype="float16"), dict(max_crops=0), dict(max_new_tokens=0)):
+    for bad in (dict(dtype="float16"), dict(max_crops=0), dict(max_crops=13), dict(max_new_tokens=0)):
+        # Built directly, the typed config raises pydantic's ValidationError (a ValueError);
+        # from a config file or the CLI the same check arrives as ConfigError.
+        with pytest.raises(ValueError):
+            CaptionConfig(**bad)
         with pytest.raises(ConfigError):
-            CaptionConfig(**bad).validate()
+            RunConfig.from_dict({"source": "/p", "output": "/o.parquet", "caption": bad})
