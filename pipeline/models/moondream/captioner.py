@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 from PIL import Image
 
 from pipeline.config import CaptionConfig
+from pipeline.probes import is_yes_no_question
 from pipeline.models.base import Captioner, Description, ModelUnavailable, resolve_device
 from pipeline.models.moondream.config import (
     CAPTION_BUDGETS,
@@ -21,17 +21,6 @@ from pipeline.models.moondream.preprocess import DEFAULT_MAX_CROPS, MoondreamCro
 from pipeline.models.registry import ModelRef
 
 DTYPES = ("auto", "bfloat16", "float32")
-
-# A question is treated as yes/no when it opens with an auxiliary verb ("Is there ...?", "Does it ...?").
-_YES_NO_OPENERS = re.compile(
-    r"^\s*(is|are|was|were|am|do|does|did|can|could|will|would|should|shall|has|have|had|may|might|must)\b",
-    re.IGNORECASE,
-)
-
-
-def is_yes_no_question(question: str) -> bool:
-    return bool(_YES_NO_OPENERS.match(question))
-
 
 def resolve_dtype(name: str, device: str):
     """auto: bfloat16 on a GPU (the reference's dtype), float32 on CPU (faster there without bf16
@@ -67,14 +56,16 @@ class Moondream2Captioner(Captioner):
         from pipeline.models.moondream.tokenizer import NO_WORDS, YES_WORDS, MoondreamTokenizer, NotStarmieTokenizer
         from pipeline.models.moondream.weights import load_model
 
+        from pipeline.models.identity import model_identity
+
         self.config = config
-        self.model_id = ref.spec
+        # The one answer to "which model": rows, the index and this object report it.
+        identity = model_identity(ref, "caption")
+        self.model_id, self.revision = identity.model, identity.revision
         self.device = resolve_device(device)
         self.max_crops = int(max_crops or getattr(config, "max_crops", DEFAULT_MAX_CROPS))
         self.dtype = resolve_dtype(dtype or getattr(config, "dtype", "auto"), self.device)
         self.files: MoondreamFiles = resolve_files(ref)
-        # The commit actually loaded (the tag resolves to it), for the output rows.
-        self.revision = ref.revision or "local"
         self.model_commit = self.files.model_revision
         self.tokenizer_commit = self.files.tokenizer_revision
         try:
