@@ -89,6 +89,7 @@ def _parse_storage_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ..
 @click.option("--batch-size", type=int, help="Images per captioning batch. [default: 8]")
 @click.option("--max-crops", type=click.IntRange(1, 12), help="Moondream: local crops per image, fewer is faster on large images. [default: 12, the reference's]")
 @click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help="Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. [default: auto]")
+@click.option("--compile", "compile_model", is_flag=True, default=None, help="Moondream: torch.compile the decoder (slower start, faster on long GPU runs).")
 @click.option("--embed-batch-size", type=int, help="Images per embedding batch. [default: 32]")
 @click.option("--device", type=click.Choice(DEVICES), help="Where models run; auto picks CUDA when the cluster has GPUs. [default: auto]")
 @click.option("--address", help="Address of a running Ray cluster (ray start --head). [default: start an embedded local Ray]")
@@ -165,6 +166,7 @@ def _run_config(source, output, config_file, probes_file, storage_options, no_ca
             "caption.batch_size": flags["batch_size"],
             "caption.max_crops": flags["max_crops"],
             "caption.dtype": flags["dtype"],
+            "caption.compile": flags["compile_model"],
             "caption.probes": probes,
             "caption.enabled": False if no_caption else None,
             "embed.model": flags["embed_model"],

@@ -81,6 +81,11 @@ class CaptionConfig(_Section):
     # dtype (auto: bfloat16 on a GPU, float32 on CPU, where parity is checked).
     max_crops: Annotated[StrictInt, Field(ge=1, le=12)] = 12
     dtype: StrictStr = "auto"
+    # Moondream: sequences (caption + probes of all images) decoded at once; a
+    # cap on the engine's per-step memory. None: the engine's default.
+    max_sequences: PositiveInt | None = None
+    # Moondream: torch.compile the decoder step (slower start, faster steady state on GPUs).
+    compile: StrictBool = False
 
     @field_validator("length")
     @classmethod

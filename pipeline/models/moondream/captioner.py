@@ -75,10 +75,10 @@ class Moondream2Captioner(Captioner):
             raise ModelUnavailable(f"caption model {ref.spec} could not be loaded: {exc}") from exc
         self.engine = MoondreamEngine(
             model,
-            max_sequences=max_sequences or DEFAULT_MAX_SEQUENCES,
+            max_sequences=max_sequences or getattr(config, "max_sequences", None) or DEFAULT_MAX_SEQUENCES,
             yes_ids=self.tokenizer.single_token_ids(YES_WORDS),
             no_ids=self.tokenizer.single_token_ids(NO_WORDS),
-            compile=compile,
+            compile=compile or bool(getattr(config, "compile", False)),
         )
         self.caption_max_tokens = caption_budget(config)
         self.answer_max_tokens = int(config.answer_max_new_tokens)
