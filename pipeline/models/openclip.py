@@ -11,14 +11,24 @@ pipeline.models.identity resolves it (the identity this object reports):
 from __future__ import annotations
 
 import dataclasses
-
+import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from pipeline.config import ConfigError
-from pipeline.models.base import Embedder, ModelUnavailable, l2_normalise, resolve_device
+from pipeline.models.base import (
+    Embedder,
+    ModelUnavailable,
+    Preprocessor,
+    l2_normalise,
+    overrides,
+    pack_array,
+    resolve_device,
+    unpack_array,
+)
 from pipeline.models.compat import ensure_torchvision_importable
 from pipeline.models.identity import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, ModelIdentity, cached_snapshot, model_identity
 from pipeline.models.registry import ModelRef
@@ -62,6 +72,15 @@ class OpenClipEmbedder(Embedder):
             ) from exc
         self.model = model.eval()
         self.preprocess = preprocess
+        # What the decode stage's OpenClipPreprocessor must have produced: checked here once, so
+        # prepared inputs can never silently differ from this model's own transform.
+        self.preprocess_cfg = _normalised(model.visual.preprocess_cfg)
+        derived = preprocess_config(weights)
+        if derived is not None and derived != self.preprocess_cfg and type(self).cpu_preprocessor(ref) is not None:
+            raise ModelUnavailable(
+                f"embed model {ref.spec}: the preprocessing derived without weights {derived} differs from the "
+                f"model's {self.preprocess_cfg}; this is a bug in pipeline.models.openclip.preprocess_config"
+            )
         self.tokenizer = tokenizer
         self._dtype = torch.float16 if precision == "fp16" else torch.float32
         # The embedding width differs by model family; asking the model is the
@@ -82,6 +101,33 @@ class OpenClipEmbedder(Embedder):
             return np.zeros((0, self.dim), dtype=np.float32)
         batch = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self._dtype)
         return self._encode(batch, self.model.encode_image)
+
+    @classmethod
+    def cpu_preprocessor(cls, ref: ModelRef) -> "OpenClipPreprocessor | None":
+        """open_clip's eval transform in the decode stage; a subclass that overrides embed_images sees images."""
+        if overrides(cls, OpenClipEmbedder, "embed_images"):
+            return None
+        try:
+            identity = model_identity(dataclasses.replace(ref, backend="open_clip"))
+        except ConfigError:
+            return None
+        cfg = preprocess_config(identity)
+        return OpenClipPreprocessor(cfg) if cfg is not None else None
+
+    def embed_prepared(self, inputs: Sequence[bytes]) -> np.ndarray:
+        import torch
+
+        if not inputs:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        expected = (3, *self.preprocess_cfg["size"])
+        arrays = []
+        for data in inputs:
+            array, _ = unpack_array(data)
+            if array.shape != expected:
+                raise ValueError(f"prepared input of shape {array.shape}, this model takes {expected}")
+            arrays.append(array)
+        batch = torch.from_numpy(np.stack(arrays))  # float16 from the decode stage
+        return self._encode(batch.to(self.device, non_blocking=True).to(self._dtype), self.model.encode_image)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -106,3 +152,75 @@ def _open_clip_source(identity: ModelIdentity) -> tuple[str, str | None]:
                 raise OSError(f"{identity.hub_repo}@{identity.revision} is not in the HF cache: {exc}") from exc
         return f"local-dir:{snapshot}", None
     return identity.open_clip_name, identity.pretrained
+
+
+# ---- the decode stage's side: open_clip's eval transform without the weights ------------
+
+
+class OpenClipPreprocessor(Preprocessor):
+    """Image -> the normalised (3, H, W) float16 tensor the model's own eval transform makes."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self._transform = None
+
+    def __getstate__(self):  # the transform is rebuilt where it runs
+        return {"cfg": self.cfg, "_transform": None}
+
+    def prepare(self, image: Image.Image) -> bytes:
+        if self._transform is None:
+            ensure_torchvision_importable()
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            self._transform = image_transform_v2(PreprocessCfg(**self.cfg), is_train=False)
+        tensor = self._transform(image.convert("RGB"))
+        return pack_array(tensor.numpy().astype(np.float16))
+
+
+def _normalised(cfg: dict) -> dict:
+    """A preprocess cfg in one spelling: size as (H, W), mean/std as float tuples."""
+    size = cfg.get("size", 224)
+    size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(v) for v in size)
+    out = dict(cfg, size=size)
+    for key in ("mean", "std"):
+        value = out.get(key)
+        if value is not None:
+            out[key] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else (value,) * 3))
+    return out
+
+
+def preprocess_config(identity: ModelIdentity) -> dict | None:
+    """The eval preprocessing open_clip's factory gives the model ``identity`` names, without building it.
+
+    The factory's order: PreprocessCfg defaults, then the config of a local-dir/hf-hub model or the
+    pretrained tag's cfg, then the size of the vision tower. None when the config cannot be read
+    here (an hf-hub repo not in the cache): the actor then transforms PIL images itself.
+    """
+    ensure_torchvision_importable()
+    import open_clip
+    from open_clip.transform import merge_preprocess_dict
+
+    base = dataclasses.asdict(open_clip.transform.PreprocessCfg())
+    name = identity.open_clip_name or ""
+    if name.startswith(("local-dir:", "hf-hub:")):
+        if name.startswith("local-dir:"):
+            folder = Path(name[len("local-dir:"):])
+        else:
+            folder = cached_snapshot(identity.hub_repo, identity.revision) or cached_snapshot(
+                identity.hub_repo, identity.hub_revision or "main"
+            )
+        config_file = folder / OPEN_CLIP_CONFIG if folder else None
+        if config_file is None or not config_file.is_file():
+            return None
+        data = json.loads(config_file.read_text())
+        model_cfg, cfg = data.get("model_cfg") or {}, merge_preprocess_dict(base, data.get("preprocess_cfg") or {})
+    else:
+        model_cfg = open_clip.get_model_config(name.replace("/", "-"))
+        if model_cfg is None:
+            return None
+        tag_cfg = open_clip.get_pretrained_cfg(name, identity.pretrained) if identity.pretrained else {}
+        cfg = merge_preprocess_dict(base, tag_cfg or {})
+    vision = model_cfg.get("vision_cfg") or {}
+    # The factory sets size from the built tower's image_size, which comes from vision_cfg.
+    cfg["size"] = vision.get("image_size", cfg["size"])
+    return _normalised(cfg)

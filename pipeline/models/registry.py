@@ -162,3 +162,13 @@ def build_captioner(ref: ModelRef, config: CaptionConfig, device: str):
 
 def build_embedder(ref: ModelRef, device: str):
     return _load(_EMBEDDERS[ref.backend])(ref, device)
+
+
+def build_caption_preprocessor(ref: ModelRef, config: CaptionConfig):
+    """The captioner's CPU-side preparation (no weights loaded), or None when it takes PIL images."""
+    return _load(_CAPTIONERS[ref.backend]).cpu_preprocessor(ref, config)
+
+
+def build_embed_preprocessor(ref: ModelRef):
+    """The embedder's CPU-side preparation (no weights loaded), or None when it takes PIL images."""
+    return _load(_EMBEDDERS[ref.backend]).cpu_preprocessor(ref)

@@ -73,7 +73,11 @@ LISTED = StageColumns(
 )
 
 #: Decode -> models. ``pixels`` is the image downscaled for the models, raw
-#: RGB bytes of ``pixel_height`` x ``pixel_width`` x 3 (empty on error).
+#: RGB bytes of ``pixel_height`` x ``pixel_width`` x 3 (empty on error, and
+#: empty when every model of the run takes prepared inputs).
+#: ``caption_input`` / ``embed_input``: the model-ready input a backend's CPU
+#: preprocessor made (pipeline.models.base.Preprocessor), null where the
+#: backend has none or the row failed; the model stage that reads one nulls it.
 DECODED = StageColumns(
     "decode",
     [
@@ -89,8 +93,13 @@ DECODED = StageColumns(
         pa.field("pixels", pa.binary()),
         pa.field("pixel_width", pa.int32()),
         pa.field("pixel_height", pa.int32()),
+        pa.field("caption_input", pa.large_binary()),
+        pa.field("embed_input", pa.large_binary()),
     ],
 )
+
+#: The prepared-input column each model stage reads.
+PREPARED_INPUT = {"caption": "caption_input", "embed": "embed_input"}
 
 #: Caption stage: the caption and, per image, one answer per probe question.
 CAPTIONED = StageColumns(

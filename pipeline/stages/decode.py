@@ -1,6 +1,15 @@
-"""Decode stage (CPU tasks): bytes -> RGB pixels for the models, or an error row."""
+"""Decode stage (CPU tasks): bytes -> model-ready inputs, or an error row.
+
+Each image is decoded once (EXIF, RGB, size guard) and then handed to the CPU
+preprocessor of each model backend that has one (Moondream's crops, open_clip's
+normalised tensor), so the GPU actors only deserialise arrays and run tensors.
+Models without a preprocessor get the decoded RGB pixels, as before; when
+every model of the run has one, the pixels are not carried at all.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import pyarrow as pa
 
@@ -8,14 +17,73 @@ from pipeline.stages.config import StageConfig
 from pipeline.stages.contract import DECODED
 from schemas import STATUS_ERROR, STATUS_OK
 
+log = logging.getLogger(__name__)
+
+_MAX_ERROR_CHARS = 500
+# Built once per worker process and run config: building open_clip's transform imports torch.
+_PREPROCESSORS: dict[str, tuple] = {}
+
+
+def preprocessors(stage: StageConfig) -> tuple:
+    """(caption preprocessor | None, embed preprocessor | None) for this run, cached per process."""
+    key = stage.run.model_dump_json()
+    if key not in _PREPROCESSORS:
+        _PREPROCESSORS[key] = (_build(stage, "caption"), _build(stage, "embed"))
+    return _PREPROCESSORS[key]
+
+
+def _build(stage: StageConfig, which: str):
+    from pipeline.models.registry import (
+        build_caption_preprocessor,
+        build_embed_preprocessor,
+        resolve_captioner,
+        resolve_embedder,
+    )
+
+    try:
+        if which == "caption" and stage.runs_captioner:
+            config = stage.run.caption
+            return build_caption_preprocessor(resolve_captioner(config.model), config)
+        if which == "embed" and stage.runs_embedder:
+            return build_embed_preprocessor(resolve_embedder(stage.run.embed.model))
+    except Exception as exc:  # noqa: BLE001 - the model stage then prepares from pixels, as without one
+        log.warning("no CPU preprocessing for the %s model (%s: %s); its actor will prepare images", which,
+                    type(exc).__name__, exc)
+    return None
+
 
 def decode_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
     from pipeline.decode import load_image
 
+    caption_prep, embed_prep = preprocessors(stage)
+    # Pixels only travel to a model that prepares images itself.
+    needs_pixels = (stage.runs_captioner and caption_prep is None) or (stage.runs_embedder and embed_prep is None)
+    keep_pixels = needs_pixels or not (stage.runs_captioner or stage.runs_embedder)
+
     options = stage.run.storage_options_dict()
     locations = [raw.decode("utf-8", "surrogateescape") for raw in batch.column("location").to_pylist()]
     decoded = [load_image(location, stage.run.decode, options) for location in locations]
-    pixels = [d.image.convert("RGB") if d.ok else None for d in decoded]
+    n = len(decoded)
+    status = [STATUS_OK if d.ok else STATUS_ERROR for d in decoded]
+    kinds, errors = [d.error_kind for d in decoded], [d.error for d in decoded]
+    pixels, widths, heights = [b""] * n, [0] * n, [0] * n
+    caption_inputs, embed_inputs = [None] * n, [None] * n
+    for i, d in enumerate(decoded):
+        if not d.ok:
+            continue
+        image = d.image.convert("RGB")
+        try:
+            if caption_prep is not None:
+                caption_inputs[i] = caption_prep.prepare(image)
+            if embed_prep is not None:
+                embed_inputs[i] = embed_prep.prepare(image)
+        except Exception as exc:  # noqa: BLE001 - one image the model cannot take is its own error row
+            status[i], kinds[i] = STATUS_ERROR, "preprocess"
+            errors[i] = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+            caption_inputs[i] = embed_inputs[i] = None
+            continue
+        if keep_pixels:
+            pixels[i], widths[i], heights[i] = image.tobytes(), image.width, image.height
     return DECODED.table(
         {
             "uri": batch.column("uri"),
@@ -24,11 +92,13 @@ def decode_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
             "format": [d.format for d in decoded],
             "width": [d.width for d in decoded],
             "height": [d.height for d in decoded],
-            "status": [STATUS_OK if d.ok else STATUS_ERROR for d in decoded],
-            "error_kind": [d.error_kind for d in decoded],
-            "error": [d.error for d in decoded],
-            "pixels": [image.tobytes() if image else b"" for image in pixels],
-            "pixel_width": [image.width if image else 0 for image in pixels],
-            "pixel_height": [image.height if image else 0 for image in pixels],
+            "status": status,
+            "error_kind": kinds,
+            "error": errors,
+            "pixels": pixels,
+            "pixel_width": widths,
+            "pixel_height": heights,
+            "caption_input": caption_inputs,
+            "embed_input": embed_inputs,
         }
     )

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.config import CaptionConfig
 from pipeline.probes import is_yes_no_question
-from pipeline.models.base import Captioner, Description, ModelUnavailable, resolve_device
+from pipeline.models.base import Captioner, Description, ModelUnavailable, overrides, resolve_device
 from pipeline.models.moondream.config import (
     CAPTION_BUDGETS,
     CAPTION_PROMPTS,
@@ -17,7 +17,13 @@ from pipeline.models.moondream.config import (
     CheckpointMismatch,
 )
 from pipeline.models.moondream.hub import MoondreamFiles, resolve_files
-from pipeline.models.moondream.preprocess import DEFAULT_MAX_CROPS, MoondreamCrops, prepare_image
+from pipeline.models.moondream.preprocess import (
+    DEFAULT_MAX_CROPS,
+    MoondreamCrops,
+    MoondreamPreprocessor,
+    crops_from_bytes,
+    prepare_image,
+)
 from pipeline.models.registry import ModelRef
 
 DTYPES = ("auto", "bfloat16", "float32")
@@ -83,9 +89,21 @@ class Moondream2Captioner(Captioner):
         self.caption_max_tokens = caption_budget(config)
         self.answer_max_tokens = int(config.answer_max_new_tokens)
 
-    # CPU side: the pipeline may call this in its decode stage and pass the result to describe().
+    @classmethod
+    def cpu_preprocessor(cls, ref: ModelRef, config: CaptionConfig) -> MoondreamPreprocessor | None:
+        """Crops and tiling made in the decode stage; a subclass that overrides describe sees images instead."""
+        if overrides(cls, Moondream2Captioner, "describe"):
+            return None
+        return MoondreamPreprocessor(int(getattr(config, "max_crops", None) or DEFAULT_MAX_CROPS))
+
+    # CPU side, for callers outside the pipeline; the pipeline uses cpu_preprocessor in its decode stage.
     def prepare(self, image: Image.Image) -> MoondreamCrops:
         return prepare_image(image, max_crops=self.max_crops)
+
+    def describe_prepared(
+        self, inputs: Sequence[bytes], questions: Sequence[str], *, caption: bool = True
+    ) -> list[Description]:
+        return self.describe([crops_from_bytes(data) for data in inputs], questions, caption=caption)
 
     def requests(self, questions: Sequence[str], caption: bool):
         from pipeline.models.moondream.engine import Request

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.models.base import Preprocessor, pack_array, unpack_array
+
 CROP_SIZE = 378
 PATCH_SIZE = 14
 OVERLAP_MARGIN = 4  # patches
@@ -94,3 +96,32 @@ def prepare_image(
             tile = tiled[y0 : y0 + crop_size, x0 : x0 + crop_size]
             crops[1 + r * cols + c, : tile.shape[0], : tile.shape[1]] = tile
     return MoondreamCrops(crops, (rows, cols))
+
+
+# ---- the decode stage's side: crops as bytes between the CPU task and the GPU actor ----
+
+
+def crops_to_bytes(prepared: MoondreamCrops) -> bytes:
+    """The crops (N, 378, 378, 3) uint8 and the tiling, in the pipeline's prepared-input format."""
+    return pack_array(prepared.crops, prepared.tiling)
+
+
+def crops_from_bytes(data: bytes | memoryview) -> MoondreamCrops:
+    """Inverse of :func:`crops_to_bytes` (no copy); checks the shape against the tiling."""
+    crops, meta = unpack_array(data)
+    if (
+        len(meta) != 2 or crops.dtype != np.uint8 or crops.ndim != 4
+        or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.shape[0] != 1 + meta[0] * meta[1]
+    ):  # fmt: skip
+        raise ValueError(f"not Moondream crops: array {crops.dtype}{crops.shape}, tiling {meta}")
+    return MoondreamCrops(crops, (int(meta[0]), int(meta[1])))
+
+
+@dataclass(frozen=True)
+class MoondreamPreprocessor(Preprocessor):
+    """``prepare_image`` in the decode stage: image -> serialised crops + tiling."""
+
+    max_crops: int = DEFAULT_MAX_CROPS
+
+    def prepare(self, image: Image.Image) -> bytes:
+        return crops_to_bytes(prepare_image(image, max_crops=self.max_crops))

@@ -1,0 +1,111 @@
+"""CPU-side preparation (issue 9, "Preprocessing off the GPU"): what the decode stage makes from an
+image is what the backend would have made itself, and the bytes between them round-trip exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import CaptionConfig
+from pipeline.models.base import pack_array, unpack_array
+from pipeline.models.moondream.preprocess import (
+    MoondreamPreprocessor,
+    crops_from_bytes,
+    crops_to_bytes,
+    prepare_image,
+)
+from pipeline.models.registry import (
+    build_caption_preprocessor,
+    build_captioner,
+    build_embed_preprocessor,
+    build_embedder,
+    resolve_captioner,
+    resolve_embedder,
+)
+from tests.fault_doubles import KillableEmbedder, PoisonedCaptioner
+from tests.fixtures.images import noise_image
+from tests.fixtures.moondream_cache import local_moondream_dir
+
+
+def test_pack_round_trip_and_rejects_what_is_not_a_prepared_input():
+    rng = np.random.default_rng(0)
+    for array, meta in [
+        (rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8), (1, 2)),
+        (rng.standard_normal((3, 4, 4)).astype(np.float16), ()),
+        (rng.standard_normal((2,)).astype(">f4"), (-1,)),
+    ]:
+        back, back_meta = unpack_array(pack_array(array, meta))
+        assert back.dtype == array.dtype.newbyteorder("<") and back_meta == tuple(meta)
+        np.testing.assert_array_equal(back, array)
+    data = pack_array(np.zeros((2, 2), np.uint8))
+    for bad in (b"", b"nope" * 4, data[:-1], data + b"x"):
+        with pytest.raises(ValueError):
+            unpack_array(bad)
+    with pytest.raises(TypeError):
+        pack_array(np.zeros(2, np.int64))
+
+
+def test_moondream_crops_round_trip_and_shape_check():
+    crops = prepare_image(noise_image((900, 500)), max_crops=4)
+    back = crops_from_bytes(crops_to_bytes(crops))
+    assert back.tiling == crops.tiling and back.n_crops == 1 + crops.tiling[0] * crops.tiling[1]
+    np.testing.assert_array_equal(back.crops, crops.crops)
+    with pytest.raises(ValueError, match="not Moondream crops"):
+        crops_from_bytes(pack_array(crops.crops, (crops.tiling[0] + 1, crops.tiling[1])))
+    assert MoondreamPreprocessor(4).prepare(noise_image((900, 500))) == crops_to_bytes(crops)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_moondream_prepared_inputs_give_the_same_descriptions(tmp_path, offline):
+    config = CaptionConfig(max_new_tokens=6, answer_max_new_tokens=3, max_crops=3)
+    ref = resolve_captioner(str(local_moondream_dir(tmp_path / "md")))
+    prep = build_caption_preprocessor(ref, config)
+    assert prep == MoondreamPreprocessor(3)  # max_crops comes from the config, without loading weights
+    md = build_captioner(ref, config, "cpu")
+    images = [noise_image((900, 500), seed=1), noise_image((200, 300), seed=2)]  # different crop counts
+    questions = ["Is there a dog?"]
+    assert md.describe_prepared([prep.prepare(im) for im in images], questions) == md.describe(images, questions)
+
+
+def test_open_clip_prepared_inputs_give_the_same_embeddings(tiny_clip_dir):
+    ref = resolve_embedder(str(tiny_clip_dir))
+    prep = build_embed_preprocessor(ref)
+    assert prep is not None
+    embedder = build_embedder(ref, "cpu")
+    assert prep.cfg == embedder.preprocess_cfg  # derived without weights == what open_clip's factory set
+    images = [noise_image((90, 50), seed=3), noise_image((31, 77), seed=4), Image.new("L", (40, 40), 128)]
+    inputs = [prep.prepare(im) for im in images]
+    array, _ = unpack_array(inputs[0])
+    assert array.dtype == np.float16 and array.shape == (3, *embedder.preprocess_cfg["size"])
+    expected = embedder.embed_images(images)
+    got = embedder.embed_prepared(inputs)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=5e-3)  # float16 transport of the normalised pixels
+    np.testing.assert_allclose((got * expected).sum(1), 1.0, atol=1e-4)
+    # The transform travels to decode workers by pickle: it is rebuilt there, not shipped.
+    import pickle
+
+    assert pickle.loads(pickle.dumps(prep)).prepare(images[0]) == inputs[0]
+
+
+def test_open_clip_preprocess_config_of_builtin_names_matches_the_pretrained_cfg(offline):
+    from pipeline.models.identity import model_identity
+    from pipeline.models.openclip import preprocess_config
+
+    identity = model_identity(resolve_embedder("open_clip:ViT-SO400M-14-SigLIP-384@webli"))
+    cfg = preprocess_config(identity)
+    assert cfg["size"] == (384, 384) and cfg["mean"] == (0.5, 0.5, 0.5) and cfg["resize_mode"] == "squash"
+
+
+def test_backends_that_inspect_images_keep_getting_images():
+    """Subclasses overriding the PIL entry point (the fault doubles) get no preprocessor."""
+    assert KillableEmbedder.cpu_preprocessor(resolve_embedder("open_clip:ViT-B-32")) is None
+    assert PoisonedCaptioner.cpu_preprocessor(None, CaptionConfig()) is None
