@@ -54,6 +54,7 @@ def main() -> None:
     captioner run SOURCE --out captions.parquet   caption + probes + embedding -> Parquet
     captioner index captions.parquet              build a DuckDB search index
     captioner search "a red bicycle"              full-text, semantic or hybrid search
+    captioner serve --index index.duckdb          the search page in a browser
     captioner schema                              the Parquet columns and what they mean
     """
 
@@ -166,6 +167,10 @@ def _add_search_commands() -> None:
 
 
 _add_search_commands()
+from pipeline.serve.command import serve  # noqa: E402 - starlette/uvicorn load only when it runs
+
+main.add_command(serve)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
