@@ -1,0 +1,56 @@
+"""``captioner export coco``: a COCO captions dataset.
+
+  OUT/annotations/captions.json   {info, licenses, images, annotations}
+  OUT/images/<relative path>      the images, copied (or symlinked with --link)
+
+``images`` entries are {id, file_name (relative to OUT/images), width,
+height}; ``annotations`` are {id, image_id, caption}, one per captioned
+image: the fields pycocotools' COCO(), getImgIds/getAnnIds/loadAnns and
+loadRes (caption results) use. Width and height are the image's pixel size
+after EXIF orientation, as the pipeline recorded it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+
+from pipeline import __version__
+from pipeline.export.images import image_rows
+from pipeline.export.rows import RowSource
+from pipeline.export.storage import Storage, join, relative_paths
+
+ANNOTATIONS = "annotations/captions.json"
+IMAGES = "images"
+
+
+def coco_document(source: RowSource, *, root: str | None, skipped: Counter) -> tuple[dict, list[tuple[str, str]]]:
+    """The COCO JSON, and (uri, relative file_name) of every image it names."""
+    relative = relative_paths(source.uris(), root)
+    images, annotations, files, generators = [], [], [], {}
+    for row in image_rows(source.rows(), skipped, need_caption=True):
+        image_id = len(images) + 1
+        rel = relative[row.uri]
+        images.append({"id": image_id, "file_name": rel, "width": row.width, "height": row.height})
+        annotations.append({"id": image_id, "image_id": image_id, "caption": " ".join(row.caption.split())})
+        files.append((row.uri, rel))
+        if row.generator:
+            generators[row.generator] = None
+    now = datetime.now(timezone.utc)
+    info = {
+        "description": f"Machine-generated captions from {source.description}",
+        "version": "1.0",
+        "year": now.year,
+        "contributor": f"captioner {__version__} ({', '.join(generators) or 'unknown model'})",
+        "date_created": now.isoformat(timespec="seconds"),
+    }
+    return {"info": info, "licenses": [], "images": images, "annotations": annotations}, files
+
+
+def write_coco(source: RowSource, out: str, storage: Storage, *, root: str | None, link: bool, skipped: Counter) -> int:
+    document, files = coco_document(source, root=root, skipped=skipped)
+    for uri, rel in files:
+        storage.copy_image(uri, join(out, f"{IMAGES}/{rel}"), link=link)
+    storage.write(join(out, ANNOTATIONS), json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8"))
+    return len(document["images"])
