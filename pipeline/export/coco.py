@@ -27,7 +27,7 @@ IMAGES = "images"
 
 def coco_document(source: RowSource, *, root: str | None, skipped: Counter) -> tuple[dict, list[tuple[str, str]]]:
     """The COCO JSON, and (uri, relative file_name) of every image it names."""
-    relative = relative_paths(source.uris(), root)
+    relative = relative_paths(source.uris(), root, tree=source.tree_uris())
     images, annotations, files, generators = [], [], [], {}
     for row in image_rows(source.rows(), skipped, need_caption=True):
         image_id = len(images) + 1

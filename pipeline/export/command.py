@@ -117,7 +117,7 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
     if format in SIDECAR_FORMATS:
         from pipeline.export.sidecars import Placement, apply
 
-        placement = Placement(out=out, in_place=in_place, root=root)
+        placement = Placement(out=out, in_place=in_place, root=root, tree=None if in_place else tuple(source.tree_uris()))
         if format == "xmp":
             from pipeline.export.xmp import plan_xmp
 
@@ -129,7 +129,7 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
             plans = plan_txt(source.rows(), placement, storage, overwrite=overwrite, skipped=skipped)
         counts = apply(plans, storage, dry_run=dry_run, echo=click.echo)
         verb = "would write" if dry_run else "wrote"
-        return (f"{verb} {format} sidecars {shown}: {counts['create']} created, {counts['update']} updated, "
+        return (f"{verb} {format} sidecars {'into ' if out else ''}{shown}: {counts['create']} created, {counts['update']} updated, "
                 f"{counts['keep']} kept")
     if format == "imagefolder":
         from pipeline.export.imagefolder import write_imagefolder

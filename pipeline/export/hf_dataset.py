@@ -21,7 +21,7 @@ from pipeline.export.storage import Storage, relative_paths
 
 def write_hf_dataset(source: RowSource, out: str, storage: Storage, *, root: str | None, skipped: Counter) -> int:
     datasets = optional_import("datasets", "captioner export hf-dataset")
-    relative = relative_paths(source.uris(), root)
+    relative = relative_paths(source.uris(), root, tree=source.tree_uris())
     columns = probe_columns(source.questions)
     types = {"bool": datasets.Value("bool"), "string": datasets.Value("string"), "float": datasets.Value("float32")}
     features = datasets.Features(

@@ -22,7 +22,7 @@ METADATA = "metadata.jsonl"
 
 
 def write_imagefolder(source: RowSource, out: str, storage: Storage, *, root: str | None, link: bool, skipped: Counter) -> int:
-    relative = relative_paths(source.uris(), root)
+    relative = relative_paths(source.uris(), root, tree=source.tree_uris())
     columns = probe_columns(source.questions)
     written = 0
     with storage.open_write(join(out, METADATA)) as handle:

@@ -28,6 +28,7 @@ class Placement:
     out: str | None
     in_place: bool = False
     root: str | None = None
+    tree: tuple[str, ...] | None = None  # every uri of the source: the default root (storage.relative_paths)
 
     def __post_init__(self):
         if self.in_place == (self.out is not None):
@@ -37,7 +38,7 @@ class Placement:
         """uri -> sidecar location; ``sidecar_name`` maps an image file name to its sidecar's."""
         if self.in_place:
             return {uri: _sibling(uri, sidecar_name) for uri in uris}
-        relative = relative_paths(uris, self.root)
+        relative = relative_paths(uris, self.root, tree=self.tree)
         return {
             uri: join(self.out, posixpath.join(posixpath.dirname(rel), sidecar_name(posixpath.basename(rel))))
             for uri, rel in relative.items()

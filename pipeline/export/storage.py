@@ -7,8 +7,9 @@ written under a temporary dot-name and renamed into place, so a crash never
 leaves half a sidecar; on a bucket one PUT publishes a whole object.
 
 Exports that lay out a tree (``--out DIR``) mirror the images' folders below
-a root: ``--root`` when given, else the deepest folder that holds every
-exported image.
+a root: ``--root`` when given, else the deepest folder that holds every image
+of the index or Parquet (all rows, not only the selected ones, so a filter
+never changes where a file lands).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def name(location: str) -> str:
     return os.path.basename(local_path(location)) if is_local(location) else location.rsplit("/", 1)[-1]
 
 
-def relative_paths(uris: Iterable[str], root: str | None = None) -> dict[str, str]:
+def relative_paths(uris: Iterable[str], root: str | None = None, *, tree: Iterable[str] | None = None) -> dict[str, str]:
     """uri -> its path below ``root`` ('/'-separated), for mirroring the source tree.
 
-    Without ``root``: below the deepest folder holding every uri. A uri not
-    under an explicit ``root`` is an error naming it.
+    Without ``root``: below the deepest folder holding every uri of ``tree``
+    (default: ``uris``). A uri not under an explicit ``root`` is an error naming it.
     """
     uris = list(uris)
     keyed = {uri: _parts(uri) for uri in uris}
@@ -53,7 +54,7 @@ def relative_paths(uris: Iterable[str], root: str | None = None) -> dict[str, st
         if outside:
             raise ExportError(f"--root {root} does not contain {outside[0]} (and {len(outside) - 1} more); pass the folder the images are under")
     else:
-        base = _common_folder(list(keyed.values()))
+        base = _common_folder([_parts(u) for u in tree] if tree is not None else list(keyed.values()))
     return {uri: "/".join(parts[len(base):]) for uri, parts in keyed.items()}
 
 
