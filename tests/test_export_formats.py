@@ -308,3 +308,41 @@ def test_a_missing_optional_package_names_the_extra(library, tmp_path, monkeypat
     monkeypatch.setitem(__import__("sys").modules, module, None)  # import now fails as if not installed
     result = export(fmt, "--from", parquet, "--out", tmp_path / "o", exit_code=1)
     assert "pip install 'captioner[export]'" in result.output and module in result.output
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "coco", "hf-dataset"])
+def test_an_image_gone_since_captioning_is_skipped_not_fatal(library, tmp_path, fmt):
+    root, _, _ = library
+    run = run_metadata(probes=PROBES)
+    rows = [ok_row(str(root / rel), LIBRARY[rel][0], ["no", "blue"], [1, 0, 0, 0], run=run) for rel in ("portrait.jpg", "beach/dog.jpg")]
+    rows.append(ok_row(str(root / "deleted.jpg"), "A photo of a deleted file.", ["no", "blue"], [1, 0, 0, 0], run=run))
+    write_rows(tmp_path / "c.parquet", rows, run)
+    result = export(fmt, "--from", tmp_path / "c.parquet", "--out", tmp_path / "out")
+    assert "skipped 1 (image missing or unreadable)" in result.output
+    assert exported_names(fmt, tmp_path / "out") == {"portrait", "dog"}
+
+
+def test_probe_columns_are_typed_and_carry_yes_prob_when_the_probes_have_it():
+    from pipeline.export.labels import feature_types, probe_columns, probe_values
+    from pipeline.export.rows import _row
+
+    questions = ("Is there a person in the image?", "What colour is the sky?", "Is there a person in the image!", "3 cats?")
+    columns = probe_columns(questions)
+    assert list(columns.values()) == [
+        "is_there_a_person_in_the_image", "what_colour_is_the_sky", "is_there_a_person_in_the_image_2", "q_3_cats"]
+    row = _row({
+        "id": 0, "uri": "/p.jpg", "status": "ok", "error": None, "caption": "A man.", "width": 1, "height": 1,
+        "format": "JPEG", "bytes": 1, "image_id": "x", "caption_model": "m", "caption_revision": "r",
+        "probes": [  # schema v2 shape: P(yes) beside the answer
+            {"question": questions[0], "answer": "yes", "answer_bool": True, "yes_prob": 0.93},
+            {"question": questions[1], "answer": "grey", "answer_bool": None, "yes_prob": None},
+        ],
+    })
+    values = probe_values(row, columns, with_yes_prob=True)
+    assert values["is_there_a_person_in_the_image"] is True
+    assert values["is_there_a_person_in_the_image_yes_prob"] == pytest.approx(0.93)
+    assert values["what_colour_is_the_sky"] == "grey" and values["q_3_cats"] is None
+    types = feature_types(columns, with_yes_prob=True)
+    assert types["is_there_a_person_in_the_image"] == "bool" and types["is_there_a_person_in_the_image_yes_prob"] == "float"
+    assert set(values) == set(types)
+    assert "is_there_a_person_in_the_image_yes_prob" not in probe_values(row, columns, with_yes_prob=False)

@@ -17,7 +17,7 @@ from collections import Counter
 from datetime import datetime, timezone
 
 from pipeline import __version__
-from pipeline.export.images import image_rows
+from pipeline.export.images import copied, image_rows
 from pipeline.export.rows import RowSource
 from pipeline.export.storage import Storage, join, relative_paths
 
@@ -25,16 +25,18 @@ ANNOTATIONS = "annotations/captions.json"
 IMAGES = "images"
 
 
-def coco_document(source: RowSource, *, root: str | None, skipped: Counter) -> tuple[dict, list[tuple[str, str]]]:
-    """The COCO JSON, and (uri, relative file_name) of every image it names."""
+def coco_document(source: RowSource, *, root: str | None, skipped: Counter, place=lambda uri, rel: True) -> dict:
+    """The COCO JSON of the selected captioned images; ``place(uri, rel)`` puts each
+    image in the export and says whether it could (an unreadable one is left out)."""
     relative = relative_paths(source.uris(), root, tree=source.tree_uris())
-    images, annotations, files, generators = [], [], [], {}
+    images, annotations, generators = [], [], {}
     for row in image_rows(source.rows(), skipped, need_caption=True):
         image_id = len(images) + 1
         rel = relative[row.uri]
+        if not place(row.uri, rel):
+            continue
         images.append({"id": image_id, "file_name": rel, "width": row.width, "height": row.height})
         annotations.append({"id": image_id, "image_id": image_id, "caption": " ".join(row.caption.split())})
-        files.append((row.uri, rel))
         if row.generator:
             generators[row.generator] = None
     now = datetime.now(timezone.utc)
@@ -45,12 +47,13 @@ def coco_document(source: RowSource, *, root: str | None, skipped: Counter) -> t
         "contributor": f"captioner {__version__} ({', '.join(generators) or 'unknown model'})",
         "date_created": now.isoformat(timespec="seconds"),
     }
-    return {"info": info, "licenses": [], "images": images, "annotations": annotations}, files
+    return {"info": info, "licenses": [], "images": images, "annotations": annotations}
 
 
 def write_coco(source: RowSource, out: str, storage: Storage, *, root: str | None, link: bool, skipped: Counter) -> int:
-    document, files = coco_document(source, root=root, skipped=skipped)
-    for uri, rel in files:
-        storage.copy_image(uri, join(out, f"{IMAGES}/{rel}"), link=link)
+    def place(uri: str, rel: str) -> bool:
+        return copied(storage, uri, join(out, f"{IMAGES}/{rel}"), link=link, skipped=skipped)
+
+    document = coco_document(source, root=root, skipped=skipped, place=place)
     storage.write(join(out, ANNOTATIONS), json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8"))
     return len(document["images"])

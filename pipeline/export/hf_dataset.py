@@ -13,7 +13,7 @@ import tempfile
 from collections import Counter
 
 from pipeline.export.errors import ExportError, optional_import
-from pipeline.export.images import image_rows
+from pipeline.export.images import image_bytes, image_rows
 from pipeline.export.labels import feature_types, probe_columns, probe_values
 from pipeline.export.rows import RowSource
 from pipeline.export.storage import Storage, relative_paths
@@ -37,10 +37,13 @@ def write_hf_dataset(source: RowSource, out: str, storage: Storage, *, root: str
 
     def records():
         for row in image_rows(source.rows(), skipped):
+            data = image_bytes(storage, row.uri, skipped)
+            if data is None:
+                continue
             counted["rows"] += 1
             rel = relative[row.uri]
             yield {
-                "image": {"bytes": storage.read(row.uri), "path": rel},
+                "image": {"bytes": data, "path": rel},
                 "file_name": rel,
                 "caption": row.caption,
                 "image_id": row.image_id,

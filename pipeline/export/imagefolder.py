@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from pipeline.export.images import image_rows
+from pipeline.export.images import copied, image_rows
 from pipeline.export.labels import probe_columns, probe_values
 from pipeline.export.rows import RowSource
 from pipeline.export.storage import Storage, join, relative_paths
@@ -28,7 +28,8 @@ def write_imagefolder(source: RowSource, out: str, storage: Storage, *, root: st
     with storage.open_write(join(out, METADATA)) as handle:
         for row in image_rows(source.rows(), skipped):
             rel = relative[row.uri]
-            storage.copy_image(row.uri, join(out, rel), link=link)
+            if not copied(storage, row.uri, join(out, rel), link=link, skipped=skipped):
+                continue
             record = {"file_name": rel, "caption": row.caption, "image_id": row.image_id}
             record.update(probe_values(row, columns, source.has_yes_prob))
             handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
