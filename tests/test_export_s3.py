@@ -76,6 +76,9 @@ def test_exports_written_to_the_bucket(bucket_library):
     document = json.loads(bucket.get("exports/coco/annotations/captions.json"))
     assert [i["file_name"] for i in document["images"]] == ["beach/dog.jpg"]
     assert bucket.get("exports/coco/images/beach/dog.jpg") == bucket.get("photos/beach/dog.jpg")
+    export(bucket, "hf-dataset", "--from", parquet, "--out", bucket.url("exports/hf"))
+    dataset = datasets.load_from_disk(bucket.url("exports/hf"), storage_options=bucket.storage_options)
+    assert sorted(dataset["file_name"]) == sorted(LIBRARY) and dataset[0]["image"].size[0] > 0
     export(bucket, "txt", "--from", parquet, "--out", bucket.url("exports/txt"))
     assert bucket.keys("exports/txt/") == sorted(
         f"exports/txt/{rel.rsplit('.', 1)[0]}.txt" for rel in LIBRARY)
