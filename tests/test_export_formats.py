@@ -80,8 +80,8 @@ def test_status_any_and_error_skip_rows_without_a_caption(library, tmp_path):
     _, parquet, index = library
     result = export("alt-text", "--index", index, "--out", tmp_path / "a.csv", "--status", "any")
     assert "wrote 4 alt texts" in result.output and "skipped 1 (no caption)" in result.output
-    result = export("imagefolder", "--from", parquet, "--out", tmp_path / "ds", "--status", "error")
-    assert "of 0 images" in result.output and "skipped 1 (status error)" in result.output
+    result = export("txt", "--from", parquet, "--out", tmp_path / "txt", "--status", "error")
+    assert "0 created" in result.output and "skipped 1 (no caption)" in result.output
 
 
 def test_alt_text_csv_and_jsonl_are_keyed_by_uri_and_marked_machine_generated(library, tmp_path):
@@ -346,3 +346,18 @@ def test_probe_columns_are_typed_and_carry_yes_prob_when_the_probes_have_it():
     assert types["is_there_a_person_in_the_image"] == "bool" and types["is_there_a_person_in_the_image_yes_prob"] == "float"
     assert set(values) == set(types)
     assert "is_there_a_person_in_the_image_yes_prob" not in probe_values(row, columns, with_yes_prob=False)
+
+
+def test_an_empty_selection_is_an_error_that_writes_nothing(library, tmp_path):
+    _, parquet, _ = library
+    result = export("imagefolder", "--from", parquet, "--out", tmp_path / "ds", "--where", "width > 10000", exit_code=1)
+    assert "no row of Parquet" in result.output and "it has 5 rows" in result.output and "width > 10000" in result.output
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "coco", "hf-dataset"])
+def test_a_dataset_with_no_image_left_is_an_error_not_an_empty_folder(library, tmp_path, fmt):
+    _, parquet, _ = library
+    result = export(fmt, "--from", parquet, "--out", tmp_path / "ds", "--status", "error", exit_code=1)
+    assert "no image to export (1 status error)" in result.output
+    assert [p for p in (tmp_path / "ds").rglob("*") if p.is_file()] == []

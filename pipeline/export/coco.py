@@ -17,7 +17,7 @@ from collections import Counter
 from datetime import datetime, timezone
 
 from pipeline import __version__
-from pipeline.export.images import copied, image_rows
+from pipeline.export.images import copied, image_rows, nothing_to_export
 from pipeline.export.rows import RowSource
 from pipeline.export.storage import Storage, join, relative_paths
 
@@ -55,5 +55,7 @@ def write_coco(source: RowSource, out: str, storage: Storage, *, root: str | Non
         return copied(storage, uri, join(out, f"{IMAGES}/{rel}"), link=link, skipped=skipped)
 
     document = coco_document(source, root=root, skipped=skipped, place=place)
+    if not document["images"]:
+        raise nothing_to_export(skipped)
     storage.write(join(out, ANNOTATIONS), json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8"))
     return len(document["images"])

@@ -77,6 +77,12 @@ def export_command(format, index_path, parquet, out, in_place, where, probes, st
             selection=Selection(where=where, probes=tuple(probes), status=status),
             storage_options=options,
         ) as source:
+            if source.count() == 0:
+                raise ExportError(
+                    f"no row of {source.description} matches (it has {source.total()} rows; exporting status={status}"
+                    + (f", --where {where!r}" if where else "") + "".join(f", --probe {p!r}" for p in probes)
+                    + "); loosen the filters, or check the answers with `captioner sql`"
+                )
             summary = _export(format, source, storage, out=out, in_place=in_place, root=root, link=link,
                               max_chars=max_chars, sidecar_name=sidecar_name, dry_run=dry_run,
                               overwrite=overwrite, skipped=skipped)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 
-from pipeline.export.errors import ExportError, optional_import
-from pipeline.export.images import image_bytes, image_rows
+from pipeline.export.errors import optional_import
+from pipeline.export.images import image_bytes, image_rows, nothing_to_export
 from pipeline.export.labels import feature_types, probe_columns, probe_values
 from pipeline.export.rows import RowSource
 from pipeline.export.storage import Storage, relative_paths
@@ -53,9 +53,14 @@ def write_hf_dataset(source: RowSource, out: str, storage: Storage, *, root: str
     with tempfile.TemporaryDirectory(prefix="captioner-hf-") as cache:
         # The fingerprint names the cache entry; the generator (which holds a
         # database connection) cannot be hashed, and the cache is thrown away.
-        dataset = datasets.Dataset.from_generator(records, features=features, cache_dir=cache, fingerprint="captioner-export")
+        try:
+            dataset = datasets.Dataset.from_generator(records, features=features, cache_dir=cache, fingerprint="captioner-export")
+        except ValueError:
+            if counted["rows"] == 0:  # datasets refuses an empty split
+                raise nothing_to_export(skipped) from None
+            raise
         if counted["rows"] == 0:
-            raise ExportError("no image to export: every selected row was skipped (see --status, --where, --probe)")
+            raise nothing_to_export(skipped)
         dataset.save_to_disk(out, storage_options=storage.options)
         del dataset
     return counted["rows"]

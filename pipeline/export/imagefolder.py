@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from pipeline.export.images import copied, image_rows
+from pipeline.export.images import copied, image_rows, nothing_to_export
 from pipeline.export.labels import probe_columns, probe_values
 from pipeline.export.rows import RowSource
 from pipeline.export.storage import Storage, join, relative_paths
@@ -34,4 +34,6 @@ def write_imagefolder(source: RowSource, out: str, storage: Storage, *, root: st
             record.update(probe_values(row, columns, source.has_yes_prob))
             handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
             written += 1
+        if not written:
+            raise nothing_to_export(skipped)  # inside the block: no empty metadata.jsonl is published
     return written

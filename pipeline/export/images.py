@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
+from pipeline.export.errors import ExportError
 from pipeline.export.rows import ExportRow
 from pipeline.export.storage import Storage
 
@@ -45,3 +46,9 @@ def image_bytes(storage: Storage, uri: str, skipped: Counter) -> bytes | None:
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         skipped[UNREADABLE] += 1
         return None
+
+
+def nothing_to_export(skipped: Counter) -> ExportError:
+    """The error for a dataset export left with no image (an empty dataset no reader loads)."""
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "no rows"
+    return ExportError(f"no image to export ({why}); a dataset needs status=ok rows with readable images: check --status, --where, --probe")

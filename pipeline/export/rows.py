@@ -93,6 +93,10 @@ class RowSource:
     def count(self) -> int:
         return int(self._query(f"SELECT count(*) FROM image_rows WHERE {self._condition}", self._params)[0][0])
 
+    def total(self) -> int:
+        """Rows in the source, selected or not."""
+        return int(self._query("SELECT count(*) FROM image_rows", [])[0][0])
+
     def tree_uris(self) -> list[str]:
         """Every uri of the source, selected or not: what the mirrored tree's default root is computed from."""
         return [r[0] for r in self._query("SELECT uri FROM image_rows", [])]
