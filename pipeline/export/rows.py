@@ -16,7 +16,7 @@ Rows come back in uri order, in pages, so an export never holds every row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from pipeline.export.errors import ExportError
@@ -86,12 +86,11 @@ class RowSource:
     questions: tuple[str, ...]
     _query: Callable[[str, list], list[tuple]]
     _close: Callable[[], None]
-    _condition: str = "TRUE"
-    _params: list = field(default_factory=list)
+    _condition: str = "TRUE"  # a SQL condition on image_rows, built from constants only
     has_yes_prob: bool = False
 
     def count(self) -> int:
-        return int(self._query(f"SELECT count(*) FROM image_rows WHERE {self._condition}", self._params)[0][0])
+        return int(self._query(f"SELECT count(*) FROM image_rows WHERE {self._condition}", [])[0][0])
 
     def total(self) -> int:
         """Rows in the source, selected or not."""
@@ -102,7 +101,7 @@ class RowSource:
         return [r[0] for r in self._query("SELECT uri FROM image_rows", [])]
 
     def uris(self) -> list[str]:
-        return [r[0] for r in self._query(f"SELECT uri FROM image_rows WHERE {self._condition} ORDER BY id", self._params)]
+        return [r[0] for r in self._query(f"SELECT uri FROM image_rows WHERE {self._condition} ORDER BY id", [])]
 
     def rows(self, page: int = PAGE_ROWS) -> Iterator[ExportRow]:
         """Every selected row in uri order, fetched ``page`` rows at a time (keyset paging on id)."""
@@ -111,7 +110,7 @@ class RowSource:
         while True:
             batch = self._query(
                 f"SELECT {columns} FROM image_rows WHERE id > ? AND {self._condition} ORDER BY id LIMIT {int(page)}",
-                [last, *self._params],
+                [last],
             )
             for values in batch:
                 yield _row(dict(zip(_COLUMNS, values)))
@@ -145,12 +144,14 @@ def open_rows(*, index=None, parquet=None, selection: Selection = Selection(), s
     if selection.status != "any":
         cond = f"({cond}) AND status = ?"
         params = [*params, selection.status]
-    source._condition, source._params = cond, params
     try:
-        source.count()  # runs the --where once, so a bad expression fails here and not halfway through
+        # The filters run once, here (a bad --where fails before anything is
+        # written); paging then reads the selected ids, not the filters again.
+        source._query(f"CREATE TEMP TABLE export_selection AS SELECT id FROM image_rows WHERE {cond}", params)
     except ExportError:
         source.close()
         raise
+    source._condition = "id IN (SELECT id FROM export_selection)"
     return source
 
 
