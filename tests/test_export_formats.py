@@ -17,7 +17,7 @@ from pipeline.cli import main
 from pipeline.export.alt_text import alt_text
 from pipeline.search import build_index
 from tests.export_data import GENERATOR, LIBRARY, PERSON, PROBES, write_library
-from tests.search_data import ok_row, run_metadata, write_rows
+from tests.search_data import later, ok_row, run_metadata, write_rows
 
 pyexiv2 = pytest.importorskip("pyexiv2")
 
@@ -361,3 +361,20 @@ def test_a_dataset_with_no_image_left_is_an_error_not_an_empty_folder(library, t
     result = export(fmt, "--from", parquet, "--out", tmp_path / "ds", "--status", "error", exit_code=1)
     assert "no image to export (1 status error)" in result.output
     assert [p for p in (tmp_path / "ds").rglob("*") if p.is_file()] == []
+
+
+def test_from_a_part_file_folder_takes_the_newest_row_per_uri(library, tmp_path):
+    root, _, _ = library
+    run = run_metadata(probes=PROBES)
+    parts = tmp_path / "out"
+    parts.mkdir()
+    old = ok_row(str(root / "portrait.jpg"), "An old caption of a man.", ["yes", "blue"], [1, 0, 0, 0], run=run)
+    new = ok_row(str(root / "portrait.jpg"), "A new caption of a man.", ["yes", "blue"], [1, 0, 0, 0], run=run, at=later(5))
+    dog = ok_row(str(root / "beach/dog.jpg"), "A dog.", ["no", "blue"], [1, 0, 0, 0], run=run)
+    write_rows(parts / "part-a.parquet", [old, dog], run)
+    write_rows(parts / "part-b.parquet", [new], run)
+    write_rows(parts / ".part-c.parquet.tmp", [dog], run)  # a writer's temporary file: not part of the output
+    export("alt-text", "--from", f"{parts}/", "--out", tmp_path / "alt.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "alt.jsonl").read_text().splitlines()]
+    assert [(Path(r["uri"]).name, r["caption"]) for r in records] == [
+        ("dog.jpg", "A dog."), ("portrait.jpg", "A new caption of a man.")]
