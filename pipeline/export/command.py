@@ -58,7 +58,7 @@ Examples:
 @click.option("--dry-run", is_flag=True, help="xmp/txt: list which sidecars would be created, updated or kept; write nothing.")
 @click.option("--overwrite", is_flag=True, help="xmp/txt: replace existing text not written by captioner (a hand-edited .txt, someone's dc:description).")
 @click.option("--link", is_flag=True, help="imagefolder/coco: symlink the images instead of copying them (local images and --out only).")
-@click.option("--root", help="Folder (or bucket prefix) whose tree --out mirrors. [default: the deepest folder holding every exported image]")
+@click.option("--root", help="Folder (or bucket prefix) whose tree --out mirrors. [default: the deepest folder holding every image of the index or Parquet, selected or not]")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for bucket images, Parquet and --out (repeatable), e.g. endpoint_url=...")
 def export_command(format, index_path, parquet, out, in_place, where, probes, status, max_chars, sidecar_name, dry_run, overwrite, link, root, storage_options):
     """Write the captions of an index (or Parquet) as FORMAT files for other tools."""

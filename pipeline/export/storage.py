@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import posixpath
 import shutil
 from contextlib import contextmanager
 from typing import Iterable
@@ -160,8 +159,3 @@ class Storage:
 
     def display(self, location: str) -> str:
         return local_path(location) if is_local(location) else location
-
-
-def posix_stem(relative: str) -> str:
-    """'a/b/photo.jpg' -> 'a/b/photo'."""
-    return posixpath.splitext(relative)[0]
