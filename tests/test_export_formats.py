@@ -378,3 +378,12 @@ def test_from_a_part_file_folder_takes_the_newest_row_per_uri(library, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "alt.jsonl").read_text().splitlines()]
     assert [(Path(r["uri"]).name, r["caption"]) for r in records] == [
         ("dog.jpg", "A dog."), ("portrait.jpg", "A new caption of a man.")]
+
+
+def test_an_unreadable_existing_sidecar_stops_the_export_before_any_write(library, tmp_path):
+    _, parquet, _ = library
+    (tmp_path / "xmp/beach").mkdir(parents=True)
+    (tmp_path / "xmp/beach/dog.jpg.xmp").write_text("<x:xmpmeta><rdf:RDF")  # cut short
+    result = export("xmp", "--from", parquet, "--out", tmp_path / "xmp", exit_code=1)
+    assert "dog.jpg.xmp is not readable XMP" in result.output and "fix or move it" in result.output
+    assert [p.name for p in (tmp_path / "xmp").rglob("*.xmp")] == ["dog.jpg.xmp"]
