@@ -222,6 +222,28 @@ def test_more_like_this_uses_the_stored_embedding_without_re_embedding(service, 
     assert client.get("/api/images/987654/similar").status_code == 404
 
 
+def test_without_the_query_embedder_text_search_and_more_like_this_still_work(built, thumbs, ids, monkeypatch):
+    """Weights missing on the serving machine: the page offers text search, and similar images from stored vectors."""
+    from pipeline.search import SearchError
+
+    def missing(self):
+        raise SearchError("cannot load the embedder 'searchtest:map' that built this index: no weights")
+
+    monkeypatch.setattr(ImageIndex, "_build_embedder", missing)
+    db, _ = built
+    with ImageIndex.open(db) as index:
+        client = TestClient(create_app(IndexService(index), thumbs))
+        info = client.get("/api/info").json()
+        assert info["modes"] == ["text"] and info["default_mode"] == "text" and "no weights" in info["semantic_error"]
+        assert info["similar"] is True
+        assert names(client.get("/api/search", params={"q": "beach"}).json()["hits"]) == ["people_beach.jpg", "dog_beach.jpg"]
+        refused = client.get("/api/search", params={"q": "beach", "mode": "hybrid"})
+        assert refused.status_code == 400 and "no weights" in refused.json()["error"]
+        assert client.post("/api/search/image", content=_png((255, 0, 0))).status_code == 400
+        like = client.get(f"/api/images/{ids['cat_sofa.jpg']}/similar").json()
+        assert names(like["hits"])[:2] == ["cat_sofa.jpg", "dog_beach.jpg"]
+
+
 def _png(color, size=(8, 8)) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", size, color).save(out, "PNG")

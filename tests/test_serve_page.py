@@ -230,3 +230,25 @@ def test_search_by_an_uploaded_image_finds_that_image(server, browser, pipeline_
     first = browser.find_element(By.CSS_SELECTOR, ".card")
     assert first.get_attribute("title") == query
     assert float(first.find_element(By.CSS_SELECTOR, ".score").text) == pytest.approx(1.0, abs=2e-3)
+
+    # drag and drop: the page's own drop handler, fed a real File through DragEvents
+    dropped = browser.execute_script(
+        """
+        return (async (url) => {
+        const blob = await (await fetch(url)).blob();
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([blob], "dropped.jpg", {type: blob.type}));
+        const fire = (type) => document.body.dispatchEvent(
+            new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        fire("dragenter");
+        fire("dragover");
+        const shown = !document.getElementById("drop-zone").hidden;
+        fire("drop");
+        return [shown, document.getElementById("drop-zone").hidden];
+        })(arguments[0]);
+        """,
+        first.find_element(By.TAG_NAME, "img").get_attribute("src").replace("size=s", "size=l"),
+    )
+    assert dropped == [True, True]  # the drop zone showed while dragging, and went away on drop
+    _wait(browser, lambda d: "dropped.jpg" in d.find_element(By.ID, "source-text").text)
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card") and "dropped image" in d.find_element(By.ID, "status").text)

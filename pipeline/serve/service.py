@@ -126,6 +126,7 @@ class IndexService:
             "modes": self.modes,
             "default_mode": self.modes[0],
             "semantic_error": self.semantic_error,
+            "similar": bool(info.embedded_rows),  # "more like this" needs stored embeddings, not the embedder
             "probes": [f.to_dict() for f in self.facets],
             "confidence": self.has_confidence,
             "page_size": DEFAULT_PAGE,
@@ -170,8 +171,7 @@ class IndexService:
         return self._page(offset, limit, lambda k, **f: self.index.search(query, mode=mode, k=k, **f), filters)
 
     def similar(self, row_id: int, offset: int, limit: int, filters: Filters) -> Page:
-        """More like row ``row_id``: its stored embedding against every other."""
-        self._check_mode("semantic")
+        """More like row ``row_id``: its stored embedding against every other (works without the embedder)."""
         self.row(row_id)  # 404 before "no embedding"
         return self._page(offset, limit, lambda k, **f: self.index.search_similar(row_id, k, **f), filters)
 

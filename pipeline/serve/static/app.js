@@ -289,7 +289,7 @@
       if (value) facts.append(el("dt", { text: name }), el("dd", { text: value }));
     }
     const like = $("viewer-like");
-    like.disabled = !row.has_embedding || state.info.modes.indexOf("semantic") < 0;
+    like.disabled = !row.has_embedding || !state.info.similar;
     like.title = like.disabled ? "this image has no stored embedding" : "images nearest to this one's stored embedding";
   }
 
