@@ -12,6 +12,9 @@ from __future__ import annotations
 import csv
 import json
 
+import datasets
+import pycocotools.coco as coco_module
+import pyexiv2
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -20,9 +23,6 @@ from pipeline.cli import main
 from pipeline.export.alt_text import alt_text
 from tests.fixtures.images import make_jpegs
 
-pyexiv2 = pytest.importorskip("pyexiv2")
-datasets = pytest.importorskip("datasets")
-coco_module = pytest.importorskip("pycocotools.coco")
 
 PROBES = ["Is there a person in the image?", "What is the main object in the image?"]
 X = 'lang="x-default"'

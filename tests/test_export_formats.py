@@ -10,6 +10,7 @@ import csv
 import json
 from pathlib import Path
 
+import pyexiv2
 import pytest
 from click.testing import CliRunner
 
@@ -19,7 +20,6 @@ from pipeline.search import build_index
 from tests.export_data import GENERATOR, LIBRARY, PERSON, PROBES, write_library
 from tests.search_data import later, ok_row, run_metadata, write_rows
 
-pyexiv2 = pytest.importorskip("pyexiv2")
 
 
 def export(*args, exit_code=0):

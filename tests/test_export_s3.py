@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import datasets
+import pyexiv2
 import pytest
 from click.testing import CliRunner
 
@@ -15,8 +17,6 @@ from pipeline.cli import main
 from tests.export_data import LIBRARY, PROBES, library_files, library_rows
 from tests.search_data import run_metadata, write_rows
 
-pyexiv2 = pytest.importorskip("pyexiv2")
-datasets = pytest.importorskip("datasets")
 X = 'lang="x-default"'
 
 
