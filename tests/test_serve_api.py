@@ -401,26 +401,38 @@ def test_every_response_carries_the_security_headers(client):
 # -- the command ---------------------------------------------------------------------------------
 
 
+class FakeUvicorn(list):
+    """Stands in for uvicorn.run: records (app, kwargs) and runs ``while_serving(client)`` before "stopping"."""
+
+    while_serving = None
+
+    def run(self, app, **kwargs):
+        self.append((app, kwargs))
+        if self.while_serving:
+            self.while_serving(TestClient(app, base_url=f"http://{kwargs['host']}:{kwargs['port']}"))
+
+
 @pytest.fixture()
 def fake_uvicorn(monkeypatch):
     import uvicorn
 
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
-    return calls
+    fake = FakeUvicorn()
+    monkeypatch.setattr(uvicorn, "run", fake.run)
+    return fake
 
 
 def test_serve_binds_loopback_port_8000_by_default(built, fake_uvicorn, tmp_path):
     from pipeline.cli import main
 
     db, _ = built
+    seen = []
+    fake_uvicorn.while_serving = lambda client: seen.append(client.get("/api/search", params={"q": "beach"}).json())
     result = CliRunner().invoke(main, ["serve", "--index", str(db), "--thumb-cache", str(tmp_path / "t")])
     assert result.exit_code == 0, result.output
     (app, kwargs), = fake_uvicorn
     assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 8000)
     assert "http://127.0.0.1:8000/" in result.output and "warning" not in result.output
-    client = TestClient(app, base_url="http://127.0.0.1:8000")
-    assert client.get("/api/info").json()["searchable_rows"] == 5
+    assert len(seen[0]["hits"]) == 5  # default mode hybrid, embedder loaded from the index's spec
 
 
 def test_serve_warns_when_not_bound_to_loopback(built, fake_uvicorn, tmp_path):
@@ -439,3 +451,34 @@ def test_serve_without_an_index_says_how_to_build_one(tmp_path, fake_uvicorn):
 
     result = CliRunner().invoke(main, ["serve", "--index", str(tmp_path / "none.duckdb")])
     assert result.exit_code == 1 and "captioner index" in result.output and not fake_uvicorn
+
+
+def test_thumbnails_of_bucket_images_through_the_storage_option(s3_bucket, tmp_path, fake_uvicorn):
+    """Originals in S3 (moto on loopback), reached with `captioner serve --storage-option endpoint_url=...`."""
+    from pipeline.cli import main
+    from tests.fixtures.images import oriented_jpeg
+    from tests.search_data import ok_row, run_metadata, write_rows
+
+    s3_bucket.put("photos/turned.jpg", oriented_jpeg(6))
+    run = run_metadata()
+    rows = [
+        ok_row(s3_bucket.url("photos/turned.jpg"), "a turned picture", ["no", "no car"], [1, 0, 0, 0], run=run),
+        ok_row(s3_bucket.url("photos/gone.jpg"), "a deleted picture", ["no", "no car"], [0, 1, 0, 0], run=run),
+    ]
+    write_rows(tmp_path / "captions.parquet", rows, run)
+    build_index([tmp_path / "captions.parquet"], tmp_path / "index.duckdb")
+    def while_serving(client):
+        ids = {uri: i for i, uri in client.app.state.service.index.sql("SELECT id, uri FROM image_rows").rows}
+        turned = client.get(f"/api/images/{ids[s3_bucket.url('photos/turned.jpg')]}/thumb")
+        assert turned.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(turned.content)).size == (96, 48)  # EXIF orientation applied
+        gone = client.get(f"/api/images/{ids[s3_bucket.url('photos/gone.jpg')]}/thumb")
+        assert gone.status_code == 200 and gone.headers["x-thumbnail"] == "placeholder"
+        checked.append(True)
+
+    checked = []
+    fake_uvicorn.while_serving = while_serving
+    result = CliRunner().invoke(main, ["serve", "--index", str(tmp_path / "index.duckdb"), *s3_bucket.cli_options])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert checked == [True]
+    assert len(list((tmp_path / "index.duckdb.thumbs").rglob("*.jpg"))) == 1  # cached beside the index by default

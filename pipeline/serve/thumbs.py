@@ -72,6 +72,10 @@ class ThumbnailCache:
         # however many requests the server's thread pool lets in.
         self._decoders = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
         self._total = self._scan_total() if self.root else 0
+        # Use order of the entries touched by this process (file mtimes are too
+        # coarse to order requests milliseconds apart); older entries by mtime.
+        self._used: dict[Path, int] = {}
+        self._clock = 0
         self.generated = 0  # thumbnails decoded from originals since start (for the bench and tests)
 
     @staticmethod
@@ -140,10 +144,16 @@ class ThumbnailCache:
         path = self._path(key)
         try:
             data = path.read_bytes()
-            os.utime(path)  # recently used: last to be evicted
+            os.utime(path)  # recently used, for the next process too
         except OSError:
             return None
+        self._touch(path)
         return Thumbnail(data, _etag(key))
+
+    def _touch(self, path: Path) -> None:
+        with self._lock:
+            self._clock += 1
+            self._used[path] = self._clock
 
     def _write(self, key: str, data: bytes) -> None:
         if self.root is None:
@@ -158,6 +168,7 @@ class ThumbnailCache:
         except OSError as exc:
             log.warning("cannot cache thumbnail %s: %s", path, exc)
             return
+        self._touch(path)
         with self._lock:
             self._total += len(data)
             over = self._total > self.max_bytes
@@ -188,7 +199,10 @@ class ThumbnailCache:
 
     def _evict(self) -> None:
         with self._lock:
-            entries = sorted(self._entries())  # oldest first
+            entries = self._entries()
+            # Least recently used first: entries this process never touched (by
+            # mtime), then the ones it did, in the order it last used them.
+            entries.sort(key=lambda e: (1, self._used[e[2]], 0.0) if e[2] in self._used else (0, 0, e[0]))
             total = sum(size for _, size, _ in entries)
             target = self.max_bytes * _LOW_WATER
             for _, size, path in entries:
@@ -198,6 +212,7 @@ class ThumbnailCache:
                     path.unlink()
                 except OSError:
                     continue
+                self._used.pop(path, None)
                 total -= size
             self._total = total
 
