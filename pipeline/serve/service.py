@@ -108,6 +108,14 @@ class IndexService:
                 self.semantic_error = f"semantic search is unavailable: {exc}"
         self.has_confidence = has_yes_prob(self._probes_type())
         self.facets = self._facets()
+        self._load_vector_index()
+
+    def _load_vector_index(self) -> None:
+        """Run one nearest-neighbour query now: the HNSW graph loads on first use (5 s at 100k rows)."""
+        if self.index.info.hnsw:
+            first = self._sql("SELECT min(id) FROM embeddings").rows[0][0]
+            if first is not None:
+                self.index.search_similar(first, 1)
 
     # -- what the index offers ---------------------------------------------------
 
