@@ -31,7 +31,7 @@ LIBRARY = {
         "yellow spades beside them and a striped umbrella planted in the sand behind them.",
         "yes", "clear blue", (48, 64), "JPEG",
     ),
-    "city/street.png": (
+    "city/night café street.png": (
         'In this image, we can see a busy street at night with a neon sign that says "OPEN 24 HRS". '
         "Cars pass by.",
         "yes", "dark", (40, 30), "PNG",

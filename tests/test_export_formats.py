@@ -86,7 +86,7 @@ def test_alt_text_csv_and_jsonl_are_keyed_by_uri_and_marked_machine_generated(li
     assert list(rows[0]) == ["uri", "alt_text", "caption", "machine_generated", "generator"]
     by_uri = {r["uri"]: r for r in rows}
     assert by_uri[str(root / "beach/dog.jpg")]["alt_text"] == "A brown dog running along a sandy beach at low tide."
-    assert by_uri[str(root / "city/street.png")]["alt_text"] == 'A busy street at night with a neon sign that says "OPEN 24 HRS".'
+    assert by_uri[str(root / "city/night café street.png")]["alt_text"] == 'A busy street at night with a neon sign that says "OPEN 24 HRS".'
     assert by_uri[str(root / "portrait.jpg")]["alt_text"] == "An elderly man with a white beard smiling at the camera."
     family = by_uri[str(root / "beach/family.jpg")]
     assert len(family["alt_text"]) <= 125 and family["alt_text"].endswith("…")
@@ -125,8 +125,8 @@ def test_xmp_sidecars_carry_caption_alt_text_and_the_machine_marker(library, tmp
     root, _, index = library
     result = export("xmp", "--index", index, "--out", tmp_path / "xmp")
     assert "4 created, 0 updated, 0 kept" in result.output
-    fields = read_xmp(tmp_path / "xmp/city/street.png.xmp")  # mirrors the source folders
-    caption = " ".join(LIBRARY["city/street.png"][0].split())
+    fields = read_xmp(tmp_path / "xmp/city/night café street.png.xmp")  # mirrors the source folders
+    caption = " ".join(LIBRARY["city/night café street.png"][0].split())
     assert fields["Xmp.dc.description"] == {X: caption}
     assert fields["Xmp.iptc.AltTextAccessibility"] == {X: alt_text(caption)}
     assert fields["Xmp.iptc.ExtDescrAccessibility"] == {X: caption}
@@ -198,7 +198,7 @@ def test_xmp_in_place_with_stem_names_and_collisions(library, tmp_path):
     images.mkdir()
     for rel in ("beach/dog.jpg", "portrait.jpg"):
         (images / Path(rel).name).write_bytes((root / rel).read_bytes())
-    (images / "portrait.png").write_bytes((root / "city/street.png").read_bytes())
+    (images / "portrait.png").write_bytes((root / "city/night café street.png").read_bytes())
     run = run_metadata(probes=PROBES)
     rows = [
         ok_row(str(images / name), f"A photo named {name}.", ["no", "blue"], [1, 0, 0, 0], run=run)
@@ -225,7 +225,7 @@ def test_txt_sidecars_mirror_the_tree_and_keep_hand_edits(library, tmp_path):
     result = export("txt", "--from", parquet, "--out", out)
     assert "3 created, 0 updated, 1 kept" in result.output
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.txt")) == [
-        "beach/dog.txt", "beach/family.txt", "city/street.txt", "portrait.txt"]
+        "beach/dog.txt", "beach/family.txt", "city/night café street.txt", "portrait.txt"]
     assert (out / "beach/dog.txt").read_text() == "hand-tuned caption"
     assert (out / "portrait.txt").read_text(encoding="utf-8") == LIBRARY["portrait.jpg"][0]
     export("txt", "--from", parquet, "--out", out, "--overwrite")
@@ -236,9 +236,9 @@ def test_txt_in_place_writes_beside_the_images(library, tmp_path):
     root, _, index = library
     export("txt", "--index", index, "--in-place", "--where", "uri LIKE '%street%'")
     try:
-        assert (root / "city/street.txt").read_text(encoding="utf-8").startswith("In this image, we can see")
+        assert (root / "city/night café street.txt").read_text(encoding="utf-8").startswith("In this image, we can see")
     finally:
-        (root / "city/street.txt").unlink()
+        (root / "city/night café street.txt").unlink()
 
 
 # -- image trees ------------------------------------------------------------------
