@@ -381,3 +381,15 @@ def test_an_unreadable_existing_sidecar_stops_the_export_before_any_write(librar
     result = export("xmp", "--from", parquet, "--out", tmp_path / "xmp", exit_code=1)
     assert "dog.jpg.xmp is not readable XMP" in result.output and "fix or move it" in result.output
     assert [p.name for p in (tmp_path / "xmp").rglob("*.xmp")] == ["dog.jpg.xmp"]
+
+
+def test_mirrored_paths_never_leave_the_output_folder():
+    from pipeline.export.errors import ExportError
+    from pipeline.export.storage import relative_paths
+
+    uris = ["s3://b/photos/a/x.jpg", "s3://b/photos/y.jpg"]
+    assert relative_paths(uris) == {"s3://b/photos/a/x.jpg": "a/x.jpg", "s3://b/photos/y.jpg": "y.jpg"}
+    assert relative_paths(uris, "s3://b/") == {"s3://b/photos/a/x.jpg": "photos/a/x.jpg", "s3://b/photos/y.jpg": "photos/y.jpg"}
+    with pytest.raises(ExportError, match=r"'\.\.' path segment"):
+        relative_paths(["s3://b/photos/../../escape.jpg", "s3://b/photos/y.jpg"])
+    assert relative_paths(["/data/p/../q/z.jpg"]) == {"/data/p/../q/z.jpg": "z.jpg"}  # local paths are normalised first

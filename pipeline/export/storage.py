@@ -61,7 +61,11 @@ def _parts(uri: str) -> list[str]:
     if is_local(uri):
         return [p for p in local_path(uri).split(os.sep) if p]
     protocol, rest = uri.split("://", 1)
-    return [protocol + ":"] + [p for p in rest.split("/") if p]
+    parts = [p for p in rest.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        # A bucket key may legally hold "..": mirrored into a local --out it would climb out of it.
+        raise ExportError(f"{uri}: a '.' or '..' path segment cannot be mirrored into --out; rename the object or leave it out with --where")
+    return [protocol + ":"] + parts
 
 
 def _common_folder(all_parts: list[list[str]]) -> list[str]:
