@@ -137,6 +137,10 @@ def _wait(driver, condition, timeout=20, message=""):
     return WebDriverWait(driver, timeout).until(condition, message)
 
 
+# read in one go: the grid may be replaced between two WebDriver calls
+CARD_TITLES = "return [...document.querySelectorAll('.card')].map(c => c.title);"
+
+
 def _images_loaded(driver, selector) -> bool:
     return driver.execute_script(
         "const imgs = [...document.querySelectorAll(arguments[0])];"
@@ -213,6 +217,22 @@ def test_search_open_an_image_and_more_like_this(server, browser, pipeline_index
     _wait(browser, lambda d: viewer.is_displayed())
     browser.switch_to.active_element.send_keys(Keys.ESCAPE)
     _wait(browser, lambda d: not viewer.is_displayed())
+
+    # a probe filter re-runs the search: every result then has that answer
+    from selenium.webdriver.support.ui import Select
+
+    probe = rows[target]["probes"][0]
+    box = browser.find_element(By.CSS_SELECTOR, ".probe-filter")
+    if box.get_attribute("data-kind") == "bool":
+        value = "yes" if probe["answer_bool"] else "no"
+        box.find_element(By.CSS_SELECTOR, f"input[value='{value}'] + span").click()
+        expected = sorted(u for u, r in rows.items() if r["probes"][0]["answer_bool"] is probe["answer_bool"])
+    else:  # an open question: the tiny captioner's answers are random words
+        value = probe["answer"].strip().lower()
+        Select(box.find_element(By.TAG_NAME, "select")).select_by_value(value)
+        expected = sorted(u for u, r in rows.items() if r["probes"][0]["answer"].strip().lower() == value)
+    _wait(browser, lambda d: sorted(d.execute_script(CARD_TITLES)) == expected,
+          message=f"the filter {probe['question']}={value} did not narrow the results to {expected}")  # fmt: skip
 
 
 def test_search_by_an_uploaded_image_finds_that_image(server, browser, pipeline_index):

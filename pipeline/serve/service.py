@@ -25,7 +25,8 @@ MAX_RESULTS = 1000
 DEFAULT_PAGE = 48
 # A probe counts as a yes/no question when most of its answers parse as yes/no.
 _BOOL_SHARE = 0.5
-# Distinct answers offered as filter choices for an open (non yes/no) question.
+# Distinct answers offered as filter choices for an open (non yes/no) question
+# (answers holding '=' are left out: a probe filter reads "QUESTION=ANSWER").
 _CHOICES = 12
 # yes_prob: the probability of "yes" a schema may carry per probe answer. Only
 # a floating-point field counts; any other type is ignored.
@@ -164,7 +165,7 @@ class IndexService:
                 continue
             answers = self._sql(
                 "SELECT lower(trim(p.answer)) AS a FROM (SELECT unnest(probes) AS p FROM image_rows WHERE status = 'ok') "
-                "WHERE p.question = ? AND p.answer IS NOT NULL AND trim(p.answer) <> '' "
+                "WHERE p.question = ? AND trim(p.answer) <> '' AND NOT contains(p.answer, '=') "
                 f"GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT {_CHOICES}",
                 [question],
             ).rows
