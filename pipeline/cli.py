@@ -6,6 +6,7 @@ to the job; nothing here knows about Ray, models or Parquet internals.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -19,6 +20,7 @@ from pipeline.config import (
     ConfigError,
     RunConfig,
     load_config_file,
+    load_run_config,
     with_overrides,
 )
 
@@ -27,15 +29,20 @@ RUN_EXAMPLES = """
 Examples:
   captioner run ./photos --out captions.parquet
   captioner run ./photos --out out/ --probes my_probes.yaml --caption-length short
+  captioner run ./photos --out probes.parquet --no-caption --no-embed      # probe answers only
   captioner run s3://bucket/photos --out s3://bucket/captions/ --storage-option endpoint_url=http://127.0.0.1:9000
   captioner run ./photos --out captions.parquet --caption-model ./models/moondream2 --device cuda
-  captioner run ./photos --out captions.parquet --address ray://head:10001   # an existing cluster
+  captioner run ./photos --out captions.parquet --address 10.0.0.5:6379   # an existing Ray cluster
+  captioner run --config captions.config.json                             # rerun a saved config
 
 \b
-Re-running into the same --out skips images already captioned with the same
-models and probes, retries the ones that failed, and never duplicates a row.
-Images that cannot be decoded become rows with status=error; the exit code is
-non-zero only when the run itself fails (Ray, storage, missing weights).
+Re-running into the same --out skips images already done with the same
+models and probes and never duplicates a row. It retries images whose file
+changed and failures that can change (missing, unreadable, model errors);
+--retry-errors also retries files that were not images, truncated or too
+large. Images that cannot be decoded become rows with status=error; the
+exit code is non-zero only when the run itself fails (Ray, storage, missing
+weights). Ctrl-C keeps every committed row; the same command resumes.
 """
 
 PROBE_FILE_FIX = (
@@ -73,8 +80,8 @@ def _parse_storage_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ..
 
 
 @main.command(epilog=RUN_EXAMPLES)
-@click.argument("source")
-@click.option("--out", "output", required=True, help="Output: a .parquet file, or a directory (local or bucket URL) for part files.")
+@click.argument("source", required=False)
+@click.option("--out", "output", help="Output: a .parquet file, or a directory (local or bucket URL) for part files. [required unless --config has it]")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON config file; flags override it.")
 @click.option("--caption-model", help=f"Caption backend: moondream2[@REV], transformers:HUB_ID[@REV], or a local model directory PATH. [default: {DEFAULT_CAPTION_MODEL}]")
 @click.option("--embed-model", help=f"Embedder: open_clip:NAME[@PRETRAINED], open_clip:NAME@/path/ckpt.pt, or a local open_clip directory. [default: {DEFAULT_EMBED_MODEL}]")
@@ -85,51 +92,34 @@ def _parse_storage_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ..
 @click.option("--device", type=click.Choice(DEVICES), help="Where models run; auto picks CUDA when the cluster has GPUs. [default: auto]")
 @click.option("--address", help="Address of a running Ray cluster (ray start --head). [default: start an embedded local Ray]")
 @click.option("--limit", type=int, help="Process only the first N images of the sorted listing.")
-@click.option("--no-caption", is_flag=True, help="Skip captioning and probes; embeddings only.")
+@click.option("--no-caption", is_flag=True, help="Write no caption; the probes are still asked (add --no-probes to skip the caption model).")
+@click.option("--no-probes", is_flag=True, help="Ask no probe questions.")
 @click.option("--no-embed", is_flag=True, help="Skip the image embedding; captions and probes only.")
+@click.option("--retry-errors", is_flag=True, help="Also retry images that failed for a permanent reason (not an image, truncated, too large). Missing, unreadable, model errors and changed files are always retried.")
 @click.option("--max-pixels", type=int, help="Refuse images larger than this many pixels (decompression-bomb guard). [default: 100000000]")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for bucket sources/outputs (repeatable), e.g. endpoint_url=..., anon=true.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output made with other models or probes instead of refusing.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
-def run(source, output, config_file, probes_file, storage_options, no_caption, no_embed, no_progress, **flags) -> None:
+def run(source, output, config_file, probes_file, storage_options, no_caption, no_probes, no_embed, no_progress, **flags) -> None:
     """Caption, probe and embed every image under SOURCE into Parquet.
 
     SOURCE is a local folder (searched recursively), a single image, or an
-    fsspec URL such as s3://bucket/prefix or gs://bucket/prefix.
+    fsspec URL such as s3://bucket/prefix or gs://bucket/prefix. SOURCE and
+    --out may come from --config instead (e.g. the config a run saved beside
+    its output: `captioner run --config captions.config.json` reruns it).
     """
     from jobs.caption_job import RayUnavailable, run_job
+    from jobs.run import RunInterrupted
     from pipeline.output import OutputError
     from pipeline.probes import ProbeFileError, default_probes, load_probes
     from pipeline.sources import SourceError
 
     try:
-        data = load_config_file(config_file) if config_file else {}
-        base = RunConfig.from_dict({**data, "source": source, "output": output})
-        probes = load_probes(probes_file) if probes_file else None
-        if probes is None and not base.caption.probes:
-            probes = default_probes()
-        config = with_overrides(
-            base,
-            {
-                "source": source,
-                "output": output,
-                "device": flags["device"],
-                "limit": flags["limit"],
-                "overwrite": True if flags["overwrite"] else None,
-                "storage_options": _parse_storage_options(storage_options),
-                "caption.model": flags["caption_model"],
-                "caption.length": flags["caption_length"],
-                "caption.batch_size": flags["batch_size"],
-                "caption.probes": probes,
-                "caption.enabled": False if no_caption else None,
-                "embed.model": flags["embed_model"],
-                "embed.batch_size": flags["embed_batch_size"],
-                "embed.enabled": False if no_embed else None,
-                "decode.max_pixels": flags["max_pixels"],
-                "ray.address": flags["address"],
-            },
-        )
+        config = _run_config(source, output, config_file, probes_file, storage_options, no_caption, no_probes, no_embed, flags)
         summary = run_job(config, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
+    except RunInterrupted as exc:
+        click.echo(f"\ncaptioner: {exc}", err=True)
+        sys.exit(130)
     except ProbeFileError as exc:
         raise click.ClickException(f"{exc}. {PROBE_FILE_FIX}") from exc
     except (ConfigError, SourceError, OutputError, RayUnavailable) as exc:
@@ -138,6 +128,57 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
         _raise_model_unavailable(exc)
         raise
     click.echo("\n".join(summary.lines()))
+
+
+def _run_config(source, output, config_file, probes_file, storage_options, no_caption, no_probes, no_embed, flags) -> RunConfig:
+    """The config file (its paths relative to its folder), then the flags (relative to here)."""
+    from pipeline.probes import default_probes, load_probes
+
+    top = {key: _cwd_path(value) for key, value in (("source", source), ("output", output)) if value}
+    file_data = load_config_file(config_file) if config_file else {}
+    for key, usage in (("source", "SOURCE"), ("output", "--out PATH")):
+        if key not in top and key not in file_data:
+            raise ConfigError(f"no {key} given: pass {usage} (or set {key} in --config)")
+    if config_file:
+        base = load_run_config(config_file, **top)
+        probes_in_file = "probes" in (file_data.get("caption") or {})
+    else:
+        base = RunConfig.from_dict(top)
+        probes_in_file = False
+    if no_probes:
+        probes = ()
+    elif probes_file:
+        probes = load_probes(probes_file)
+    else:
+        probes = None if probes_in_file else default_probes()
+    return with_overrides(
+        base,
+        {
+            "device": flags["device"],
+            "limit": flags["limit"],
+            "overwrite": True if flags["overwrite"] else None,
+            "retry_errors": True if flags["retry_errors"] else None,
+            "storage_options": _parse_storage_options(storage_options),
+            "caption.model": flags["caption_model"],
+            "caption.length": flags["caption_length"],
+            "caption.batch_size": flags["batch_size"],
+            "caption.probes": probes,
+            "caption.enabled": False if no_caption else None,
+            "embed.model": flags["embed_model"],
+            "embed.batch_size": flags["embed_batch_size"],
+            "embed.enabled": False if no_embed else None,
+            "decode.max_pixels": flags["max_pixels"],
+            "ray.address": flags["address"],
+        },
+    )
+
+
+def _cwd_path(text: str) -> str:
+    """A local path made absolute against the current directory (a trailing '/' kept); URLs as given."""
+    if "://" in text:
+        return text
+    absolute = os.path.abspath(os.path.expanduser(text))
+    return absolute + "/" if text.endswith(("/", os.sep)) else absolute
 
 
 def _raise_model_unavailable(exc: BaseException) -> None:

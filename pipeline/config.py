@@ -1,19 +1,26 @@
-"""One validated config tree for a run.
+"""One validated, typed config tree for a run.
 
-Everything a run needs is a frozen dataclass, checked on the driver before Ray
-starts (``RunConfig.validate``). A YAML/JSON config file gives the base values,
-CLI flags override them, and the resolved tree is saved beside the output.
+Everything a run needs is a frozen pydantic model, type-checked and
+value-checked when it is built, on the driver, before Ray starts. A YAML/JSON
+config file gives the base values, CLI flags override them, and the resolved
+tree (absolute paths) is saved beside the output so that it reruns from any
+directory.
+
+Types are checked strictly: YAML reads ``1e8`` as a string, and a string is
+not silently taken for a number; a single string is not taken for a list of
+probe questions. Probe questions from any origin go through one validator
+(``pipeline.probes.validate_questions``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 # The pinned Moondream 2 release: hub tags of vikhyatk/moondream2 are dates.
 MOONDREAM_REPO = "vikhyatk/moondream2"
@@ -27,117 +34,162 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif",
 )
 
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+# Strict floats still accept ints (``model_actor_cpus: 2``), never strings.
+PositiveFloat = Annotated[float, Field(gt=0, strict=True)]
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message says which and how to fix it."""
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class DecodeConfig(_Section):
     # Refuse images above this many pixels before decoding them (decompression bombs).
-    max_pixels: int = 100_000_000
+    max_pixels: PositiveInt = 100_000_000
     # Models never need more than this; decoded images are downscaled to it so a
     # batch of 12 MP photos does not occupy gigabytes between stages.
-    model_max_side: int = 1024
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    model_max_side: Annotated[StrictInt, Field(ge=32)] = 1024
+    extensions: tuple[StrictStr, ...] = IMAGE_EXTENSIONS
 
-    def validate(self) -> None:
-        if self.max_pixels < 1:
-            raise ConfigError(f"decode.max_pixels must be positive, got {self.max_pixels}")
-        if self.model_max_side < 32:
-            raise ConfigError(f"decode.model_max_side must be at least 32, got {self.model_max_side}")
-        for ext in self.extensions:
+    @field_validator("extensions")
+    @classmethod
+    def _dotted(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for ext in value:
             if not ext.startswith("."):
-                raise ConfigError(f"decode.extensions entries start with '.', got {ext!r}")
+                raise ValueError(f"entries start with '.', got {ext!r}")
+        return tuple(ext.lower() for ext in value)
 
 
-@dataclass(frozen=True)
-class CaptionConfig:
-    enabled: bool = True
-    model: str = DEFAULT_CAPTION_MODEL
-    length: str = "normal"
-    probes: tuple[str, ...] = ()
-    batch_size: int = 8
-    max_new_tokens: int = 64
-    answer_max_new_tokens: int = 16
+class CaptionConfig(_Section):
+    # Write a caption per image. Probes are asked whenever there are any, with
+    # or without a caption (``--no-caption`` keeps them; ``--no-probes`` drops them).
+    enabled: StrictBool = True
+    model: StrictStr = DEFAULT_CAPTION_MODEL
+    length: StrictStr = "normal"
+    probes: tuple[StrictStr, ...] = ()
+    batch_size: PositiveInt = 8
+    max_new_tokens: PositiveInt = 64
+    answer_max_new_tokens: PositiveInt = 16
 
-    def validate(self) -> None:
-        if self.length not in CAPTION_LENGTHS:
-            raise ConfigError(f"caption.length must be one of {', '.join(CAPTION_LENGTHS)}, got {self.length!r}")
-        for name in ("batch_size", "max_new_tokens", "answer_max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"caption.{name} must be at least 1, got {getattr(self, name)}")
-        if not self.model:
-            raise ConfigError("caption.model is empty; pass --caption-model NAME or PATH")
+    @field_validator("length")
+    @classmethod
+    def _known_length(cls, value: str) -> str:
+        if value not in CAPTION_LENGTHS:
+            raise ValueError(f"must be one of {', '.join(CAPTION_LENGTHS)}, got {value!r}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; pass --caption-model NAME or PATH")
+        return value.strip()
+
+    @field_validator("probes")
+    @classmethod
+    def _valid_probes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from pipeline.probes import ProbeFileError, validate_questions
+
+        try:
+            return validate_questions(list(value), "caption.probes")
+        except ProbeFileError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @property
+    def runs_model(self) -> bool:
+        """Whether the caption model has anything to do: a caption, probes, or both."""
+        return self.enabled or bool(self.probes)
 
 
-@dataclass(frozen=True)
-class EmbedConfig:
-    enabled: bool = True
-    model: str = DEFAULT_EMBED_MODEL
-    batch_size: int = 32
+class EmbedConfig(_Section):
+    enabled: StrictBool = True
+    model: StrictStr = DEFAULT_EMBED_MODEL
+    batch_size: PositiveInt = 32
 
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"embed.batch_size must be at least 1, got {self.batch_size}")
-        if not self.model:
-            raise ConfigError("embed.model is empty; pass --embed-model NAME or PATH")
+    @field_validator("model")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; pass --embed-model NAME or PATH")
+        return value.strip()
 
 
-@dataclass(frozen=True)
-class RayConfig:
+class RayConfig(_Section):
     # None: start an embedded local Ray; else the address of a running cluster.
-    address: str | None = None
-    caption_actors: int = 1
-    embed_actors: int = 1
-    # CPUs reserved per model actor when running on CPU, and per decode task.
-    model_actor_cpus: float = 1.0
-    decode_cpus: float = 0.5
+    address: StrictStr | None = None
+    caption_actors: PositiveInt = 1
+    embed_actors: PositiveInt = 1
+    # Logical CPUs reserved per model actor on CPU, and per decode task. None
+    # (the default) lets the plan fit the cluster it is given; a number is
+    # taken as asked, and a run that cannot fit is refused.
+    model_actor_cpus: PositiveFloat | None = None
+    decode_cpus: PositiveFloat | None = None
     # GPU share per model actor when running on CUDA (caption and embed share a card).
-    caption_gpus: float = 0.5
-    embed_gpus: float = 0.5
-    decode_batch_size: int = 16
-
-    def validate(self) -> None:
-        for name in ("caption_actors", "embed_actors", "decode_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ray.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("model_actor_cpus", "decode_cpus", "caption_gpus", "embed_gpus"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ray.{name} must be positive, got {getattr(self, name)}")
+    caption_gpus: PositiveFloat = 0.5
+    embed_gpus: PositiveFloat = 0.5
+    decode_batch_size: PositiveInt = 16
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    source: str
-    output: str
-    device: str = "auto"
-    limit: int | None = None
-    overwrite: bool = False
+class RunConfig(_Section):
+    source: StrictStr
+    output: StrictStr
+    device: StrictStr = "auto"
+    limit: Annotated[StrictInt, Field(ge=0)] | None = None
+    overwrite: StrictBool = False
+    # Rerun files that failed for a permanent reason (not an image, truncated...).
+    retry_errors: StrictBool = False
     # Rows are committed to the output every this many images, so a crash loses
     # at most one part's worth of work.
-    rows_per_part: int = 1000
-    storage_options: tuple[tuple[str, str], ...] = ()
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    rows_per_part: PositiveInt = 1000
+    storage_options: tuple[tuple[StrictStr, StrictStr], ...] = ()
+    decode: DecodeConfig = DecodeConfig()
+    caption: CaptionConfig = CaptionConfig()
+    embed: EmbedConfig = EmbedConfig()
+    ray: RayConfig = RayConfig()
 
-    def validate(self) -> "RunConfig":
-        if not self.source:
-            raise ConfigError("no source given: captioner run SOURCE --out PATH")
-        if not self.output:
-            raise ConfigError("no output given: pass --out captions.parquet (a file) or --out DIR/ (part files)")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.limit is not None and self.limit < 0:
-            raise ConfigError(f"limit must be >= 0, got {self.limit}")
-        if self.rows_per_part < 1:
-            raise ConfigError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
-        if not self.caption.enabled and not self.embed.enabled:
-            raise ConfigError("both --no-caption and --no-embed given: there would be nothing to compute")
-        for part in (self.decode, self.caption, self.embed, self.ray):
-            part.validate()
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _options_mapping(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in DEVICES:
+            raise ValueError(f"must be one of {', '.join(DEVICES)}, got {value!r}")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _has_source(cls, value: str) -> str:
+        if not value:
+            raise ValueError("is empty: captioner run SOURCE --out PATH")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _has_output(cls, value: str) -> str:
+        if not value:
+            raise ValueError("is empty: pass --out captions.parquet (a file) or --out DIR/ (part files)")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_compute(self) -> "RunConfig":
+        if not self.caption.runs_model and not self.embed.enabled:
+            raise ValueError(
+                "there would be nothing to compute: no caption, no probes and no embedding "
+                "(drop --no-caption, --no-probes or --no-embed)"
+            )
+        return self
+
+    def validate(self) -> "RunConfig":  # type: ignore[override]
+        """Every check ran when the model was built; kept so callers can say what they mean."""
         return self
 
     @property
@@ -148,39 +200,108 @@ class RunConfig:
         return dict(self.storage_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return json.loads(self.model_dump_json())
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        return _build(cls, data, "config")
+    def from_dict(cls, data: dict[str, Any], *, base_dir: str | Path | None = None) -> "RunConfig":
+        """Build and check a config; relative local paths are taken relative to ``base_dir`` (default: cwd)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc)) from None
+        return absolute_paths(config, base_dir)
 
 
-def _build(cls, data: Any, where: str):
-    """Build a (nested) frozen dataclass from plain data, rejecting unknown keys."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        elif isinstance(value, dict) and name == "storage_options":
-            kwargs[name] = tuple(sorted((str(k), str(v)) for k, v in value.items()))
-        else:
-            kwargs[name] = value
+def _explain(exc: ValidationError) -> str:
+    """One line per problem, naming the dotted key and, for strings that look like numbers, the fix."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"] if not isinstance(part, int) or len(error["loc"]) == 1)
+        where = where or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key; valid keys here: {', '.join(_keys_at(error['loc'][:-1]))}"
+        elif isinstance(value, str) and error["type"].startswith(("int", "float")):
+            message += f", got the string {value!r}"
+            if _looks_numeric(value):
+                message += " (YAML reads forms like 1e8 as text: write the digits, e.g. 100000000)"
+        elif error["type"] in ("tuple_type", "list_type") and isinstance(value, str):
+            message = f"must be a list, got the single string {value!r}; write it as a YAML list (- item)"
+        elif value is not None and "type" in error["type"] and not isinstance(value, (dict, list)):
+            message += f", got {type(value).__name__} {value!r}"
+        lines.append(f"{where}: {message}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _looks_numeric(text: str) -> bool:
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+# ---- paths ---------------------------------------------------------------------
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text
+
+
+def _absolute(text: str, base: Path) -> str:
+    # normpath, not resolve: keep the path the user named (a symlinked model
+    # folder stays the link), only anchored.
+    path = Path(os.path.expanduser(text))
+    return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+def _absolute_model(spec: str, base: Path) -> str:
+    """Make the local-path parts of a model spec absolute; hub names are left alone."""
+    def exists(text: str) -> bool:
+        return bool(text) and not _is_url(text) and Path(_absolute(text, base)).exists()
+
+    if exists(spec):
+        return _absolute(spec, base)
+    backend, sep, rest = spec.partition(":")
+    if sep and not _is_url(spec):
+        if exists(rest):
+            return f"{backend}:{_absolute(rest, base)}"
+        name, at, tail = rest.rpartition("@")
+        if at and exists(tail):
+            return f"{backend}:{name}@{_absolute(tail, base)}"
+    return spec
+
+
+def absolute_paths(config: RunConfig, base_dir: str | Path | None = None) -> RunConfig:
+    """The same config with local source, output and model paths made absolute."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    trailing = "/" if config.output.endswith(("/", os.sep)) else ""
+    updates = {
+        "source": config.source if _is_url(config.source) else _absolute(config.source, base),
+        "output": config.output if _is_url(config.output) else _absolute(config.output, base) + trailing,
+    }
+    caption = config.caption.model_copy(update={"model": _absolute_model(config.caption.model, base)})
+    embed = config.embed.model_copy(update={"model": _absolute_model(config.embed.model, base)})
+    return config.model_copy(update={**updates, "caption": caption, "embed": embed})
+
+
+# ---- files and overrides ----------------------------------------------------------
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -196,18 +317,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def with_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Apply dotted-key overrides such as ``{"caption.length": "short"}``; None values are skipped."""
-    nested: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
+def load_run_config(path: str | Path, **top: Any) -> RunConfig:
+    """A config file as a RunConfig; its relative paths are relative to the file's folder."""
+    path = Path(path)
+    data = {**load_config_file(path), **top}
+    return RunConfig.from_dict(data, base_dir=path.resolve().parent)
+
+
+def with_overrides(config: RunConfig, overrides: dict[str, Any], *, base_dir: str | Path | None = None) -> RunConfig:
+    """Apply dotted-key overrides such as ``{"caption.length": "short"}`` and check the result.
+
+    None values are skipped. Relative paths among the overrides are taken
+    relative to ``base_dir`` (default: the current directory).
+    """
+    data = config.to_dict()
     for key, value in overrides.items():
         if value is None:
             continue
-        if "." in key:
-            section, name = key.split(".", 1)
-            nested.setdefault(section, {})[name] = value
-        else:
-            top[key] = value
-    for section, values in nested.items():
-        top[section] = dataclasses.replace(getattr(config, section), **values)
-    return dataclasses.replace(config, **top)
+        target = data
+        *sections, name = key.split(".")
+        for section in sections:
+            target = target[section]
+        target[name] = list(value) if isinstance(value, tuple) else value
+    # Paths already in ``config`` are absolute, so resolving again changes only the overrides.
+    return RunConfig.from_dict(data, base_dir=base_dir)

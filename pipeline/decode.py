@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from pipeline.config import DecodeConfig
-from pipeline.sources import read_bytes
+from pipeline.storage import read_bytes
 
 ERROR_KINDS = (
     "missing",  # the file was listed but is gone when read
@@ -31,11 +31,21 @@ ERROR_KINDS = (
     "corrupt",  # any other decoding failure
 )
 
+# Kinds that say the file itself is bad: the same bytes fail the same way on a
+# rerun, so resume skips them unless the file changes or --retry-errors asks.
+# Every other kind (missing, unreadable, model errors, kinds added later) is
+# retried: it may go away by itself.
+PERMANENT_ERROR_KINDS = frozenset({"empty", "not_image", "unsupported_format", "too_large", "truncated", "corrupt"})
+
 HEIF_HINT = "pip install pillow-heif (or pip install 'captioner[heif]')"
 
 # ISO base media file brands (bytes 8-12, after "ftyp") of HEIF/AVIF stills and sequences.
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 _AVIF_BRANDS = {b"avif", b"avis"}
+# Low-overhead ("minimized") HEIF, ISO/IEC 23008-12 amd. 2: major brand mif3
+# with a 'mini' box; the codec brand ('avif', 'heic') sits in the minor-version
+# field. Few decoders read it yet, so a failure to open one is a support gap.
+_MINIMIZED_HEIF_BRANDS = {b"mif3", b"mini"}
 
 # Leading bytes of image formats Pillow reads: if one of these fails to open, the
 # file is a broken image rather than some other kind of file.
@@ -146,10 +156,10 @@ def _decode_into(result: DecodedImage, data: bytes, config: DecodeConfig) -> Non
         )
     _draft_for(image, config.model_max_side)
     image.load()  # a truncated file fails here: LOAD_TRUNCATED_IMAGES stays off
-    drafted_size = image.size
-    image = _apply_exif_orientation(image)
-    # Orientation only flips or turns by quarter turns, so the size either stays or swaps.
-    turned = image.size != drafted_size
+    turned = _apply_exif_orientation(image)
+    # Decided from the orientation applied, not from the size before and after:
+    # a near-square image drafted to a square (4000x3999 -> 500x500) turns
+    # without changing size.
     result.width, result.height = (height, width) if turned else (width, height)
     image = _to_rgb(image)
     result.image = _fit(image, config.model_max_side)
@@ -186,6 +196,12 @@ def _identify_non_image(data: bytes) -> tuple[str, str]:
     """(error_kind, message) for bytes no Pillow plugin accepted."""
     head = data[:64]
     brands = _ftyp_brands(data)
+    if brands & _MINIMIZED_HEIF_BRANDS:
+        codec = "AVIF" if brands & _AVIF_BRANDS else "HEIC" if brands & _HEIF_BRANDS else "HEIF"
+        return "unsupported_format", (
+            f"{codec} image in the newer minimized HEIF form (brand mif3) cannot be decoded by this install; "
+            f"convert it (e.g. to JPEG or PNG), or upgrade Pillow / {HEIF_HINT} once they read mif3"
+        )
     if brands & _AVIF_BRANDS:
         if features.check("avif"):
             return "corrupt", "corrupt image: starts like an AVIF file but its header cannot be read"
@@ -224,7 +240,10 @@ def _ftyp_brands(data: bytes) -> set[bytes]:
         return set()
     box_end = min(int.from_bytes(data[:4], "big"), len(data), 256)
     # Major brand at 8..12, minor version at 12..16, compatible brands after.
-    return {data[8:12]} | {data[i : i + 4] for i in range(16, box_end - 3, 4)}
+    brands = {data[8:12]} | {data[i : i + 4] for i in range(16, box_end - 3, 4)}
+    if data[8:12] in _MINIMIZED_HEIF_BRANDS:
+        brands.add(data[12:16])  # the minor version names the codec brand there
+    return brands
 
 
 def _looks_like_text(sample: bytes) -> bool:
@@ -249,22 +268,31 @@ def _draft_for(image: Image.Image, max_side: int) -> None:
         image.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+# EXIF orientations that turn the image by a quarter turn (transposed or transversed).
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def _apply_exif_orientation(image: Image.Image) -> bool:
+    """Turn ``image`` upright in place; True when that swapped its width and height."""
     try:
+        orientation = image.getexif().get(0x0112)
         ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # noqa: BLE001 - corrupt EXIF must not cost the image; keep it as stored
-        pass
-    return image
+        return False
+    return orientation in _QUARTER_TURNS
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode == "RGB":
-        return image
+    # A colour key (PNG tRNS on an RGB, greyscale or 16-bit image) marks
+    # transparent pixels as surely as an alpha channel does: look for it first.
+    keyed = "transparency" in image.info
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _high_depth_to_rgb(image)
-    if mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+    if mode in ("RGBA", "LA", "PA", "RGBa") or keyed:
         return _on_white(image.convert("RGBA"))
+    if mode == "RGB":
+        return image
     try:
         return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, RGBX, HSV
     except ValueError as exc:
@@ -292,6 +320,11 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
         low, high = (float(np.nanmin(values)), float(np.nanmax(values))) if values.size else (0.0, 0.0)
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     grey = np.nan_to_num(np.rint(scaled), nan=0.0).clip(0, 255).astype(np.uint8)
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)):
+        # The key is a raw sample value, so compare before scaling (two raw
+        # values may scale to the same 8-bit grey).
+        grey[values == key] = 255
     return Image.fromarray(grey).convert("RGB")
 
 

@@ -4,37 +4,100 @@ The expensive failure mode is a run that starts Ray, spins up actors, and only
 then learns from a worker that the weights are not on this machine. Here we
 ask the Hugging Face cache (honouring HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE)
 whether the weights are already present, and when they are not and the hub is
-switched off, we say how to fix it.
+switched off or unreachable, we say how to fix it. Which files a model needs
+comes from pipeline.models.identity, the same answer the backends load.
+
+Local weights (a directory, a checkpoint file) are checked by
+``model_identity`` itself: it cannot fingerprint what is not there.
 """
 
 from __future__ import annotations
 
-import os
-
-from pipeline.config import ConfigError
+from pipeline.models.identity import (
+    CAPTION,
+    EMBED,
+    OPEN_CLIP_CONFIG,
+    WeightsMissing,
+    cached_snapshot,
+    hub_offline,
+    model_identity,
+)
 from pipeline.models.registry import ModelRef
 
+__all__ = ["WeightsMissing", "check_weights", "check_caption_weights", "check_embed_weights", "hub_offline"]
 
-class WeightsMissing(ConfigError):
-    pass
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+_COPY_CACHE = "and copy the cache (HF_HOME) here"
 
 
-def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        snapshot_download(repo_id, revision=revision, local_files_only=True)
-        return True
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        return False
+def check_weights(caption: str | ModelRef | None, embed: str | ModelRef | None) -> None:
+    """Check both models of a run (None: that model is not used). Raises WeightsMissing."""
+    if caption is not None:
+        check_caption_weights(caption)
+    if embed is not None:
+        check_embed_weights(embed)
 
 
-def _hub_unreachable_reason(repo_id: str, revision: str | None) -> str | None:
+def check_caption_weights(ref: str | ModelRef) -> None:
+    """Raise WeightsMissing when the caption model's weights can be neither found nor downloaded."""
+    ident = model_identity(ref, CAPTION)
+    if ident.is_local or not ident.hub_repo:
+        return
+    if cached_snapshot(ident.hub_repo, ident.revision) is not None:
+        return
+    why = _cannot_download(ident.hub_repo, ident.hub_revision)
+    if why is None:
+        return  # the workers will download them
+    raise WeightsMissing(
+        f"caption model weights {ident.hub_repo}@{ident.hub_revision} are not in the Hugging Face cache and "
+        f"cannot be downloaded ({why}). Pass --caption-model PATH to a local model directory, or on a connected "
+        f"machine run `hf download {ident.hub_repo} --revision {ident.hub_revision}` {_COPY_CACHE}."
+    )
+
+
+def check_embed_weights(ref: str | ModelRef) -> None:
+    """Raise WeightsMissing when the embed model's weights (and hub tokenizer) can be neither found nor downloaded."""
+    ident = model_identity(ref, EMBED)
+    if ident.is_local or not ident.hub_repo:
+        return  # local weights were checked by model_identity; URL-only tags live in open_clip's own cache
+    missing = []
+    snapshot = cached_snapshot(ident.hub_repo, ident.revision)
+    if snapshot is None or not any((snapshot / f).is_file() for f in ident.hub_files):
+        missing.append(f"{' or '.join(ident.hub_files)} of {ident.hub_repo}")
+    if ident.open_clip_name and ident.open_clip_name.startswith("hf-hub:"):
+        if snapshot is None or not (snapshot / OPEN_CLIP_CONFIG).is_file():
+            missing.append(f"{OPEN_CLIP_CONFIG} of {ident.hub_repo}")
+    repos = [ident.hub_repo]
+    tokenizer = _tokenizer_repo(ident)
+    if tokenizer and cached_snapshot(tokenizer, "main") is None:
+        missing.append(f"the tokenizer {tokenizer}")
+        repos.append(tokenizer)
+    if not missing:
+        return
+    why = _cannot_download(ident.hub_repo, ident.hub_revision)
+    if why is None:
+        return  # the workers will download them
+    commands = " and ".join(f"`hf download {repo}`" for repo in dict.fromkeys(repos))
+    raise WeightsMissing(
+        f"embed model {ident.model} needs {'; '.join(missing)}, which the Hugging Face cache does not hold and "
+        f"which cannot be downloaded ({why}). Pass --embed-model PATH to a local open_clip directory (open_clip_config.json + weights) or "
+        f"open_clip:NAME@/path/to/checkpoint, or on a connected machine run {commands} {_COPY_CACHE}."
+    )
+
+
+def _tokenizer_repo(ident) -> str | None:
+    """The hub repo of a built-in architecture's HF tokenizer (SigLIP models have one), if any."""
+    if not ident.open_clip_name or ident.open_clip_name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    from open_clip.factory import get_model_config  # imported already by model_identity
+
+    config = get_model_config(ident.open_clip_name) or {}
+    return (config.get("text_cfg") or {}).get("hf_tokenizer_name") or None
+
+
+def _cannot_download(repo_id: str, revision: str | None) -> str | None:
+    """Why ``repo_id`` cannot be downloaded from here, or None when it can."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
     from huggingface_hub import model_info
 
     try:
@@ -42,19 +105,3 @@ def _hub_unreachable_reason(repo_id: str, revision: str | None) -> str | None:
         return None
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot download from here"
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-
-
-def check_caption_weights(ref: ModelRef) -> None:
-    """Raise WeightsMissing when the caption model's weights can be neither found nor downloaded."""
-    if ref.is_local or _in_hf_cache(ref.source, ref.revision):
-        return
-    why = "HF_HUB_OFFLINE is set" if hub_offline() else _hub_unreachable_reason(ref.source, ref.revision)
-    if why is None:
-        return  # the workers will download them
-    rev = f" --revision {ref.revision}" if ref.revision else ""
-    raise WeightsMissing(
-        f"caption model weights {ref.source}@{ref.revision or 'main'} are not in the Hugging Face cache "
-        f"and cannot be downloaded ({why}). Pass --caption-model PATH to a local model directory, "
-        f"or on a connected machine run `huggingface-cli download {ref.source}{rev}` and copy the cache "
-        f"(HF_HOME) here."
-    )

@@ -26,7 +26,7 @@ class ProbeFileError(ValueError):
 
 def default_probes() -> tuple[str, ...]:
     text = resources.files("pipeline").joinpath("default_probes.yaml").read_text()
-    return _validate(yaml.safe_load(text), "the default probe set")
+    return validate_questions(yaml.safe_load(text), "the default probe set")
 
 
 def load_probes(path: str | Path) -> tuple[str, ...]:
@@ -40,10 +40,11 @@ def load_probes(path: str | Path) -> tuple[str, ...]:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise ProbeFileError(f"probe file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
-    return _validate(data, f"probe file {path}")
+    return validate_questions(data, f"probe file {path}")
 
 
-def _validate(data, where: str) -> tuple[str, ...]:
+def validate_questions(data, where: str) -> tuple[str, ...]:
+    """The one check every probe set passes, from a file, a config tree or the defaults."""
     if isinstance(data, dict) and "probes" in data:
         data = data["probes"]
     if data is None:

@@ -13,41 +13,27 @@ not images, and a whole object is read with one GET.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-import fsspec
+from pipeline.storage import SourceError, explain, is_local, local_path, open_filesystem, read_bytes
 
 log = logging.getLogger(__name__)
 
-_FILE_PREFIX = "file://"
-
-# Backends fsspec loads lazily; a missing one is an install problem, not a bad path.
-_BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+__all__ = ["SourceError", "SourceItem", "is_local", "list_images", "local_path", "read_bytes", "stored_uri"]
 
 
 @dataclass(frozen=True)
 class SourceItem:
     uri: str
     size: int | None
-
-
-class SourceError(Exception):
-    """The source as a whole cannot be listed; the message says how to fix it."""
-
-
-def is_local(uri: str) -> bool:
-    return uri.startswith(_FILE_PREFIX) or "://" not in uri
-
-
-def local_path(uri: str) -> str:
-    """The absolute filesystem path of a local uri (plain path or file:// URL)."""
-    if uri.startswith(_FILE_PREFIX):
-        uri = uri[len(_FILE_PREFIX):]
-    return os.path.abspath(os.path.expanduser(uri))
+    # Seconds since the epoch, when the listing has it (local files, S3, GCS);
+    # resume retries a file modified after its row was written. Not part of
+    # equality: two listings of the same files are the same listing.
+    mtime: float | None = field(default=None, compare=False)
 
 
 def stored_uri(uri: str) -> str:
@@ -62,19 +48,6 @@ def stored_uri(uri: str) -> str:
         return uri
     except UnicodeEncodeError:
         return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and in-filesystem path for ``uri``; SourceError when the backend is missing."""
-    try:
-        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    except ImportError as exc:
-        protocol = uri.split("://", 1)[0]
-        extra = _BACKEND_EXTRAS.get(protocol)
-        hint = f"pip install 'captioner[{extra}]'" if extra else "install the fsspec backend for it"
-        raise SourceError(f"cannot open {uri}: support for {protocol}:// is not installed; {hint} ({exc})") from exc
-    except ValueError as exc:
-        raise SourceError(f"cannot open {uri}: {exc}; use a local path or a URL fsspec knows (s3://, gs://, ...)") from exc
 
 
 def list_images(
@@ -95,53 +68,6 @@ def list_images(
     return items if limit is None else items[:limit]
 
 
-def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> bytes:
-    """The file's bytes (at most ``max_bytes`` of them when given). Errors are the OSError subclasses open() raises."""
-    size = -1 if max_bytes is None else max_bytes
-    if is_local(uri):
-        with open(local_path(uri), "rb") as handle:
-            return handle.read(size)
-    if max_bytes == 0:
-        return b""
-    fs, path = open_fs(uri, storage_options)
-    try:
-        # A ranged read from 0 is one GET; s3fs's open(), or cat_file() without
-        # a range, first asks for the size (a HEAD): two requests per image.
-        return fs.cat_file(path, start=0, end=max_bytes)
-    except PermissionError as exc:
-        raise _explain_refused_read(exc) from exc
-
-
-def _explain_refused_read(exc: PermissionError) -> OSError:
-    """A clearer error for a read the store refuses although access is allowed.
-
-    S3 answers GET on an archived object (GLACIER / DEEP_ARCHIVE storage
-    class) with 403 InvalidObjectState, which s3fs turns into PermissionError;
-    "permission denied" would send the user after credentials instead.
-    """
-    error = _service_error(exc)
-    if error.get("Code") != "InvalidObjectState":
-        return exc
-    storage = error.get("StorageClass") or "an archive"
-    return OSError(
-        errno.EIO,
-        f"the object is archived in storage class {storage} and must be restored before it can be read "
-        f"(S3 InvalidObjectState)",
-    )
-
-
-def _service_error(exc: BaseException | None) -> dict:
-    """The botocore ``Error`` dict of the first exception in the cause chain that carries one."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        response = getattr(exc, "response", None)
-        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
-            return response["Error"]
-        exc = exc.__cause__
-    return {}
-
-
 def _has_extension(name: str, wanted: frozenset[str]) -> bool:
     return os.path.splitext(name)[1].lower() in wanted
 
@@ -149,7 +75,8 @@ def _has_extension(name: str, wanted: frozenset[str]) -> bool:
 def _list_local(root: str, wanted: frozenset[str]) -> list[SourceItem]:
     if os.path.isfile(root):
         # A file named explicitly is taken whatever its extension: the user asked for it.
-        return [SourceItem(root, os.path.getsize(root))]
+        stat = os.stat(root)
+        return [SourceItem(root, stat.st_size, stat.st_mtime)]
     if not os.path.exists(root):
         raise SourceError(f"source {root} does not exist; check the path (relative paths are from {os.getcwd()})")
     if not os.path.isdir(root):
@@ -183,7 +110,8 @@ def _list_local(root: str, wanted: frozenset[str]) -> list[SourceItem]:
                 if entry.is_dir():
                     subfolders.append(entry.path)
                 elif entry.is_file() and _has_extension(entry.name, wanted):
-                    items.append(SourceItem(entry.path, entry.stat().st_size))
+                    stat = entry.stat()
+                    items.append(SourceItem(entry.path, stat.st_size, stat.st_mtime))
             except OSError as exc:
                 log.warning("skipping %s: %s", entry.path, exc.strerror or exc)
         # Reversed so the stack pops folders in name order: which alias of a
@@ -193,22 +121,21 @@ def _list_local(root: str, wanted: frozenset[str]) -> list[SourceItem]:
 
 
 def _list_remote(source: str, wanted: frozenset[str], storage_options: dict[str, Any] | None) -> list[SourceItem]:
-    fs, root = open_fs(source, storage_options)
+    fs, root = open_filesystem(source, storage_options, role="source")
     # Listings cached by this (process-wide, shared) filesystem instance may be
     # older than the objects now in the store; isfile/exists would trust them.
     fs.invalidate_cache(root)
     try:
         if fs.isfile(root):
-            return [SourceItem(fs.unstrip_protocol(root), fs.size(root))]
+            info = fs.info(root)
+            return [SourceItem(fs.unstrip_protocol(root), info.get("size"), _modified(info))]
         if not fs.exists(root):
             raise SourceError(f"source {source} does not exist; check the bucket and prefix")
         found = fs.find(root, detail=True)
     except SourceError:
         raise
     except Exception as exc:  # backends raise their own types (auth, network, ...)
-        raise SourceError(
-            f"cannot list {source}: {type(exc).__name__}: {exc}; check credentials, endpoint and --storage-option values"
-        ) from exc
+        raise explain(exc, source, doing="list", role="source") from exc
 
     prefix = root.rstrip("/") + "/"
     items = []
@@ -219,5 +146,25 @@ def _list_remote(source: str, wanted: frozenset[str], storage_options: dict[str,
         # "album.jpg/" is a zero-byte folder marker (S3 consoles create them), not an image.
         if path.endswith("/") or info.get("type", "file") != "file" or not _has_extension(path, wanted):
             continue
-        items.append(SourceItem(fs.unstrip_protocol(path), info.get("size")))
+        items.append(SourceItem(fs.unstrip_protocol(path), info.get("size"), _modified(info)))
     return items
+
+
+def _modified(info: dict) -> float | None:
+    """Modification time from a listing entry, in epoch seconds; None when the backend gives none.
+
+    s3fs says LastModified (a datetime), gcsfs "updated" (ISO text), local
+    and memory filesystems "mtime"/"created" (epoch seconds or a datetime).
+    """
+    for key in ("LastModified", "mtime", "updated", "last_modified"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None

@@ -123,7 +123,7 @@ def test_ray_job_submit_runs_a_saved_config(two_node_cluster, tmp_path, tiny_cli
     make_jpegs(photos, 5)
     out = tmp_path / "captions.parquet"
     config = tmp_path / "submit.json"
-    config.write_text(json.dumps({"source": str(photos), "output": str(out), "caption": {"enabled": False},
+    config.write_text(json.dumps({"source": str(photos), "output": str(out), "caption": {"enabled": False, "probes": []},
                                   "embed": {"model": str(tiny_clip_dir)}}))
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     command = [ray_cli, "job", "submit", "--address", dashboard, "--", sys.executable, "-m", "jobs.caption_job",
@@ -138,3 +138,55 @@ def test_ray_job_submit_runs_a_saved_config(two_node_cluster, tmp_path, tiny_cli
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 5 and all(r["status"] == STATUS_OK and r["embedding"] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def default_two_cpu_head(tmp_path_factory):
+    """A head started the way the README says, on a machine where Ray already made a token.
+
+    Any earlier embedded Ray (a plain `captioner run`) leaves ~/.ray/auth_token
+    behind, and with it `ray start --head` turns token authentication on. HOME
+    is a fresh folder so the test neither reads nor writes the real one.
+    """
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    port, dashboard_port = _free_port(), _free_port()
+    head = _ray("--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not _port_open(dashboard_port):
+            assert head.poll() is None, head.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "head node did not come up"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{dashboard_port}", env
+    finally:
+        _stop(head)
+
+
+def test_readme_job_submit_recipe_on_a_default_two_cpu_head(default_two_cpu_head, tmp_path, tiny_vlm_dir, tiny_clip_dir):
+    """Issue 8.16: token auth on by default, and a plan (caption + embed actors) that must fit 2 CPUs."""
+    dashboard, env = default_two_cpu_head
+    photos = tmp_path / "photos"
+    make_jpegs(photos, 4)
+    out = tmp_path / "captions.parquet"
+    config = tmp_path / "captions.config.json"
+    config.write_text(json.dumps({
+        "source": str(photos), "output": str(out),
+        "caption": {"model": str(tiny_vlm_dir), "probes": ["Is it day?"]}, "embed": {"model": str(tiny_clip_dir)},
+    }))  # fmt: skip
+    # The README's command, word for word but for the address and the path.
+    command = f"RAY_AUTH_MODE=token ray job submit --address {dashboard} -- python -m jobs.caption_job --config {config}"
+    bin_dir = os.path.dirname(sys.executable)
+    shell_env = dict(env, PATH=f"{bin_dir}:{env.get('PATH', '')}")
+    for _ in range(12):
+        done = subprocess.run(command, shell=True, env=shell_env, capture_output=True, text=True, timeout=300,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+        if "No available agent" not in done.stderr:
+            break
+        time.sleep(5)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 4 and all(r["status"] == STATUS_OK and r["caption"] and r["embedding"] for r in rows)

@@ -27,6 +27,7 @@ from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.models import registry
 from pipeline.sources import list_images
 from pipeline.stages import call_with_bisection
+from tests.fixtures.ray import own_ray
 from schemas import STATUS_ERROR, STATUS_OK
 from tests import fault_doubles
 from tests.fixtures.images import make_jpegs
@@ -45,19 +46,14 @@ def fault_ray(tmp_path_factory):
         patch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
         patch.setattr(registry, "_EMBEDDERS", dict(registry._EMBEDDERS))
         fault_doubles.register()
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
+        with own_ray(
             runtime_env={
                 "worker_process_setup_hook": "tests.fault_doubles.register",
                 # The hook runs before a worker learns the driver's sys.path: put the repo on it.
                 "env_vars": {fault_doubles.FAULT_DIR_ENV: str(fault_dir), "PYTHONPATH": _pythonpath()},
             },
-        )
-        yield fault_dir
-        ray.shutdown()
+        ):
+            yield fault_dir
 
 
 def _pythonpath() -> str:
@@ -153,7 +149,7 @@ def test_a_killed_model_worker_is_restarted_and_its_batch_retried(fault_ray, tmp
     killer = threading.Thread(target=_kill_victim, args=(fault_ray, killed), daemon=True)
     killer.start()
 
-    run_cli(src, "--out", out, "--no-caption", "--embed-model", f"killable:{tiny_clip_dir}", "--embed-batch-size", 4)
+    run_cli(src, "--out", out, "--no-caption", "--no-probes", "--embed-model", f"killable:{tiny_clip_dir}", "--embed-batch-size", 4)
     killer.join(timeout=5)
 
     assert killed, "the embed worker never reached the victim batch"
@@ -169,7 +165,7 @@ def test_a_killed_model_worker_is_restarted_and_its_batch_retried(fault_ray, tmp
 def _start_run(src: Path, out: Path, config: Path, clip_dir: Path, log) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always its own embedded Ray
     command = [sys.executable, "-m", "pipeline.cli", "run", str(src), "--out", str(out), "--config", str(config)]
-    command += ["--no-caption", "--embed-model", str(clip_dir), "--no-progress"]
+    command += ["--no-caption", "--no-probes", "--embed-model", str(clip_dir), "--no-progress"]
     # Its own session, so the whole process group (driver, GCS, raylet) can be killed at once.
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -234,7 +230,7 @@ def test_killed_driver_then_rerun_gives_every_image_exactly_once(fault_ray, tmp_
     # What a writer killed mid-write leaves: a dot-named temp file, which readers must skip.
     (parts / ".part-killed-mid-write.parquet.tmp").write_bytes(b"PAR1 half a file")
 
-    result = run_cli(src, "--out", out, "--config", config, "--no-caption", "--embed-model", tiny_clip_dir)
+    result = run_cli(src, "--out", out, "--config", config, "--no-caption", "--no-probes", "--embed-model", tiny_clip_dir)
     assert f"200 images listed, {done} already done, {200 - done} to process" in result.output
 
     rows = rows_of(out)
@@ -244,5 +240,5 @@ def test_killed_driver_then_rerun_gives_every_image_exactly_once(fault_ray, tmp_
     assert not list(parts.glob("part-*.parquet")), "committed parts were not merged away"
     # The merge removes what the killed writer left, and the parts folder with it.
     assert not parts.exists(), list(parts.iterdir())
-    again = run_cli(src, "--out", out, "--config", config, "--no-caption", "--embed-model", tiny_clip_dir)
+    again = run_cli(src, "--out", out, "--config", config, "--no-caption", "--no-probes", "--embed-model", tiny_clip_dir)
     assert "200 already done, 0 to process" in again.output

@@ -288,3 +288,120 @@ def test_make_jpegs_writes_distinct_images(tmp_path):
     assert [p.read_bytes() for p in make_jpegs(tmp_path / "again", 5, size=(40, 30), seed=3)] == [
         p.read_bytes() for p in paths
     ]
+
+
+# ---- issue 8: colour-keyed transparency, near-square rotation, mif3/mini ----------
+
+
+def _png(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def _half_and_half(mode: str, key, other) -> Image.Image:
+    """Left half is the key colour (transparent through tRNS), right half another colour."""
+    image = Image.new(mode, (32, 16), key)
+    image.paste(other, (16, 0, 32, 16))
+    return image
+
+
+def test_rgb_colour_key_transparency_is_composited_on_white():
+    data = _png(_half_and_half("RGB", (0, 255, 0), (200, 10, 10)), transparency=(0, 255, 0))
+    image = decode_bytes("key.png", data, CONFIG).image
+    assert image.getpixel((4, 4)) == (255, 255, 255)  # the green key is background, not green
+    assert image.getpixel((20, 4)) == (200, 10, 10)
+
+
+def test_greyscale_colour_key_transparency_is_composited_on_white():
+    data = _png(_half_and_half("L", 50, 200), transparency=50)
+    image = decode_bytes("key.png", data, CONFIG).image
+    assert image.getpixel((4, 4)) == (255, 255, 255)
+    assert image.getpixel((20, 4)) == (200, 200, 200)
+
+
+def test_16bit_colour_key_transparency_is_composited_on_white():
+    values = np.full((16, 32), 1000, np.uint16)
+    values[:, 16:] = 30000
+    data = _png(Image.fromarray(values), transparency=1000)
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    image = decode_bytes("key16.png", data, CONFIG).image
+    assert image.getpixel((4, 4)) == (255, 255, 255)
+    assert image.getpixel((20, 4)) == (117, 117, 117)  # 30000 / 257, scaled as without a key
+
+
+@pytest.mark.parametrize(("stored", "upright"), [((4000, 3999), (3999, 4000)), ((3999, 4000), (4000, 3999))])
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_near_square_drafted_jpeg_turned_by_exif_swaps_width_and_height(stored, upright, orientation):
+    # Drafted at 1/8 scale both sides round to 500: the size alone cannot tell that the image turned.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.new("RGB", stored, (200, 30, 30)).save(buffer, format="JPEG", exif=exif, quality=50)
+    result = decode_bytes("square.jpg", buffer.getvalue(), DecodeConfig(model_max_side=256))
+    assert result.ok, result.error
+    assert (result.width, result.height) == upright
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4])
+def test_near_square_drafted_jpeg_not_turned_keeps_width_and_height(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3999), (200, 30, 30)).save(buffer, format="JPEG", exif=exif, quality=50)
+    result = decode_bytes("square.jpg", buffer.getvalue(), DecodeConfig(model_max_side=256))
+    assert (result.width, result.height) == (4000, 3999)
+
+
+# Low-overhead ("minimized") HEIF of ISO/IEC 23008-12 amd. 2: major brand mif3,
+# the codec brand in the minor-version field, then a 'mini' box instead of 'meta'.
+MIF3_AVIF = b"\x00\x00\x00\x10ftypmif3avif" + b"\x00\x00\x00\x20mini" + bytes(24)
+MIF3_HEIC = b"\x00\x00\x00\x14ftypmif3heicmif3" + b"\x00\x00\x00\x20mini" + bytes(24)
+MINI_ONLY = b"\x00\x00\x00\x10ftypmif3\x00\x00\x00\x00" + b"\x00\x00\x00\x20mini" + bytes(24)
+
+
+@pytest.mark.parametrize("data", [MIF3_AVIF, MIF3_HEIC, MINI_ONLY], ids=["mif3-avif", "mif3-heic", "mif3-mini"])
+def test_minimized_heif_and_avif_are_unsupported_images_not_videos(data):
+    result = decode_bytes("new.heic", data, CONFIG)
+    assert result.error_kind == "unsupported_format", result.error
+    assert "video" not in result.error and "HEIF" in result.error
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """Joins the session's Ray when one runs (tests/fixtures/ray.py); else starts one for this module."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_run_records_turned_near_square_size_and_mif3_as_unsupported(ray_local, tmp_path, tiny_clip_dir):
+    """Items 7 and 8 as a user meets them: the rows `captioner run` writes."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (4000, 3999), (90, 120, 30)).save(folder / "square.jpg", format="JPEG", exif=exif, quality=50)
+    (folder / "new.heic").write_bytes(MIF3_HEIC)
+    (folder / "new.avif").write_bytes(MIF3_AVIF)
+    (folder / "keyed.png").write_bytes(_png(_half_and_half("RGB", (0, 255, 0), (200, 10, 10)), transparency=(0, 255, 0)))
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(
+        main, ["run", str(folder), "--out", str(out), "--embed-model", str(tiny_clip_dir), "--no-caption", "--no-probes", "--no-progress"]
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(out).to_pylist()}
+    assert (rows["square.jpg"]["width"], rows["square.jpg"]["height"]) == (3999, 4000)
+    assert rows["new.heic"]["error_kind"] == "unsupported_format"
+    assert rows["new.avif"]["error_kind"] == "unsupported_format"
+    assert rows["keyed.png"]["status"] == "ok"

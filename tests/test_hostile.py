@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import jobs.caption_job as caption_job
+import jobs.ray_plan as ray_plan
+import jobs.run as run_module
 from pipeline.cli import main
 from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.sources import SourceItem, list_images, stored_uri
@@ -36,15 +37,6 @@ MESSAGE_SAYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _copy_corpus(corpus, dest):
     """Copy the session corpus (shared, read-only) so this test can add a file to it."""
     root = corpus["one_pixel"].path.parent
@@ -62,14 +54,14 @@ def test_every_hostile_file_becomes_one_row_saying_what_is_wrong(
     _copy_corpus(image_corpus, src)
     vanishing = make_jpegs(src, 1)[0].rename(src / "vanishing.jpg")
     # A file that is gone by the time a worker reads it: delete it right after the listing.
-    real_list_images = caption_job.list_images
+    real_list_images = run_module.list_images
 
     def list_then_delete(*args, **kwargs):
         items = real_list_images(*args, **kwargs)
         vanishing.unlink()
         return items
 
-    monkeypatch.setattr(caption_job, "list_images", list_then_delete)
+    monkeypatch.setattr(run_module, "list_images", list_then_delete)
     probes = tmp_path / "probes.yaml"
     probes.write_text("- Is there text in the image?\n")
     out = tmp_path / "captions.parquet"
@@ -130,7 +122,7 @@ def test_20000_files_list_sorted_and_schedule_as_few_small_blocks(tmp_path):
     items = list_images(str(folder), extensions=IMAGE_EXTENSIONS)
     assert len(items) == 20_000 and [item.uri for item in items] == sorted(str(p) for p in folder.iterdir())
 
-    blocks = caption_job._input_blocks(items, batch_size=16)
+    blocks = ray_plan.input_blocks(items, batch_size=16)
     assert len(blocks) == 1250 and {b.num_rows for b in blocks} == {16}
     # The driver schedules names and sizes, never pixels: a few dozen bytes a file.
     assert set(blocks[0].column_names) == {"uri", "location", "size"}
@@ -140,6 +132,6 @@ def test_20000_files_list_sorted_and_schedule_as_few_small_blocks(tmp_path):
 
 def test_input_blocks_are_capped_for_huge_listings():
     items = [SourceItem(f"/photos/{i:07d}.jpg", 1000) for i in range(300_000)]
-    blocks = caption_job._input_blocks(items, batch_size=16)
+    blocks = ray_plan.input_blocks(items, batch_size=16)
     # 2000 blocks at most: 150 files each instead of 18,750 blocks of 16.
     assert len(blocks) == 2000 and sum(b.num_rows for b in blocks) == 300_000

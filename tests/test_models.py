@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION, CaptionConfig
+from pipeline.models.identity import model_identity
 from pipeline.models.base import Description, ModelUnavailable
 from pipeline.models.registry import (
     UnknownModel,
@@ -59,8 +60,9 @@ def test_vlm_describe_gives_caption_and_one_answer_per_question(vlm, tiny_vlm_di
         assert isinstance(d.caption, str)
         assert len(d.answers) == len(QUESTIONS) and all(isinstance(a, str) for a in d.answers)
     assert any(d.caption for d in out), "a random model still emits some tokens"
-    assert vlm.model_id == f"transformers:{tiny_vlm_dir.resolve()}"
-    assert vlm.revision == "local"
+    # A local model is named by its content, not its path (moving it changes nothing).
+    assert vlm.model_id == "transformers:local"
+    assert vlm.revision == model_identity(str(tiny_vlm_dir), "caption").revision and vlm.revision.startswith("sha256:")
 
 
 def test_vlm_batched_equals_unbatched(vlm, monkeypatch):
@@ -135,7 +137,7 @@ def test_clip_image_and_text_embeddings(clip, tiny_clip_dir):
     assert t.shape == (2, clip.dim) and t.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
     assert clip.embed_images([]).shape == (0, clip.dim)
-    assert (clip.model_id, clip.revision) == (f"open_clip:{tiny_clip_dir.resolve()}", "local")
+    assert (clip.model_id, clip.revision) == ("open_clip:local", model_identity(str(tiny_clip_dir), "embed").revision)
 
 
 def test_clip_bare_directory_resolves_to_open_clip(tiny_clip_dir):
@@ -153,7 +155,7 @@ def test_clip_named_architecture_with_local_checkpoint(tiny_clip_dir, monkeypatc
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-test", tiny_open_clip_config())
     ckpt = tiny_clip_dir / "open_clip_model.safetensors"
     e = build_embedder(resolve_embedder(f"open_clip:tiny-test@{ckpt}"), "cpu")
-    assert e.revision == ckpt.name and e.dim == 32
+    assert e.model_id == "open_clip:tiny-test@local" and e.revision.startswith("sha256:") and e.dim == 32
     local = build_embedder(resolve_embedder(str(tiny_clip_dir)), "cpu")
     np.testing.assert_allclose(e.embed_images(_images(2)), local.embed_images(_images(2)), atol=1e-6)
 
@@ -313,4 +315,6 @@ def test_real_default_embedder_matches_image_and_text():
     e = build_embedder(resolve_embedder(DEFAULT_EMBED_MODEL), "auto")
     red, blue = Image.new("RGB", (384, 384), (220, 20, 20)), Image.new("RGB", (384, 384), (20, 20, 220))
     sims = e.embed_images([red, blue]) @ e.embed_texts(["a red square", "a blue square"]).T
-    assert e.revision == "webli" and sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0]
+    assert e.model_id == "open_clip:ViT-SO400M-14-SigLIP-384@webli"
+    assert e.revision == model_identity(DEFAULT_EMBED_MODEL, "embed").revision
+    assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0]

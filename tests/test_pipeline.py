@@ -11,20 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.models.identity import model_identity
 from schemas import STATUS_ERROR, STATUS_OK, check_schema
 from tests.fixtures.images import make_jpegs
 
 PROBES = ["Is there text in the image?", "What colour is the sky?"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """One embedded Ray for the module: every in-process run joins it instead of starting its own."""
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture
@@ -84,8 +75,9 @@ def test_run_writes_one_schema_valid_row_per_image(ray_local, photos, tmp_path, 
         if row["status"] == STATUS_ERROR:
             assert row["caption"] is None and row["embedding"] is None and row["error"]
     run = check_schema(table.schema)
-    assert run.caption_model == f"transformers:{tiny_vlm_dir}" and run.caption_revision == "local"
-    assert run.embed_model == f"open_clip:{tiny_clip_dir}" and run.embedding_dim == 32
+    caption_id, embed_id = model_identity(str(tiny_vlm_dir), "caption"), model_identity(str(tiny_clip_dir), "embed")
+    assert (run.caption_model, run.caption_revision) == (caption_id.model, caption_id.revision)
+    assert (run.embed_model, run.embed_revision) == (embed_id.model, embed_id.revision) and run.embedding_dim == 32
     assert run.probes == tuple(PROBES)
 
     saved = json.loads((tmp_path / "captions.config.json").read_text())
@@ -99,8 +91,9 @@ def test_rerun_skips_done_and_retries_a_fixed_file(ray_local, photos, tmp_path, 
     run_cli(photos, *args)
     _, first = read_rows(out)
 
+    # The two bad files failed for a permanent reason: a rerun does not pay for them again.
     again = run_cli(photos, *args)
-    assert "7 already done, 2 to process" in again.output
+    assert "9 already done, 0 to process" in again.output
     _, second = read_rows(out)
     assert len(second) == 9
     unchanged = {r["uri"]: r["processed_at"] for r in first if r["status"] == STATUS_OK}
@@ -112,14 +105,15 @@ def test_rerun_skips_done_and_retries_a_fixed_file(ray_local, photos, tmp_path, 
     assert len(third) == len({r["uri"] for r in third}) == 9
     fixed = next(r for r in third if r["uri"].endswith("/broken.jpg"))
     assert fixed["status"] == STATUS_OK and fixed["caption"] and fixed["embedding"] is None
-    assert "9 already done, 0 to process" not in run_cli(photos, *args).output  # one error left: notes.jpg
+    assert "9 already done, 0 to process" in run_cli(photos, *args).output  # notes.jpg is still not an image
+    assert "8 already done, 1 to process" in run_cli(photos, *args, "--retry-errors").output
 
 
 def test_directory_output_commits_parts_and_never_duplicates(ray_local, photos, tmp_path, tiny_clip_dir):
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"
     config.write_text("rows_per_part: 3\n")
-    args = ["--out", f"{out}/", "--config", config, "--embed-model", tiny_clip_dir, "--no-caption"]
+    args = ["--out", f"{out}/", "--config", config, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes"]
     run_cli(photos, *args)
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) >= 3  # 9 rows, committed every 3
@@ -136,20 +130,20 @@ def test_directory_output_commits_parts_and_never_duplicates(ray_local, photos, 
 
 def test_output_from_other_models_is_refused_unless_overwrite(ray_local, photos, tmp_path, tiny_vlm_dir, tiny_clip_dir, probes_file):
     out = tmp_path / "captions.parquet"
-    run_cli(photos, "--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--limit", 2)
+    run_cli(photos, "--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes", "--limit", 2)
     refused = run_cli(photos, "--out", out, *model_args(tiny_vlm_dir, tiny_clip_dir, probes_file), "--no-embed", "--limit", 2, expect_exit=1)
     assert "--overwrite" in refused.output
     run_cli(photos, "--out", out, *model_args(tiny_vlm_dir, tiny_clip_dir, probes_file), "--no-embed", "--limit", 2, "--overwrite")
     _, rows = read_rows(out)
-    assert len(rows) == 2 and rows[0]["caption_model"] == f"transformers:{tiny_vlm_dir}"
+    assert len(rows) == 2 and rows[0]["caption_model"] == model_identity(str(tiny_vlm_dir), "caption").model
 
 
 def test_job_entrypoint_runs_a_saved_config(ray_local, photos, tmp_path, tiny_clip_dir, capsys):
     from jobs.caption_job import main as job_main
 
     out = tmp_path / "captions.parquet"
-    run_cli(photos, "--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--limit", 3)
-    done = sum(r["status"] == STATUS_OK for r in read_rows(out)[1])
+    run_cli(photos, "--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes", "--limit", 3)
+    done = len(read_rows(out)[1])  # ok rows and permanent failures (broken.jpg) are both done
     config = json.loads((tmp_path / "captions.config.json").read_text())
     config["limit"] = None
     (tmp_path / "submit.json").write_text(json.dumps(config))
@@ -169,9 +163,9 @@ def test_missing_moondream_weights_fail_fast_naming_the_fix(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--embed-model", "nosuch:thing", "--no-caption"], "Known backends: open_clip"),
+        (["--embed-model", "nosuch:thing", "--no-caption", "--no-probes"], "Known backends: open_clip"),
         (["--caption-model", "nosuch", "--no-embed"], "Known backends:"),
-        (["--no-caption", "--no-embed"], "nothing to compute"),
+        (["--no-caption", "--no-probes", "--no-embed"], "nothing to compute"),
     ],
 )
 def test_bad_flags_are_click_errors_with_the_fix(tmp_path, flags, message):
@@ -191,5 +185,5 @@ def test_a_run_that_cannot_fit_the_cluster_is_refused_not_left_waiting(ray_local
     config = tmp_path / "big.yaml"
     config.write_text("ray:\n  model_actor_cpus: 64\n")
     result = run_cli(photos, "--out", tmp_path / "c.parquet", "--config", config, "--embed-model", tiny_clip_dir,
-                     "--no-caption", expect_exit=1)
+                     "--no-caption", "--no-probes", expect_exit=1)
     assert "needs 64.75 CPUs (the cluster has 4)" in result.output and "model_actor_cpus" in result.output

@@ -21,6 +21,7 @@ from pipeline.config import DecodeConfig
 from pipeline.decode import load_image
 from pipeline.sources import SourceError, SourceItem, list_images, read_bytes
 from schemas import STATUS_ERROR, STATUS_OK, check_schema
+from tests.fixtures.ray import own_ray
 from tests.fixtures.images import make_jpegs
 from tests.fixtures.s3 import set_fake_aws_env
 
@@ -43,11 +44,8 @@ def ray_fake_aws():
 
     with pytest.MonkeyPatch.context() as patch:
         set_fake_aws_env(patch)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        try:
+        with own_ray():
             yield
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture
@@ -147,7 +145,7 @@ def test_missing_output_bucket_is_refused_not_created(s3_bucket, photos, tiny_cl
     missing = "captioner-no-such-bucket-out"
     result = run_cli(
         s3_bucket.url("photos"), "--out", f"s3://{missing}/out/", *s3_bucket.cli_options,
-        "--embed-model", tiny_clip_dir, "--no-caption", expect_exit=1,
+        "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes", expect_exit=1,
     )
     assert f"cannot write to s3://{missing}/out/" in result.output and "--storage-option" in result.output
     assert missing not in {b["Name"] for b in s3_bucket.client.list_buckets()["Buckets"]}
@@ -162,7 +160,7 @@ def test_bucket_to_bucket_round_trip_resumed_by_another_process(ray_fake_aws, s3
     s3_bucket.put("photos/archived.jpg", photos["photos/a.jpg"], StorageClass="GLACIER")
     config = tmp_path / "run.yaml"
     config.write_text("rows_per_part: 3\n")
-    args = [s3_bucket.url("photos"), "--out", s3_bucket.url("out/"), "--config", config, "--embed-model", tiny_clip_dir, "--no-caption"]
+    args = [s3_bucket.url("photos"), "--out", s3_bucket.url("out/"), "--config", config, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes"]
     expected = sorted(s3_bucket.url(key) for key in [*photos, "photos/archived.jpg"])
 
     def rows_in_bucket():
@@ -201,7 +199,7 @@ def test_bucket_to_bucket_round_trip_resumed_by_another_process(ray_fake_aws, s3
 def test_single_file_output_in_the_bucket(ray_fake_aws, s3_bucket, photos, tiny_clip_dir):
     # Glob characters and a space in the output prefix must be taken literally.
     out = "runs/v[1] final/captions.parquet"
-    args = [s3_bucket.url("photos"), "--out", s3_bucket.url(out), *s3_bucket.cli_options, "--embed-model", tiny_clip_dir, "--no-caption"]
+    args = [s3_bucket.url("photos"), "--out", s3_bucket.url(out), *s3_bucket.cli_options, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes"]
     run_cli(*args)
     assert s3_bucket.keys("runs/") == ["runs/v[1] final/captions.config.json", out]  # parts merged away
     table = read_bucket_table(s3_bucket, out)

@@ -83,13 +83,14 @@ def test_every_mode_runs_on_real_pipeline_output(e2e_index, pipeline_output):
 
 
 def test_real_embedder_from_another_model_is_refused(e2e_index, tiny_clip_dir, tmp_path):
-    """Same architecture, different weights: recorded spec differs, so it is refused."""
-    import shutil
+    """Same architecture, different weights: the recorded identity differs, so it is refused.
 
+    (A copy of the same weights elsewhere is the same model: identity is by content.)
+    """
     from pipeline.models import build_embedder, resolve_embedder
+    from pipeline.models.tiny import build_tiny_open_clip
 
-    copy = tmp_path / "other_clip"
-    shutil.copytree(tiny_clip_dir, copy)
-    other = build_embedder(resolve_embedder(f"open_clip:{copy}"), "cpu")
+    other_dir = build_tiny_open_clip(tmp_path / "other_clip", seed=1)
+    other = build_embedder(resolve_embedder(f"open_clip:{other_dir}"), "cpu")
     with pytest.raises(SearchError, match="not comparable"):
         ImageIndex.open(e2e_index.path, embedder=other)

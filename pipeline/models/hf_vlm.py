@@ -16,9 +16,10 @@ from typing import Sequence
 
 from PIL import Image
 
-from pipeline.config import CaptionConfig
+from pipeline.config import CaptionConfig, ConfigError
 from pipeline.models.base import Captioner, Description, ModelUnavailable, resolve_device
 from pipeline.models.compat import ensure_torchvision_importable
+from pipeline.models.identity import CAPTION, model_identity
 from pipeline.models.registry import ModelRef
 
 CAPTION_PROMPTS = {
@@ -35,8 +36,7 @@ def _missing_weights(ref: ModelRef, exc: Exception) -> ModelUnavailable:
         rev = f" --revision {ref.revision}" if ref.revision else ""
         fix = (
             "pass --caption-model PATH to a local model directory, or download the weights on a "
-            f"connected machine with `hf download {ref.source}{rev}` (`huggingface-cli download` before "
-            "huggingface_hub 1.0) and copy the HF cache (HF_HOME) here"
+            f"connected machine with `hf download {ref.source}{rev}` and copy the HF cache (HF_HOME) here"
         )
     return ModelUnavailable(f"caption model {ref.spec} could not be loaded ({type(exc).__name__}: {exc}); {fix}")
 
@@ -51,8 +51,14 @@ class TransformersCaptioner(Captioner):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.config = config
-        self.model_id = ref.spec
-        self.revision = ref.revision or "local"
+        try:
+            # The one answer to "which weights": rows and this object report the same identity.
+            identity = model_identity(ref, CAPTION)
+        except ConfigError as exc:
+            raise ModelUnavailable(f"caption model {ref.spec}: {exc}") from exc
+        self.model_id, self.revision = identity.model, identity.revision
+        # Load the recorded commit when there is one, so the weights are the ones the rows name.
+        revision = None if identity.is_local else identity.revision
         self.device = resolve_device(device)
         dtype = torch.float32
         if self.device.startswith("cuda"):
@@ -60,8 +66,8 @@ class TransformersCaptioner(Captioner):
         try:
             # from_pretrained resolves hub ids through the HF cache and honours
             # HF_HUB_OFFLINE itself; a local directory is read as is.
-            self.processor = AutoProcessor.from_pretrained(ref.source, revision=ref.revision)
-            self.model = AutoModelForImageTextToText.from_pretrained(ref.source, revision=ref.revision, dtype=dtype)
+            self.processor = AutoProcessor.from_pretrained(ref.source, revision=revision)
+            self.model = AutoModelForImageTextToText.from_pretrained(ref.source, revision=revision, dtype=dtype)
         except OSError as exc:  # missing files, offline with an empty cache, gated repo
             raise _missing_weights(ref, exc) from exc
         except ValueError as exc:  # a config transformers cannot map to an image-text-to-text class

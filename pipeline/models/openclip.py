@@ -1,33 +1,32 @@
 """open_clip image/text embedder (CLIP, SigLIP, ...): one shared space for both.
 
-Three sources, all loaded through open_clip's own factory:
-  open_clip:NAME[@TAG]       built-in architecture + pretrained tag (first listed tag if none)
-  open_clip:NAME@/path/ckpt  built-in architecture + a local checkpoint file
-  open_clip:/path/dir        open_clip_config.json + weights (open_clip's ``local-dir:`` layout)
+Four sources, all loaded through open_clip's own factory, each exactly as
+pipeline.models.identity resolves it (the identity this object reports):
+  open_clip:NAME[@TAG]        built-in architecture + pretrained tag (first listed tag if none)
+  open_clip:NAME@/path/ckpt   built-in architecture + a local checkpoint file
+  open_clip:hf-hub:REPO[@REV] a hub repo in open_clip's layout, at the recorded commit
+  open_clip:/path/dir         open_clip_config.json + weights (open_clip's ``local-dir:`` layout)
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import dataclasses
+
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from pipeline.config import ConfigError
 from pipeline.models.base import Embedder, ModelUnavailable, l2_normalise, resolve_device
 from pipeline.models.compat import ensure_torchvision_importable
+from pipeline.models.identity import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, ModelIdentity, cached_snapshot, model_identity
 from pipeline.models.registry import ModelRef
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _FIX = (
     "pass --embed-model open_clip:NAME@/path/to/checkpoint or --embed-model PATH (a directory with "
     "open_clip_config.json and weights), or download the weights on a connected machine"
 )
-
-
-def _looks_like_path(text: str) -> bool:
-    return os.sep in text or "/" in text or text.endswith(_WEIGHT_SUFFIXES)
 
 
 class OpenClipEmbedder(Embedder):
@@ -37,10 +36,21 @@ class OpenClipEmbedder(Embedder):
         import torch
 
         self.device = resolve_device(device)
-        self.model_id = ref.spec
-        name, pretrained, self.revision, hint = self._resolve(ref, open_clip)
+        try:
+            # The one answer to "which weights": rows, the index and this object all report it.
+            self.identity = model_identity(ref)
+        except ConfigError as exc:
+            raise ModelUnavailable(f"embed model {ref.spec}: {exc}") from exc
+        self.model_id, self.revision = self.identity.model, self.identity.revision
+        hint = f" (`hf download {self.identity.hub_repo}`)" if self.identity.hub_repo else ""
         precision = "fp16" if self.device.startswith("cuda") else "fp32"
         try:
+            # A backend registered under another name on top of this class (a
+            # plug-in, a test double) still loads open_clip weights.
+            weights = self.identity if self.identity.backend == "open_clip" else model_identity(
+                dataclasses.replace(ref, backend="open_clip")
+            )
+            name, pretrained = _open_clip_source(weights)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=self.device, precision=precision
             )
@@ -57,39 +67,6 @@ class OpenClipEmbedder(Embedder):
         # The embedding width differs by model family; asking the model is the
         # one answer that holds for all of them (and checks the tokenizer works).
         self.dim = int(self.embed_texts(["a photo"]).shape[1])
-
-    @staticmethod
-    def _resolve(ref: ModelRef, open_clip) -> tuple[str, str | None, str, str]:
-        """(open_clip model name, pretrained tag or file, revision to record, download hint)."""
-        if ref.is_local:
-            path = Path(ref.source)
-            if not (path / "open_clip_config.json").is_file():
-                raise ModelUnavailable(f"{path} has no open_clip_config.json; {_FIX}")
-            # open_clip silently builds random weights when the directory has none.
-            if not any(p.suffix in _WEIGHT_SUFFIXES for p in path.iterdir()):
-                raise ModelUnavailable(f"{path} has open_clip_config.json but no weights file; {_FIX}")
-            return f"local-dir:{path}", None, "local", ""
-        name, tag = ref.source, ref.revision
-        if name.startswith("hf-hub:"):
-            return name, None, tag or "main", f" (`hf download {name[len('hf-hub:'):]}`)"
-        if name not in open_clip.list_models():
-            raise ModelUnavailable(
-                f"open_clip has no model named {name!r}; see open_clip.list_models() (e.g. ViT-B-32, "
-                f"ViT-SO400M-14-SigLIP-384), or {_FIX}"
-            )
-        if tag and _looks_like_path(tag):
-            if not Path(tag).is_file():
-                raise ModelUnavailable(f"checkpoint {tag} for open_clip:{name} does not exist; {_FIX}")
-            return name, tag, Path(tag).name, ""
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if not tag:
-            if not tags:
-                raise ModelUnavailable(f"open_clip:{name} has no published weights; {_FIX}")
-            tag = tags[0]
-        elif tag not in tags:
-            raise ModelUnavailable(f"open_clip:{name} has no pretrained tag {tag!r}; known tags: {tags}")
-        hub_id = (open_clip.get_pretrained_cfg(name, tag).get("hf_hub") or "").strip("/")
-        return name, tag, tag, f" (`hf download {hub_id}`)" if hub_id else ""
 
     def _encode(self, batch, encode) -> np.ndarray:
         import torch
@@ -110,3 +87,22 @@ class OpenClipEmbedder(Embedder):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self._encode(self.tokenizer(list(texts)), self.model.encode_text)
+
+
+def _open_clip_source(identity: ModelIdentity) -> tuple[str, str | None]:
+    """(model name, pretrained) for open_clip's factory, loading exactly the weights ``identity`` names."""
+    if identity.open_clip_name and identity.open_clip_name.startswith("hf-hub:"):
+        # open_clip's hf-hub: loader takes no revision; load the snapshot of
+        # the recorded commit (or revision asked) as a local directory instead.
+        snapshot = cached_snapshot(identity.hub_repo, identity.revision)
+        if snapshot is None:
+            from huggingface_hub import snapshot_download
+
+            try:
+                snapshot = snapshot_download(
+                    identity.hub_repo, revision=identity.revision, allow_patterns=[OPEN_CLIP_CONFIG, *OPEN_CLIP_WEIGHTS]
+                )
+            except Exception as exc:  # noqa: BLE001 - offline, unreachable, gated: the caller names the fix
+                raise OSError(f"{identity.hub_repo}@{identity.revision} is not in the HF cache: {exc}") from exc
+        return f"local-dir:{snapshot}", None
+    return identity.open_clip_name, identity.pretrained

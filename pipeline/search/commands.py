@@ -145,13 +145,18 @@ Examples:
 @click.option("--limit", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Number of results.")
 @_json_option
 @click.option("--device", default="auto", show_default=True, help="Where to run the query embedder: auto, cpu, cuda.")
+@click.option(
+    "--embed-model",
+    help="Load the query embedder from here (same forms as `captioner run --embed-model`), e.g. after moving a "
+    "local model. It must be the model that built the index. [default: the model recorded in the index]",
+)
 @click.option("--ef-search", default=None, type=click.IntRange(min=1), help="HNSW search beam width (higher: better recall, slower) [default: 64 up to 300k images, else 256].")
 @_user_errors
-def search_command(query, index_path, mode, image, where, probes, limit, as_json, device, ef_search):
+def search_command(query, index_path, mode, image, where, probes, limit, as_json, device, embed_model, ef_search):
     """Search the index for QUERY (or --image) and print the best matches."""
     from pipeline.search.image_index import ImageIndex
 
-    with ImageIndex.open(index_path, device=device, ef_search=ef_search) as idx:
+    with ImageIndex.open(index_path, device=device, ef_search=ef_search, embed_model=embed_model) as idx:
         hits = idx.search(query, mode=mode, image=image, k=limit, where=where, probes=probes)
     if as_json:
         _echo_json([h.to_dict() for h in hits])

@@ -21,6 +21,8 @@ from pipeline.search.fusion import K_RRF, reciprocal_rank_fusion
 from pipeline.search.index import INDEX_FORMAT, IndexInfo, default_ef_search, read_info
 
 MODES = ("hybrid", "text", "semantic")
+# DuckDB statement types that only read; any other type is an attempt to write or reconfigure.
+_READING_STATEMENTS = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "RELATION", "CALL"})
 # How deep each list goes before fusion: RRF needs more than the top k of
 # each list, or an item ranked k+1 in both lists would be lost.
 DEFAULT_FUSION_DEPTH = 50
@@ -59,11 +61,14 @@ class DuplicateMember:
 
 
 class ImageIndex:
-    def __init__(self, con: duckdb.DuckDBPyConnection, info: IndexInfo, path: Path, *, embedder=None, device="auto"):
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, info: IndexInfo, path: Path, *, embedder=None, device="auto", embed_model=None
+    ):
         self._con = con
         self.info = info
         self.path = path
         self.device = device
+        self.embed_model = embed_model
         self._embedder = None
         if embedder is not None:
             self._embedder = self._checked(embedder)
@@ -79,12 +84,16 @@ class ImageIndex:
         embedder=None,
         device: str = "auto",
         ef_search: int | None = None,
+        embed_model: str | None = None,
     ) -> "ImageIndex":
         """Open an index built by ``captioner index``.
 
         ``embedder`` (an Embedder) is used for semantic queries; without it
-        the embedder recorded in the index is built on first use, on
-        ``device``. Either way it must be the one that built the index.
+        one is built on first use, on ``device``, from ``embed_model`` (a
+        spec, e.g. the model's new path after moving it), else from the
+        model recorded in the index (for local weights, which are recorded
+        by content, the spec saved beside the indexed output). Either way it
+        must be the model that built the index.
         ``ef_search``: HNSW search beam; None picks one by index size
         (pipeline.search.index.default_ef_search).
         """
@@ -122,7 +131,7 @@ class ImageIndex:
         except BaseException:
             con.close()
             raise
-        return cls(con, info, path, embedder=embedder, device=device)
+        return cls(con, info, path, embedder=embedder, device=device, embed_model=embed_model)
 
     def close(self) -> None:
         self._con.close()
@@ -147,11 +156,41 @@ class ImageIndex:
         from pipeline.models import build_embedder, resolve_embedder
         from pipeline.models.base import ModelUnavailable
 
-        spec = self._require_embeddings()
+        spec = self._embedder_spec()
         try:
-            return build_embedder(resolve_embedder(spec), self.device)  # backends resolve "auto" themselves
+            ref = resolve_embedder(spec)
+            self._check_identity(spec, ref)  # refuse another model before loading its weights
+            return build_embedder(ref, self.device)  # backends resolve "auto" themselves
         except (ConfigError, ModelUnavailable) as exc:
-            raise SearchError(f"cannot load the embedder {spec!r} that built this index: {exc}") from exc
+            raise SearchError(f"cannot load the embedder {spec!r} for this index: {exc}") from exc
+
+    def _embedder_spec(self) -> str:
+        """Where to load the query embedder from: asked for, recorded in the index, or saved beside its output."""
+        from pipeline.models.identity import is_local_model
+
+        stored = self._require_embeddings()
+        if self.embed_model:
+            return self.embed_model
+        if not is_local_model(stored):
+            return stored  # a hub model's stored id is a spec that rebuilds it
+        found = _saved_spec_matching(self.info)
+        if found:
+            return found
+        raise SearchError(
+            f"this index was embedded with local weights {stored} (revision {self.info.embed_revision}); they are "
+            "recorded by content, not by path, and the run config saved beside the indexed output does not lead "
+            "to them any more. Pass --embed-model with the model's current location (a directory, or "
+            "open_clip:NAME@/path/to/checkpoint)"
+        )
+
+    def _check_identity(self, spec: str, ref) -> None:
+        from pipeline.models.identity import model_identity
+
+        ident = model_identity(ref)
+        if not ident.resolved:
+            return  # a plug-in backend: only the built embedder can say who it is (see _checked)
+        if (ident.model, ident.revision) != (self.info.embed_model, self.info.embed_revision):
+            raise SearchError(self._mismatch(ident.model, ident.revision, None, given=spec))
 
     def _checked(self, embedder):
         info = self.info
@@ -159,13 +198,19 @@ class ImageIndex:
         theirs = (getattr(embedder, "model_id", None), getattr(embedder, "revision", None), getattr(embedder, "dim", None))
         ours = (info.embed_model, info.embed_revision, info.embedding_dim)
         if theirs != ours:
-            raise SearchError(
-                f"this index was built with embeddings from {ours[0]} (revision {ours[1]}, dim {ours[2]}) "
-                f"but the query embedder is {theirs[0]} (revision {theirs[1]}, dim {theirs[2]}); vectors from "
-                f"different models are not comparable. Query with the index's model, or re-run `captioner run` "
-                f"with --embed-model {theirs[0]} and build a new index from that output"
-            )
+            raise SearchError(self._mismatch(*theirs))
         return embedder
+
+    def _mismatch(self, model, revision, dim, given=None) -> str:
+        info = self.info
+        dim_text = f", dim {dim}" if dim is not None else ""
+        what = f"{given} is {model}" if given and given != model else f"{model}"
+        return (
+            f"this index was built with embeddings from {info.embed_model} (revision {info.embed_revision}, dim "
+            f"{info.embedding_dim}) but the query embedder {what} (revision {revision}{dim_text}); vectors from "
+            "different models are not comparable. Query with the index's model, or re-run `captioner run` "
+            "with --embed-model set to this one and build a new index from that output"
+        )
 
     def _require_embeddings(self) -> str:
         if not self.info.embed_model or not self.info.embedding_dim:
@@ -423,7 +468,10 @@ class ImageIndex:
             return SqlResult(columns, cursor.fetchall() if columns else [])
         except duckdb.Error as exc:
             self._rollback()
-            raise SearchError(f"SQL error (the index is read-only): {_first_line(exc)}") from exc
+            # The read-only hint explains a refused write; on a query it would
+            # send the user looking for the wrong cause.
+            hint = " (the index is read-only)" if statements[0].type.name not in _READING_STATEMENTS else ""
+            raise SearchError(f"SQL error{hint}: {_first_line(exc)}") from exc
 
     def _rollback(self) -> None:
         # A failed statement can leave the transaction aborted; later
@@ -432,6 +480,33 @@ class ImageIndex:
             self._con.execute("ROLLBACK")
         except duckdb.Error:
             pass
+
+
+def _saved_spec_matching(info: IndexInfo) -> str | None:
+    """The embed model spec of a run config saved beside an indexed file, if it still names the index's model.
+
+    ``captioner run`` saves its config as ``NAME.config.json`` beside a
+    single-file output and as ``_captioner_config.json`` in a directory output.
+    """
+    import json
+
+    from pipeline.models.identity import EMBED, model_identity
+
+    seen = set()
+    for path, *_ in info.files:
+        path = Path(path)
+        for candidate in (path.with_name(path.stem + ".config.json"), path.parent / "_captioner_config.json"):
+            if candidate in seen or not candidate.is_file():
+                continue
+            seen.add(candidate)
+            try:
+                spec = json.loads(candidate.read_text())["embed"]["model"]
+                ident = model_identity(spec, EMBED)
+            except Exception:  # noqa: BLE001 - an unreadable or outdated config just does not lead anywhere
+                continue
+            if (ident.model, ident.revision) == (info.embed_model, info.embed_revision):
+                return spec
+    return None
 
 
 def _check_versions(info: IndexInfo, path: Path) -> None:

@@ -2,9 +2,12 @@
 
 Layout of an index database (all names fixed, nothing derived from user text):
 
-  image_rows   every row of every source file (all statuses), latest row per
-               uri, without the embedding; ``id`` is ours, ``source_file`` /
-               ``source_row`` say where the row came from.
+  image_rows   one row per uri (all statuses), without the embedding: the
+               newest row (pipeline.rows) with, when it is ok, the newest
+               caption/probes and the newest embedding model columns of the
+               same bytes from any source file; ``id`` is ours,
+               ``source_file`` / ``source_row`` say where the row came from,
+               ``embedding_source_file`` / ``_row`` where its embedding did.
   embeddings   (id, embedding FLOAT[D]) for status='ok' rows that have one;
                the HNSW index, when built, lives on this table.
   docs         (id, text) for status='ok' rows: caption + probe answers, with
@@ -34,6 +37,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.rows import sql_is_newest
 from pipeline.search.errors import SearchError
 from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
 
@@ -165,15 +169,19 @@ def check_files(files: list[Path]):
             runs.append(check_schema(schema, where=str(path)))
         except SchemaMismatch as exc:
             raise SearchError(f"{exc}; re-run `captioner run` to rewrite it, or leave it out of the index") from exc
-    first_path, first = files[0], runs[0]
-    for path, run in zip(files[1:], runs[1:]):
-        ours = (run.embed_model, run.embed_revision, run.embedding_dim)
+    # Outputs without an embedder (captions only), or with no rows yet to fix
+    # its width, add captions to any index.
+    embedded = [(path, run) for path, run in zip(files, runs) if run.embed_model is not None and run.embedding_dim]
+    if embedded:
+        first_path, first = embedded[0]
         theirs = (first.embed_model, first.embed_revision, first.embedding_dim)
-        if ours != theirs:
-            raise SearchError(
-                f"{path} was embedded with {_describe(*ours)} but {first_path} with {_describe(*theirs)}; "
-                f"embeddings from different models are not comparable, so build one index per embedder (--db)"
-            )
+        for path, run in zip(files, runs):
+            ours = (run.embed_model, run.embed_revision, run.embedding_dim)
+            if run.embed_model is not None and ours[:2] != theirs[:2] or (run.embedding_dim and ours != theirs):
+                raise SearchError(
+                    f"{path} was embedded with {_describe(*ours)} but {first_path} with {_describe(*theirs)}; "
+                    f"embeddings from different models are not comparable, so build one index per embedder (--db)"
+                )
     return runs
 
 
@@ -306,24 +314,52 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
     from schemas.v1 import COLUMN_NAMES
 
     hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction = settings
-    run = runs[0]
+    # The embedder of the index: that of the files that have one (check_files made them agree).
+    run = next((r for r in runs if r.embed_model is not None and r.embedding_dim), None) or next(
+        (r for r in runs if r.embed_model is not None), runs[0]
+    )
     dim = int(run.embedding_dim) if run.embedding_dim else None
     file_list = [str(p) for p in files]
     plain = [c for c in COLUMN_NAMES if c != "embedding"]
     cols = ", ".join(plain)  # constant schema column names, not user input
 
-    # Latest row per uri wins: a rerun that re-processed an image supersedes it.
+    # One row per uri: the newest row (pipeline.rows) decides status and the
+    # file facts. When it is ok, caption/probes come from the newest ok row
+    # that ran the captioner and the embedding from the newest ok row that ran
+    # the embedder, each with its model columns, both among rows of the same
+    # bytes (image_id): an embeddings-only output indexed over a captioned one
+    # keeps the captions.
+    caption_cols = ["caption", "probes", "caption_model", "caption_revision", "probe_set_hash"]
+    embed_cols = ["embed_model", "embed_revision"]
+    newest = sql_is_newest(file="source_file", row="source_row")
+
+    def part_of(alias: str, columns: list[str]) -> str:
+        return ", ".join(f"CASE WHEN {alias}.uri IS NOT NULL THEN {alias}.{c} ELSE b.{c} END AS {c}" for c in columns)
+
+    base_select = ", ".join(
+        part_of("c", [c]) if c in caption_cols else part_of("e", [c]) if c in embed_cols else f"b.{c}" for c in plain
+    )
     with _timed(timings, "load"):
         con.execute(
             f"""
             CREATE TABLE image_rows AS
-            SELECT row_number() OVER (ORDER BY uri) - 1 AS id, *
-            FROM (
+            WITH src AS (
                 SELECT {cols}, filename AS source_file, file_row_number AS source_row
                 FROM read_parquet(?, filename = true, file_row_number = true)
-                QUALIFY row_number() OVER (
-                    PARTITION BY uri ORDER BY processed_at DESC, filename DESC, file_row_number DESC) = 1
-            )
+            ),
+            base AS (SELECT * FROM src QUALIFY {newest}),
+            same_bytes AS (
+                SELECT s.* FROM src AS s JOIN base AS b ON s.uri = b.uri AND s.image_id = b.image_id
+                WHERE b.status = 'ok' AND s.status = 'ok'
+            ),
+            captioned AS (SELECT * FROM same_bytes WHERE caption_model IS NOT NULL QUALIFY {newest}),
+            embedded AS (SELECT * FROM same_bytes WHERE embed_model IS NOT NULL QUALIFY {newest})
+            SELECT row_number() OVER (ORDER BY b.uri) - 1 AS id, {base_select},
+                   b.source_file, b.source_row,
+                   e.source_file AS embedding_source_file, e.source_row AS embedding_source_row
+            FROM base AS b
+            LEFT JOIN captioned AS c ON c.uri = b.uri
+            LEFT JOIN embedded AS e ON e.uri = b.uri
             ORDER BY id
             """,
             [file_list],
@@ -340,7 +376,8 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
                 INSERT INTO embeddings
                 SELECT r.id, p.embedding::FLOAT[{dim}]
                 FROM read_parquet(?, filename = true, file_row_number = true) AS p
-                JOIN image_rows AS r ON r.source_file = p.filename AND r.source_row = p.file_row_number
+                JOIN image_rows AS r
+                  ON r.embedding_source_file = p.filename AND r.embedding_source_row = p.file_row_number
                 WHERE r.status = 'ok' AND p.embedding IS NOT NULL
                 """,
                 [file_list],

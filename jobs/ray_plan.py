@@ -1,0 +1,304 @@
+"""The Ray side of a run: the session, the resource plan and the dataset.
+
+``ray_session`` joins ``--address`` or starts an embedded local Ray, quietly.
+``plan_resources`` turns the config into CPU/GPU shares that fit the cluster
+it is given: values left at their defaults shrink to fit (a 2-CPU head runs
+the job), values set in the config are taken as asked and a run that cannot
+fit is refused instead of waiting for ever. ``build_dataset`` wires the
+stages: decode as CPU tasks, the caption and embed models as actor pools,
+then the conform step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.config import RunConfig
+from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
+from pipeline.stages.contract import LISTED
+
+log = logging.getLogger(__name__)
+
+# Defaults of the shares a config leaves unset (None), before fitting.
+DEFAULT_MODEL_ACTOR_CPUS = 1.0
+DEFAULT_DECODE_CPUS = 0.5
+CONFORM_CPUS = 0.25
+# Ray schedules fractional CPUs down to 1/10000; keep shares usable.
+_MIN_SHARE = 0.05
+
+
+class RayUnavailable(RuntimeError):
+    """Ray could not be started or reached, or the run cannot fit it; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    use_gpu: bool
+    model_actor_cpus: float
+    decode_cpus: float
+    conform_cpus: float
+    caption_gpus: float
+    embed_gpus: float
+
+    @property
+    def torch_threads(self) -> int:
+        return max(1, int(round(self.model_actor_cpus)))
+
+
+def _model_actor_count(config: RunConfig) -> int:
+    return config.caption.runs_model * config.ray.caption_actors + config.embed.enabled * config.ray.embed_actors
+
+
+def _cpus_needed(config: RunConfig, actor_cpus: float, decode_cpus: float, conform_cpus: float) -> float:
+    """Logical CPUs for the model actors plus one decode and one conform task."""
+    return _model_actor_count(config) * actor_cpus + decode_cpus + conform_cpus
+
+
+def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) -> ResourcePlan:
+    """CPU/GPU shares for this run on a cluster with ``cluster`` resources (ray.cluster_resources())."""
+    ray_config = config.ray
+    actor_cpus = 1.0 if use_gpu else (ray_config.model_actor_cpus or DEFAULT_MODEL_ACTOR_CPUS)
+    decode_cpus = ray_config.decode_cpus or DEFAULT_DECODE_CPUS
+    conform_cpus = CONFORM_CPUS
+    available = cluster.get("CPU", 0.0)
+    needed = _cpus_needed(config, actor_cpus, decode_cpus, conform_cpus)
+    # Shrink what the user left to us, all in proportion, until the plan fits.
+    if needed > available > 0:
+        fixed = 0.0
+        if ray_config.model_actor_cpus is not None and not use_gpu:
+            fixed += _model_actor_count(config) * actor_cpus
+        if ray_config.decode_cpus is not None:
+            fixed += decode_cpus
+        flexible = needed - fixed
+        if flexible > 0 and available > fixed:
+            scale = (available - fixed) / flexible
+            if ray_config.model_actor_cpus is None or use_gpu:
+                actor_cpus = max(_MIN_SHARE, actor_cpus * scale)
+            if ray_config.decode_cpus is None:
+                decode_cpus = max(_MIN_SHARE, decode_cpus * scale)
+            conform_cpus = max(_MIN_SHARE, conform_cpus * scale)
+            needed = _cpus_needed(config, actor_cpus, decode_cpus, conform_cpus)
+    gpus_needed = (
+        config.caption.runs_model * ray_config.caption_actors * ray_config.caption_gpus
+        + config.embed.enabled * ray_config.embed_actors * ray_config.embed_gpus
+    )
+    problems = []
+    if available + 1e-9 < needed:
+        problems.append(f"{needed:g} CPUs (the cluster has {available:g})")
+    if use_gpu and cluster.get("GPU", 0) + 1e-9 < gpus_needed:
+        problems.append(f"{gpus_needed:g} GPUs (the cluster has {cluster.get('GPU', 0):g})")
+    if problems:
+        raise RayUnavailable(
+            f"this run needs {' and '.join(problems)}: {_model_actor_count(config)} model actor(s) plus decode and "
+            "conform tasks. Lower ray.model_actor_cpus / ray.decode_cpus / ray.caption_gpus / ray.embed_gpus or the "
+            "actor counts in --config (or leave them unset to fit the cluster), or add nodes to the cluster."
+        )
+    return ResourcePlan(
+        use_gpu=use_gpu,
+        model_actor_cpus=actor_cpus,
+        decode_cpus=decode_cpus,
+        conform_cpus=conform_cpus,
+        caption_gpus=ray_config.caption_gpus,
+        embed_gpus=ray_config.embed_gpus,
+    )
+
+
+def current_plan(config: RunConfig) -> ResourcePlan:
+    """The plan for the Ray this process is connected to."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    if config.device == "cpu":
+        use_gpu = False
+    elif config.device == "cuda":
+        use_gpu = True
+    else:
+        use_gpu = cluster.get("GPU", 0) > 0
+    return plan_resources(config, cluster, use_gpu)
+
+
+# ---- the dataset ------------------------------------------------------------------
+
+
+def _bound(stage_class, stage: StageConfig):
+    """``stage_class`` with its config baked in.
+
+    Ray Data puts constructor arguments in the object store, and Ray logs an
+    error-level warning for every such actor; a class that closes over its
+    config travels with its definition instead.
+    """
+
+    class Bound(stage_class):
+        def __init__(self):
+            super().__init__(stage)
+
+    Bound.__name__ = Bound.__qualname__ = stage_class.__name__
+    return Bound
+
+
+def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
+    import ray.data
+
+    config = stage.run
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's tqdm bar is the one progress bar
+    dataset = ray.data.from_arrow(input_blocks(pending, config.ray.decode_batch_size))
+    dataset = dataset.map_batches(
+        decode_batch,
+        fn_kwargs={"stage": stage},
+        batch_size=config.ray.decode_batch_size,
+        batch_format="pyarrow",
+        num_cpus=plan.decode_cpus,
+    )
+    model_stages = [
+        (stage.runs_captioner, CaptionStage, config.caption.batch_size, config.ray.caption_actors, plan.caption_gpus),
+        (stage.runs_embedder, EmbedStage, config.embed.batch_size, config.ray.embed_actors, plan.embed_gpus),
+    ]
+    for enabled, stage_class, batch_size, actors, gpus in model_stages:
+        if enabled:
+            # Fault tolerance is Ray Data's default for actor pools: an actor that
+            # dies (OOM kill, lost node, segfault) is restarted and its in-flight
+            # batch retried (tests/test_crash_resume.py kills one).
+            resources = {"num_gpus": gpus, "num_cpus": plan.model_actor_cpus} if plan.use_gpu else {
+                "num_cpus": plan.model_actor_cpus
+            }
+            dataset = dataset.map_batches(
+                _bound(stage_class, stage),
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                **resources,
+            )
+    return dataset.map_batches(
+        conform_batch, fn_kwargs={"stage": stage}, batch_size=None, batch_format="pyarrow", num_cpus=plan.conform_cpus
+    )
+
+
+def input_blocks(pending, batch_size: int, max_blocks: int = 2000) -> list[pa.Table]:
+    """The listing as Arrow blocks of the LISTED contract.
+
+    Many small blocks let decode tasks run in parallel from the first image;
+    the cap keeps a million-image run from creating a million tiny objects.
+    """
+    from pipeline.sources import stored_uri
+
+    rows = max(batch_size, -(-len(pending) // max_blocks))
+    return [
+        LISTED.table(
+            {
+                "uri": [stored_uri(i.uri) for i in chunk],
+                "location": [i.uri.encode("utf-8", "surrogateescape") for i in chunk],
+                "size": [i.size for i in chunk],
+            }
+        )
+        for chunk in (pending[start : start + rows] for start in range(0, len(pending), rows))
+    ]
+
+
+# ---- the session ------------------------------------------------------------------
+
+
+def _quiet_ray_loggers() -> None:
+    # Warnings Ray logs on every healthy run: token auth being on (it is, and
+    # should be), and Ray Data's progress bars being off (ours is on).
+    for name in ("ray._private.authentication", "ray.data._internal.progress"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class ray_session:
+    """Connect to ``--address`` or start an embedded local Ray; shut down only what we started."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.started = False
+
+    def __enter__(self):
+        import ray
+
+        debug = bool(os.environ.get("CAPTIONER_DEBUG"))
+        if not debug:
+            # Read when ray.data is first imported, which happens after this.
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+            _quiet_ray_loggers()
+        if ray.is_initialized():
+            return self
+        address = self.config.ray.address or os.environ.get("RAY_ADDRESS")
+        # Ray's start-up and Ray Data's per-dataset INFO lines would bury the
+        # progress bar; CAPTIONER_DEBUG=1 brings them and worker output back.
+        kwargs = {
+            "include_dashboard": False,
+            "log_to_driver": debug,
+            "logging_level": logging.INFO if debug else logging.WARNING,
+        }
+        if address:
+            _check_reachable(address)
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                # "local" always starts a fresh instance, never joins a cluster
+                # that happens to run on this machine.
+                ray.init(address="local", num_cpus=_local_cpus(self.config), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same fault
+            raise RayUnavailable(_explain_init_failure(exc, address)) from exc
+        self.started = True
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.started:
+            import ray
+
+            ray.shutdown()
+        return False
+
+
+def _explain_init_failure(exc: Exception, address: str | None) -> str:
+    where = f"the Ray cluster at {address}" if address else "an embedded local Ray"
+    text = str(exc).split(". Ensure")[0]
+    if type(exc).__name__ == "AuthenticationError" or "authentication" in text.lower():
+        fix = (
+            "the cluster uses token authentication: copy its token (`ray get-auth-token` on the head node) into "
+            "~/.ray/auth_token here, or set RAY_AUTH_TOKEN"
+        )
+    elif address:
+        fix = "check the address (ray status on the head node) or drop --address to run locally"
+    else:
+        fix = "see the Ray logs under /tmp/ray"
+    return f"could not start or reach {where}: {type(exc).__name__}: {text}. Fix: {fix}."
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at ``address``.
+
+    ray.init retries an unreachable GCS for ever (a warning every few seconds),
+    so a mistyped address would hang the run instead of failing it.
+    """
+    if address in ("auto", "local"):
+        return  # ray.init resolves these itself and fails fast
+    # host:port (the GCS) or ray://host:port (Ray Client); other forms are left to ray.init.
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RayUnavailable(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}. Fix: check the host "
+            "and port (`ray status` on the head node shows them; the GCS listens on 6379 and Ray Client on "
+            "10001 by default), or drop --address and unset RAY_ADDRESS to run on an embedded local Ray."
+        ) from exc
+
+
+def _local_cpus(config: RunConfig) -> int:
+    # Ray counts logical CPUs: the model actors must fit beside at least a
+    # couple of decode tasks or the pipeline stalls, even on a 2-core laptop.
+    actor_cpus = config.ray.model_actor_cpus or DEFAULT_MODEL_ACTOR_CPUS
+    decode_cpus = config.ray.decode_cpus or DEFAULT_DECODE_CPUS
+    needed = _cpus_needed(config, actor_cpus, decode_cpus, CONFORM_CPUS) + decode_cpus + CONFORM_CPUS
+    return max(os.cpu_count() or 1, int(needed + 0.999))

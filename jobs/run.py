@@ -1,0 +1,169 @@
+"""The run: list the source, skip what is done, process the rest, summarise.
+
+Rows stream back from the Ray stages to this driver, which commits them as
+atomic part files every ``rows_per_part`` images (``PartWriter``): the output
+works the same whether or not the workers share a disk with the driver, and
+a crash or Ctrl-C loses at most the rows not yet committed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from jobs.quiet import native_stderr_filter
+from jobs.ray_plan import build_dataset, current_plan, ray_session
+from pipeline.config import RunConfig
+from pipeline.output import OutputStore, PartWriter
+from pipeline.models.identity import identity_for_run
+from pipeline.preflight import check_weights
+from pipeline.sources import list_images, stored_uri
+from pipeline.stages import StageConfig
+from schemas import STATUS_OK, RunMetadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    output: str
+    listed: int
+    skipped: int
+    processed: int = 0
+    ok: int = 0
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    total_rows: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.error_kinds.items()))
+        return [
+            f"output      {self.output} ({self.total_rows} rows)",
+            f"listed      {self.listed} images, {self.skipped} already done, {self.processed} processed",
+            f"ok          {self.ok}",
+            f"errors      {self.errors}" + (f" ({kinds})" if self.errors else ""),
+            f"elapsed     {self.elapsed_s:.1f} s, {self.images_per_s:.2f} images/s",
+        ]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the rows committed so far are kept."""
+
+    def __init__(self, committed: int, output: str):
+        super().__init__(committed, output)
+        self.committed = committed
+        self.output = output
+
+    def __str__(self) -> str:
+        return (
+            f"interrupted: {self.committed} processed rows were committed to {self.output} and are kept; "
+            "run the same command again to resume where it stopped"
+        )
+
+
+def run_identity(config: RunConfig) -> RunMetadata:
+    """The models and probe set every row of this run is stamped with (resolved on the driver, no weights)."""
+    caption = config.caption.model if config.caption.runs_model else None
+    embed = config.embed.model if config.embed.enabled else None
+    return identity_for_run(caption, embed, tuple(config.caption.probes) if caption else ())
+
+
+def _progress_label(config: RunConfig) -> str:
+    parts = []
+    if config.caption.enabled:
+        parts.append("captioning")
+    elif config.caption.probes:
+        parts.append("probing")
+    if config.embed.enabled:
+        parts.append("embedding")
+    return "+".join(parts)
+
+
+def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummary:
+    """Run the whole job; raise only for infrastructure faults (bad images become rows)."""
+    echo = echo or (lambda message: print(message, file=sys.stderr))
+    started = time.monotonic()
+    config = config.validate()
+    identity = run_identity(config)
+    # Missing weights fail here, in seconds, not on a worker after Ray started.
+    check_weights(
+        config.caption.model if config.caption.runs_model else None,
+        config.embed.model if config.embed.enabled else None,
+    )
+
+    store = OutputStore(config.output, config.storage_options_dict())
+    store.check_writable()
+    items = list_images(
+        config.source,
+        extensions=config.decode.extensions,
+        storage_options=config.storage_options_dict(),
+        limit=config.limit,
+    )
+    state = store.load_state(identity, overwrite=config.overwrite)
+    pending = [
+        item for item in items
+        if not state.is_done(stored_uri(item.uri), item.size, item.mtime, retry_errors=config.retry_errors)
+    ]
+    store.save_config(config.to_json())
+    summary = RunSummary(output=config.output, listed=len(items), skipped=len(items) - len(pending))
+    if not items:
+        echo(f"captioner: no images found under {config.source} (extensions: {' '.join(config.decode.extensions)})")
+    else:
+        echo(f"captioner: {len(items)} images listed, {summary.skipped} already done, {len(pending)} to process")
+
+    schema = None
+    if pending:
+        try:
+            with ray_session(config), native_stderr_filter():
+                plan = current_plan(config)
+                stage = StageConfig(run=config, identity=identity, torch_threads=plan.torch_threads)
+                schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress)
+        except KeyboardInterrupt:
+            # _process committed every row that reached the driver; Ray's
+            # teardown may raise a second interrupt, which lands here too.
+            raise RunInterrupted(summary.processed, config.output) from None
+    summary.total_rows = store.finalize(schema, run=identity)
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig, progress: bool) -> pa.Schema | None:
+    from tqdm import tqdm
+
+    writer = PartWriter(store, config.rows_per_part)
+    kinds: collections.Counter[str] = collections.Counter()
+    bar = tqdm(total=summary.listed - summary.skipped, unit="img", desc=_progress_label(config),
+               disable=not progress, dynamic_ncols=True, leave=False)
+    try:
+        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(table)
+            statuses = table["status"].to_pylist()
+            ok = sum(status == STATUS_OK for status in statuses)
+            summary.ok += ok
+            summary.errors += len(statuses) - ok
+            kinds.update(k for k, s in zip(table["error_kind"].to_pylist(), statuses) if s != STATUS_OK)
+            summary.processed += len(statuses)
+            bar.set_postfix(ok=summary.ok, errors=summary.errors, refresh=False)
+            bar.update(len(statuses))
+    finally:
+        # Rows that reached the driver are finished work: commit them even when
+        # the run is being torn down, so a rerun does not redo them.
+        writer.flush()
+        bar.close()
+    summary.error_kinds = dict(kinds)
+    return writer.schema
+
+
+def summary_json(summary: RunSummary) -> dict:
+    return dataclasses.asdict(summary)

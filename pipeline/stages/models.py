@@ -1,0 +1,134 @@
+"""Model stages (Ray actors): caption + probes, and the image embedding.
+
+The model is built once per actor in ``__init__``; ``__call__`` gets a whole
+batch, runs the model on its ok rows in one call, and returns the batch with
+its own columns added. A model failure is split down to the image that
+caused it (:func:`call_with_bisection`) and becomes that image's error row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.stages.config import StageConfig
+from pipeline.stages.contract import CAPTIONED, EMBEDDED, STATUS_COLUMNS
+from schemas import STATUS_ERROR, STATUS_OK
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_MAX_ERROR_CHARS = 500
+
+
+def call_with_bisection(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:
+    """Run ``fn`` on the whole list; if it raises, split and retry the halves.
+
+    One poisoned image then costs its own row, not its whole batch: the result
+    holds, per item, either fn's output or the exception it alone raised.
+    """
+    if not items:
+        return []
+    try:
+        results = fn(items)
+    except Exception as exc:  # noqa: BLE001 - any model failure becomes a row error
+        if len(items) == 1:
+            return [exc]
+        middle = len(items) // 2
+        return call_with_bisection(fn, items[:middle]) + call_with_bisection(fn, items[middle:])
+    if len(results) != len(items):
+        raise RuntimeError(f"model returned {len(results)} results for {len(items)} inputs")
+    return list(results)
+
+
+class _ModelStage:
+    """Shared plumbing: thread count, the ok rows' images, and error rows."""
+
+    #: the stage name in StageConfig.columns_after
+    name = ""
+
+    def __init__(self, stage: StageConfig):
+        import torch
+
+        self.stage = stage
+        # Ray gives the actor a CPU share; torch would otherwise use every core
+        # and fight the decode tasks and the other model for them.
+        torch.set_num_threads(stage.torch_threads)
+
+    def _run(self, batch: pa.Table, fn: Callable[[list], list]) -> tuple[dict, list[int], list]:
+        """Apply ``fn`` to the ok rows' images; return the batch's columns (status updated), rows, results."""
+        from PIL import Image
+
+        columns = {name: batch.column(name) for name in batch.column_names}
+        status = columns["status"].to_pylist()
+        rows = [i for i, s in enumerate(status) if s == STATUS_OK]
+        pixels = columns["pixels"]
+        widths, heights = columns["pixel_width"].to_pylist(), columns["pixel_height"].to_pylist()
+        images = [Image.frombytes("RGB", (widths[i], heights[i]), pixels[i].as_py()) for i in rows]
+        results = call_with_bisection(fn, images)
+        failed = {row: result for row, result in zip(rows, results) if isinstance(result, Exception)}
+        if failed:
+            kinds, errors = columns["error_kind"].to_pylist(), columns["error"].to_pylist()
+            for row, exc in failed.items():
+                status[row], kinds[row] = STATUS_ERROR, "model"
+                errors[row] = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+            columns.update(zip(STATUS_COLUMNS, (status, kinds, errors)))
+        return columns, rows, results
+
+    def _finish(self, columns: dict) -> pa.Table:
+        return self.stage.columns_after(self.name).table(columns)
+
+
+class CaptionStage(_ModelStage):
+    name = "caption"
+
+    def __init__(self, stage: StageConfig):
+        super().__init__(stage)
+        from pipeline.models import build_captioner, resolve_captioner
+
+        config = stage.run.caption
+        self.questions = tuple(config.probes)
+        self.write_caption = config.enabled
+        self.captioner = build_captioner(resolve_captioner(config.model), config, stage.run.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        describe = lambda images: self.captioner.describe(images, self.questions, caption=self.write_caption)  # noqa: E731
+        columns, rows, results = self._run(batch, describe)
+        captions: list = [None] * batch.num_rows
+        answers: list = [None] * batch.num_rows
+        for row, result in zip(rows, results):
+            if not isinstance(result, Exception):
+                captions[row] = result.caption if self.write_caption else None
+                answers[row] = list(result.answers)
+        columns.update(caption=captions, answers=answers)
+        assert set(CAPTIONED.names) <= set(columns)
+        return self._finish(columns)
+
+
+class EmbedStage(_ModelStage):
+    name = "embed"
+
+    def __init__(self, stage: StageConfig):
+        super().__init__(stage)
+        from pipeline.models import build_embedder, resolve_embedder
+
+        self.embedder = build_embedder(resolve_embedder(stage.run.embed.model), stage.run.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        columns, rows, results = self._run(batch, lambda images: list(self.embedder.embed_images(images)))
+        n, dim = batch.num_rows, self.embedder.dim
+        matrix = np.zeros((n, dim), dtype=np.float32)
+        valid = np.zeros(n, dtype=bool)
+        for row, result in zip(rows, results):
+            if not isinstance(result, Exception):
+                matrix[row], valid[row] = result, True
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim)
+        columns["embedding_dim"] = [dim] * n
+        columns["embedding"] = pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)), mask=pa.array(~valid))
+        assert set(EMBEDDED.names) <= set(columns)
+        return self._finish(columns)

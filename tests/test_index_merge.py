@@ -1,0 +1,94 @@
+"""`captioner index` over several outputs of the same images (issue 8, item 10).
+
+An embeddings-only output made after a captioning run must not wipe the
+captions: per image, the index keeps the newest caption/probes (with their
+caption model columns) and the newest embedding (with its embed model
+columns), both from rows of the same bytes (image_id) as the newest row.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from schemas import STATUS_ERROR, RunMetadata
+from tests.test_output import DIM, T0, make_rows
+
+CAPTION_ONLY = RunMetadata("tiny-vlm", "local", None, None, None, "1" * 64, ("Is it red?",))
+CAPTION_AND_EMBED = RunMetadata("tiny-vlm", "local", "open_clip:tiny", "local", DIM, "1" * 64, ("Is it red?",))
+EMBED_ONLY = RunMetadata(None, None, "open_clip:tiny", "local", DIM, "0" * 64)
+URIS = ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"]
+
+
+def write(path, table: pa.Table):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [*map(str, args)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+def images(db) -> dict[str, dict]:
+    out = cli(
+        "sql", "SELECT uri, status, caption, caption_model, probe_set_hash, embed_model, embedding IS NOT NULL AS embedded "
+        "FROM images ORDER BY uri", "--index", db, "--json",
+    )
+    return {row["uri"]: row for row in json.loads(out)}
+
+
+@pytest.mark.parametrize("first", [CAPTION_ONLY, CAPTION_AND_EMBED], ids=["caption-only", "caption-and-embed"])
+def test_embeddings_only_output_keeps_the_captions_of_another(tmp_path, first):
+    captioned = write(tmp_path / "captions.parquet", make_rows(URIS, run=first, caption="a red bicycle", at=T0))
+    embedded = write(tmp_path / "vectors" / "part-1.parquet", make_rows(URIS, run=EMBED_ONLY, at=T0 + timedelta(days=1), seed=5))
+    db = tmp_path / "index.duckdb"
+    cli("index", captioned, embedded.parent, "--db", db)
+
+    rows = images(db)
+    for uri in URIS:
+        row = rows[uri]
+        assert row["status"] == "ok"
+        assert (row["caption"], row["caption_model"], row["probe_set_hash"]) == ("a red bicycle", "tiny-vlm", "1" * 64)
+        assert row["embedded"] and row["embed_model"] == "open_clip:tiny"
+    hits = json.loads(cli("search", "bicycle", "--mode", "text", "--index", db, "--json"))
+    assert sorted(h["uri"] for h in hits) == URIS
+    # The embedding is the newer run's.
+    vectors = json.loads(cli("sql", "SELECT uri, embedding FROM images ORDER BY uri", "--index", db, "--json"))
+    newer = make_rows(URIS, run=EMBED_ONLY, seed=5)["embedding"].to_pylist()
+    assert [v["embedding"] for v in vectors] == newer  # float32 values, exactly
+
+
+def test_a_changed_file_does_not_inherit_the_old_caption(tmp_path):
+    captioned = write(tmp_path / "captions.parquet", make_rows(URIS, run=CAPTION_ONLY, caption="a red bicycle", at=T0))
+    newer = make_rows(URIS, run=EMBED_ONLY, at=T0 + timedelta(days=1))
+    ids = newer["image_id"].to_pylist()
+    ids[0] = "f" * 64  # a.jpg was replaced by another picture
+    newer = newer.set_column(newer.schema.get_field_index("image_id"), newer.schema.field("image_id"), pa.array(ids))
+    embedded = write(tmp_path / "vectors.parquet", newer)
+    db = tmp_path / "index.duckdb"
+    cli("index", captioned, embedded, "--db", db)
+    rows = images(db)
+    assert rows["/p/a.jpg"]["caption"] is None and rows["/p/a.jpg"]["caption_model"] is None
+    assert rows["/p/b.jpg"]["caption"] == "a red bicycle"
+
+
+def test_newest_error_row_still_wins_whole(tmp_path):
+    captioned = write(tmp_path / "captions.parquet", make_rows(URIS, run=CAPTION_AND_EMBED, at=T0))
+    failed = write(
+        tmp_path / "later.parquet",
+        make_rows(URIS[:1], run=EMBED_ONLY, status=STATUS_ERROR, error_kind="unreadable", at=T0 + timedelta(days=1)),
+    )
+    db = tmp_path / "index.duckdb"
+    cli("index", captioned, failed, "--db", db)
+    rows = images(db)
+    assert rows["/p/a.jpg"]["status"] == "error" and rows["/p/a.jpg"]["caption"] is None
+    assert rows["/p/b.jpg"]["status"] == "ok" and rows["/p/b.jpg"]["embedded"]

@@ -1,0 +1,129 @@
+"""pipeline.storage: one entry point for sources and outputs, backend errors turned into fixes.
+
+The missing-backend cases run `captioner run` as the user does: gcsfs is not
+installed in the test environment at all, and s3fs is hidden from a
+subprocess by a sitecustomize that refuses to import it. Neither needs Ray:
+the output is opened before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.output import OutputError, OutputStore
+from pipeline.sources import SourceError, list_images
+from tests.fixtures.images import make_jpegs
+
+REPO = Path(__file__).resolve().parents[1]
+
+BLOCK_S3FS = '''
+import sys
+
+class _NoS3fs:
+    """Behave as if s3fs were not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "s3fs" or name.startswith("s3fs."):
+            raise ModuleNotFoundError("No module named 's3fs'", name="s3fs")
+        return None
+
+sys.meta_path.insert(0, _NoS3fs())
+'''
+
+
+def _gcsfs_installed() -> bool:
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def models(tiny_vlm_dir, tiny_clip_dir) -> list[str]:
+    # Local models that load: the storage error must be what stops the run.
+    return ["--caption-model", str(tiny_vlm_dir), "--embed-model", str(tiny_clip_dir)]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    make_jpegs(folder, 2)
+    return folder
+
+
+def test_out_s3_without_s3fs_is_a_clear_error(photos, tmp_path, models):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_S3FS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(photos), "--out", "s3://some-bucket/out/", *models, "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "pip install 'captioner[s3]'" in done.stderr
+    assert "s3://some-bucket/out/" in done.stderr
+
+
+def test_the_blocker_really_hides_s3fs(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_S3FS)
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    done = subprocess.run([sys.executable, "-c", "import s3fs"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "No module named 's3fs'" in done.stderr
+
+
+@pytest.mark.skipif(_gcsfs_installed(), reason="gcsfs is installed here")
+@pytest.mark.parametrize("where", ["out", "source"])
+def test_gs_without_gcsfs_is_a_clear_error_either_side(photos, tmp_path, where, models):
+    args = [str(photos), "--out", "gs://some-bucket/out/"] if where == "out" else ["gs://some-bucket/photos", "--out", str(tmp_path / "o.parquet")]
+    result = CliRunner().invoke(main, ["run", *args, *models, "--no-progress"])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "pip install 'captioner[gcs]'" in result.output
+
+
+def test_missing_credentials_say_how_to_set_them(s3_bucket, photos, monkeypatch, models):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    from tests.fixtures.s3 import clear_s3fs_instances
+
+    clear_s3fs_instances()
+    result = CliRunner().invoke(
+        main, ["run", str(photos), "--out", s3_bucket.url("out/"), *s3_bucket.cli_options, *models, "--no-progress"]
+    )
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "credentials" in result.output and "AWS_ACCESS_KEY_ID" in result.output
+    with pytest.raises(SourceError, match="credentials"):
+        list_images(s3_bucket.url("photos"), extensions=(".jpg",), storage_options=s3_bucket.storage_options)
+
+
+def test_missing_output_bucket_names_the_bucket(s3_bucket, photos, models):
+    url = "s3://captioner-no-such-bucket-here/out/"
+    result = CliRunner().invoke(main, ["run", str(photos), "--out", url, *s3_bucket.cli_options, *models, "--no-progress"])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert f"cannot write to {url}" in result.output and "bucket does not exist" in result.output
+
+
+def test_errors_are_one_family():
+    assert issubclass(SourceError, storage.StorageError) and issubclass(OutputError, storage.StorageError)
+    with pytest.raises(SourceError, match="nosuchproto"):
+        storage.open_filesystem("nosuchproto://x/y", role="source")
+    with pytest.raises(OutputError, match="nosuchproto"):
+        OutputStore("nosuchproto://x/y.parquet")
+
+
+def test_read_bytes_is_the_storage_one():
+    from pipeline import decode, sources
+
+    assert decode.read_bytes is storage.read_bytes and sources.read_bytes is storage.read_bytes
