@@ -60,7 +60,7 @@ class ThumbnailCache:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         storage_options: dict[str, Any] | None = None,
-        max_pixels: int = DecodeConfig.max_pixels,
+        max_pixels: int = DecodeConfig().max_pixels,
     ):
         self.max_bytes = int(max_bytes)
         self.storage_options = storage_options
