@@ -93,7 +93,8 @@ def chunk_table(start: int, x: np.ndarray, caps: list[str], rng, schema: pa.Sche
     answer_bool[0::2] = person
     answer_bool[1::2] = None
     probes = pa.StructArray.from_arrays(
-        [pa.array(np.tile([PERSON, COLOR], n)), pa.array(answers, pa.string()), pa.array(answer_bool, pa.bool_())],
+        [pa.array(np.tile([PERSON, COLOR], n)), pa.array(answers, pa.string()), pa.array(answer_bool, pa.bool_())]
+        + [pa.nulls(2 * n, f.type) for f in list(PROBE_TYPE)[3:]],  # yes_prob, truncated (schema v2)
         fields=list(PROBE_TYPE),
     )
     ids = np.arange(start, start + n)
@@ -113,6 +114,7 @@ def chunk_table(start: int, x: np.ndarray, caps: list[str], rng, schema: pa.Sche
         "error_kind": const(None, pa.string()),
         "error": const(None, pa.string()),
         "caption": pa.array(caps),
+        "caption_truncated": const(None, pa.bool_()),
         "probes": pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), probes, type=schema.field("probes").type),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
         "caption_model": const(run.caption_model, pa.string()),

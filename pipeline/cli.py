@@ -13,6 +13,7 @@ import click
 
 from pipeline import __version__
 from pipeline.config import (
+    CAPTION_DTYPES,
     CAPTION_LENGTHS,
     DEFAULT_CAPTION_MODEL,
     DEFAULT_EMBED_MODEL,
@@ -88,6 +89,8 @@ def _parse_storage_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ..
 @click.option("--probes", "probes_file", type=click.Path(dir_okay=False), help="YAML/JSON list of probe questions asked of every image. [default: the built-in set]")
 @click.option("--caption-length", type=click.Choice(CAPTION_LENGTHS), help="Caption length. [default: normal]")
 @click.option("--batch-size", type=int, help="Images per captioning batch. [default: 8]")
+@click.option("--max-crops", type=click.IntRange(1, 12), help="Moondream: local crops per image, fewer is faster on large images. [default: 12, the reference's]")
+@click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help="Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. [default: auto]")
 @click.option("--embed-batch-size", type=int, help="Images per embedding batch. [default: 32]")
 @click.option("--device", type=click.Choice(DEVICES), help="Where models run; auto picks CUDA when the cluster has GPUs. [default: auto]")
 @click.option("--address", help="Address of a running Ray cluster (ray start --head). [default: start an embedded local Ray]")
@@ -162,6 +165,8 @@ def _run_config(source, output, config_file, probes_file, storage_options, no_ca
             "caption.model": flags["caption_model"],
             "caption.length": flags["caption_length"],
             "caption.batch_size": flags["batch_size"],
+            "caption.max_crops": flags["max_crops"],
+            "caption.dtype": flags["dtype"],
             "caption.probes": probes,
             "caption.enabled": False if no_caption else None,
             "embed.model": flags["embed_model"],
@@ -194,7 +199,7 @@ def _raise_model_unavailable(exc: BaseException) -> None:
 @click.option("--dim", type=int, help="Embedding width to show for the embedding column (e.g. 1152 for SigLIP SO400M).")
 def schema(dim: int | None) -> None:
     """Print the Parquet schema: every column, its type and meaning."""
-    from schemas.v1 import describe
+    from schemas import describe
 
     click.echo(describe(dim))
 

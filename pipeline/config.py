@@ -29,6 +29,7 @@ DEFAULT_CAPTION_MODEL = f"moondream2@{MOONDREAM_REVISION}"
 DEFAULT_EMBED_MODEL = "open_clip:ViT-SO400M-14-SigLIP-384"
 
 CAPTION_LENGTHS = ("short", "normal", "long")
+CAPTION_DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif",
@@ -72,14 +73,27 @@ class CaptionConfig(_Section):
     length: StrictStr = "normal"
     probes: tuple[StrictStr, ...] = ()
     batch_size: PositiveInt = 8
-    max_new_tokens: PositiveInt = 64
+    # None: the backend's per-length caption budget (Moondream: the reference's
+    # 768 for normal/long), so captions end at end-of-sequence, not at a cut.
+    max_new_tokens: PositiveInt | None = None
     answer_max_new_tokens: PositiveInt = 16
+    # Moondream: local crops per image (the reference's 12) and the weights'
+    # dtype (auto: bfloat16 on a GPU, float32 on CPU, where parity is checked).
+    max_crops: Annotated[StrictInt, Field(ge=1, le=12)] = 12
+    dtype: StrictStr = "auto"
 
     @field_validator("length")
     @classmethod
     def _known_length(cls, value: str) -> str:
         if value not in CAPTION_LENGTHS:
             raise ValueError(f"must be one of {', '.join(CAPTION_LENGTHS)}, got {value!r}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in CAPTION_DTYPES:
+            raise ValueError(f"must be one of {', '.join(CAPTION_DTYPES)}, got {value!r}")
         return value
 
     @field_validator("model")

@@ -11,7 +11,10 @@ Layout
                            retry superseded.
 
 Which row is current for an image is decided in one place, pipeline.rows;
-resume (``load_state``), both merges and the search index ask it.
+resume (``load_state``), both merges and the search index ask it. Files of an
+older schema version (v1) stay valid: resume reads only key columns, which
+every version has, and the single-file merge upgrades their rows
+(schemas.upgrade_table) as it streams them, so the merged file is v2.
 
 Part files are written under a temporary dot-name and renamed into place: a
 crash leaves whole parts or none, never half a file. Object stores (s3://,
@@ -46,7 +49,7 @@ import pyarrow.parquet as pq
 from pipeline import rows as row_rule
 from pipeline.decode import PERMANENT_ERROR_KINDS
 from pipeline.storage import OutputError, explain, open_filesystem
-from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema, output_schema
+from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema, output_schema, upgrade_schema, upgrade_table
 
 __all__ = ["OutputError", "OutputStore", "PartWriter", "ResumeState", "RowState"]
 
@@ -176,7 +179,7 @@ class OutputStore:
             self._delete([probe])
         except Exception as exc:  # backends raise their own types (no bucket, no credentials, ...)
             error = explain(exc, self.output, doing="write to", role="output")
-            raise OutputError(f"{error}. Or choose another --out location.") from exc
+            raise OutputError(f"{error}. Choose a writable --out location.") from exc
 
     def load_state(self, run: RunMetadata, *, overwrite: bool) -> ResumeState:
         """Read what is already there; refuse an output made by other models unless overwriting."""
@@ -321,7 +324,9 @@ class OutputStore:
         parts = self._part_files()
         if not parts:
             return pq.read_metadata(self.path, filesystem=self.fs).num_rows if files else 0
-        target = schema or pq.read_schema(parts[-1], filesystem=self.fs)
+        # Rows of older schema versions (an earlier run's file or parts) are
+        # upgraded as they are read, so the merged file is one current version.
+        target = schema or upgrade_schema(pq.read_schema(parts[-1], filesystem=self.fs))
         current = self._current_rows(files)
         by_rank = sorted(files)  # rank -> path, as rank_files numbered them
         self._stream_rows(self.path, target, by_rank, current)
@@ -406,7 +411,7 @@ class _RowGroupReader:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        table = self._file(rank).read_row_group(group).select(self.schema.names).cast(self.schema)
+        table = upgrade_table(self._file(rank).read_row_group(group)).select(self.schema.names).cast(self.schema)
         self.row_groups_read += 1
         self._cache[key] = table
         self._cached += table.nbytes

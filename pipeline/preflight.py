@@ -40,6 +40,16 @@ def check_weights(caption: str | ModelRef | None, embed: str | ModelRef | None) 
 def check_caption_weights(ref: str | ModelRef) -> None:
     """Raise WeightsMissing when the caption model's weights can be neither found nor downloaded."""
     ident = model_identity(ref, CAPTION)
+    if ident.backend == "moondream2":
+        # Two repos (weights and the starmie-v1 tokenizer), or a local directory: the engine's own check.
+        from pipeline.models.base import ModelUnavailable
+        from pipeline.models.moondream.hub import check_moondream_files
+
+        try:
+            check_moondream_files(ident.ref)
+        except ModelUnavailable as exc:
+            raise WeightsMissing(str(exc)) from exc
+        return
     if ident.is_local or not ident.hub_repo:
         return
     if cached_snapshot(ident.hub_repo, ident.revision) is not None:

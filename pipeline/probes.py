@@ -14,7 +14,8 @@ MAX_PROBES = 64
 MAX_QUESTION_CHARS = 500
 
 _YES_NO_OPENERS = re.compile(
-    r"^(is|are|was|were|does|do|did|can|could|has|have|had|will|would|should)\b", re.IGNORECASE
+    r"^(is|are|was|were|am|does|do|did|can|could|has|have|had|will|would|should|shall|may|might|must)\b",
+    re.IGNORECASE,
 )
 _YES = re.compile(r"^\W*(yes|yeah|yep|true)\b", re.IGNORECASE)
 _NO = re.compile(r"^\W*(no|nope|false|not)\b", re.IGNORECASE)

@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.models",
+    "tests.fixtures.moondream_cache",
     "tests.fixtures.s3",
     "tests.fixtures.ray",
 ]

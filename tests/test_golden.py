@@ -15,26 +15,28 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.output import OutputStore
-from schemas import check_schema
+from schemas import SCHEMA_VERSION, check_schema
 from tests.test_output import make_rows
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
-# file -> (sha256, rows, ok rows)
+# file -> (sha256, rows, ok rows, (a text query, the uri it finds first))
 GOLDEN = {
-    "v1.parquet": ("2c9252a26489b1f073daaf75daf6871c050b100c0c4483396bf7bce577add707", 5, 4),
+    "v1.parquet": ("2c9252a26489b1f073daaf75daf6871c050b100c0c4483396bf7bce577add707", 5, 4, ("kettle", "/photos/kitchen.jpg")),
+    "v2.parquet": ("6f08bb88bac78e908038e2fe44cdc4cb0cc606a5acbac87a58ae3ca6927ed16e", 5, 4, ("bakery", "/photos/shopfront.png")),
 }
 
 
 @pytest.fixture(params=sorted(GOLDEN))
 def golden(request) -> tuple[Path, int, int]:
     path = GOLDEN_DIR / request.param
-    digest, rows, ok = GOLDEN[request.param]
+    digest, rows, ok, _ = GOLDEN[request.param]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} changed; golden files are frozen"
     return path, rows, ok
 
@@ -43,6 +45,7 @@ def test_golden_file_passes_check_schema(golden):
     path, rows, _ = golden
     run = check_schema(pq.read_schema(path), where=str(path))
     assert run.embed_model and run.caption_model and run.embedding_dim == 4
+    assert run.schema_version == int(path.stem[1:])
     assert pq.read_metadata(path).num_rows == rows
 
 
@@ -57,14 +60,24 @@ def test_golden_file_resumes_as_an_existing_output(golden, tmp_path):
     table = pq.read_table(out)
     for uri, size in zip(table["uri"].to_pylist(), table["bytes"].to_pylist()):
         assert state.is_done(uri, size)  # ok rows, and the not_image row: a permanent failure
-    assert not state.is_done("/photos/notes.jpg", 26, retry_errors=True)
+    errors = table.filter(pc.equal(table["status"], "error"))
+    assert not state.is_done(errors["uri"][0].as_py(), errors["bytes"][0].as_py(), retry_errors=True)
 
-    # A rerun that adds one image merges with the old file.
+    # A rerun (written as today's schema) that adds one image merges with the old file into one current-version file.
     store.write_part(make_rows(["/photos/new.jpg"], run=run, at=table["processed_at"][0].as_py() + timedelta(days=1)))
     assert store.finalize(None) == rows + 1
     merged = pq.read_table(out)
-    check_schema(merged.schema)
+    assert check_schema(merged.schema).schema_version == SCHEMA_VERSION
     assert "/photos/new.jpg" in merged["uri"].to_pylist()
+    old = {r["uri"]: r for r in table.to_pylist()}
+    for row in merged.to_pylist():
+        if row["uri"] in old:  # the old rows, unchanged apart from the fields their version lacks (null)
+            expected = {**old[row["uri"]]}
+            expected.setdefault("caption_truncated", None)
+            for probe in expected["probes"] or ():
+                probe.setdefault("yes_prob", None)
+                probe.setdefault("truncated", None)
+            assert row == expected
 
 
 def test_golden_file_indexes_and_searches(golden, tmp_path):
@@ -74,6 +87,41 @@ def test_golden_file_indexes_and_searches(golden, tmp_path):
     result = runner.invoke(main, ["index", str(path), "--db", str(db)])
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"{rows} rows, {ok} searchable (status ok), {ok} with embeddings" in result.output
-    result = runner.invoke(main, ["search", "kettle", "--mode", "text", "--index", str(db), "--json"])
+    query, first = GOLDEN[path.name][3]
+    result = runner.invoke(main, ["search", query, "--mode", "text", "--index", str(db), "--json"])
     assert result.exit_code == 0, (result.output, result.exception)
-    assert json.loads(result.output)[0]["uri"] == "/photos/kitchen.jpg"
+    assert json.loads(result.output)[0]["uri"] == first
+
+
+def _search(db, *args) -> list[str]:
+    result = CliRunner().invoke(main, ["search", *args, "--index", str(db), "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return [hit["uri"] for hit in json.loads(result.output)]
+
+
+def test_v1_and_v2_files_index_together_and_answer_searches(tmp_path):
+    sources = tmp_path / "outputs"
+    sources.mkdir()
+    for name in GOLDEN:
+        shutil.copy(GOLDEN_DIR / name, sources / name)
+    db = tmp_path / "index.duckdb"
+    result = CliRunner().invoke(main, ["index", str(sources), "--db", str(db)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "10 rows, 8 searchable (status ok), 8 with embeddings" in result.output
+
+    assert _search(db, "kettle", "--mode", "text")[0] == "/photos/kitchen.jpg"  # a v1 row
+    assert _search(db, "bakery", "--mode", "text")[0] == "/photos/shopfront.png"  # a v2 row
+    # QUESTION=ANSWER reads answer_bool, which both versions have.
+    dog = ["--mode", "text", "dog", "--probe", "Is there a dog?=yes"]
+    assert sorted(_search(db, *dog)) == ["/photos/beach.jpg", "/photos/park.png"]
+    # Thresholds read yes_prob: v1 rows have none, so they never pass.
+    assert _search(db, "dog", "--mode", "text", "--probe", "Is there a dog?>0.5") == ["/photos/park.png"]
+    text = ["--mode", "text", "sign poster lake", "--probe"]
+    assert sorted(_search(db, *text, "Is there text in the image?>=0.75")) == ["/photos/poster.png", "/photos/shopfront.png"]
+    assert _search(db, *text, "Is there text in the image?>0.8") == ["/photos/shopfront.png"]
+    assert sorted(_search(db, *text, "Is there text in the image?<0.1")) == ["/photos/lake.png"]
+    # The new columns are in the images view; v1 rows read them as null.
+    sql = "SELECT uri FROM images WHERE caption_truncated"
+    result = CliRunner().invoke(main, ["sql", sql, "--index", str(db), "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert [r["uri"] for r in json.loads(result.output)] == ["/photos/poster.png"]

@@ -51,6 +51,7 @@ def make_rows(uris, *, at=T0, status=STATUS_OK, error_kind=None, size=100, run=R
         "error_kind": [None if ok else error_kind] * count,
         "error": [None if ok else f"{error_kind}: test"] * count,
         "caption": [caption if ok and run.caption_model else None] * count,
+        "caption_truncated": [None] * count,
         "probes": [[] if ok and run.caption_model else None] * count,
         "embedding": None,
         "caption_model": [run.caption_model] * count,

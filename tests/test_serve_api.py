@@ -82,7 +82,7 @@ def test_info_lists_modes_and_probe_filters_from_the_index(client):
     # an open question offers its most common answers, most common first
     assert car["question"] == CAR and car["kind"] == "choice"
     assert car["answers"][:2] == ["no car", "there is no car"] and set(car["answers"]) == {"no car", "there is no car", "red"}
-    assert info["confidence"] is False  # schema v1 probes carry no yes_prob
+    assert info["confidence"] is False  # the tiny transformers VLM reports no yes_prob (Moondream does)
 
 
 def test_search_defaults_to_hybrid_and_each_mode_ranks_as_the_cli_does(client, service):
@@ -198,8 +198,8 @@ def test_image_view_has_caption_every_probe_answer_uri_and_size(client, ids, bui
     assert row["uri"] == str(paths["red_car.jpg"])
     assert (row["width"], row["height"], row["bytes"], row["format"]) == (640, 480, 1000, "JPEG")
     assert row["probes"] == [
-        {"question": PERSON, "answer": "yes", "answer_bool": True},
-        {"question": CAR, "answer": "red", "answer_bool": None},
+        {"question": PERSON, "answer": "yes", "answer_bool": True, "yes_prob": None, "truncated": None},
+        {"question": CAR, "answer": "red", "answer_bool": None, "yes_prob": None, "truncated": None},
     ]
     assert row["has_embedding"] is True and row["status"] == "ok"
     broken = client.get(f"/api/images/{ids['broken.jpg']}").json()

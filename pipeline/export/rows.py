@@ -184,9 +184,10 @@ def _open_parquet(output: str, storage_options) -> RowSource:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.output import OutputStore, _newest_row_per_uri
+    from pipeline import rows as row_rule
+    from pipeline.output import OutputStore
     from pipeline.search.index import PROBE_MACROS
-    from schemas import SchemaMismatch, check_schema
+    from schemas import SchemaMismatch, check_schema, upgrade_table
 
     output = str(output)
     try:
@@ -197,6 +198,7 @@ def _open_parquet(output: str, storage_options) -> RowSource:
     if not files:
         raise ExportError(f"no captioner Parquet at {output}; pass the --out of `captioner run` (a .parquet file or its folder)")
     tables, questions = [], {}
+    ranks = row_rule.rank_files(files)
     for path in files:
         where = path if store.is_local else store.fs.unstrip_protocol(path)
         try:
@@ -208,8 +210,16 @@ def _open_parquet(output: str, storage_options) -> RowSource:
             raise ExportError(f"{where} is not a readable Parquet file: {exc}") from exc
         questions.update(dict.fromkeys(run.probes))
         wanted = [name for name in schema.names if name != "embedding"]
-        tables.append(pq.read_table(path, columns=wanted, filesystem=store.fs))
-    table = _newest_row_per_uri(pa.concat_tables(tables, promote_options="permissive"))
+        # v1 files come up to the current schema here, the one place this reader normalises versions.
+        rows = upgrade_table(pq.read_table(path, columns=wanted, filesystem=store.fs))
+        keys = row_rule.key_table(rows[row_rule.URI], rows[row_rule.PROCESSED_AT], ranks[path])
+        tables.append(pa.Table.from_arrays(
+            [*rows.columns, keys[row_rule.FILE], keys[row_rule.ROW]],
+            names=[*rows.column_names, row_rule.FILE, row_rule.ROW],
+        ))  # fmt: skip
+    # The one newest-row rule (pipeline/rows.py), as resume, the merge and the index apply it.
+    table = row_rule.newest_rows(pa.concat_tables(tables, promote_options="permissive"))
+    table = table.drop_columns([row_rule.FILE, row_rule.ROW])
 
     con = duckdb.connect(":memory:")
     try:

@@ -2,7 +2,7 @@
 
 Every place is a *location*: an absolute local path or an fsspec URL
 (``s3://bucket/key``), read and written through the same storage code as the
-pipeline (pipeline.sources: ``read_bytes``, ``open_fs``). Local files are
+pipeline (pipeline.storage: ``read_bytes``, ``open_filesystem``). Local files are
 written under a temporary dot-name and renamed into place, so a crash never
 leaves half a sidecar; on a bucket one PUT publishes a whole object.
 
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Iterable
 
 from pipeline.export.errors import ExportError
-from pipeline.sources import SourceError, is_local, local_path, open_fs, read_bytes
+from pipeline.storage import StorageError, is_local, local_path, open_filesystem, read_bytes
 
 
 def join(base: str, relative: str) -> str:
@@ -89,8 +89,8 @@ class Storage:
 
     def _fs(self, location: str):
         try:
-            return open_fs(location, self.options)
-        except SourceError as exc:
+            return open_filesystem(location, self.options, role="output")
+        except StorageError as exc:
             raise ExportError(str(exc)) from exc
 
     def exists(self, location: str) -> bool:

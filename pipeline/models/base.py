@@ -21,6 +21,12 @@ class Description:
 
     caption: str | None
     answers: tuple[str, ...]  # one per question, same order
+    # Probability of "yes" at the answer's first step, per question; None where the question is not
+    # yes/no or the backend cannot tell. Empty when the backend reports none.
+    yes_probs: tuple[float | None, ...] = ()
+    # Whether the caption / each answer stopped at its token cap instead of at end-of-sequence.
+    caption_truncated: bool = False
+    answers_truncated: tuple[bool, ...] = ()
 
 
 class Captioner(ABC):

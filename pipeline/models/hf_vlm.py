@@ -22,6 +22,9 @@ from pipeline.models.compat import ensure_torchvision_importable
 from pipeline.models.identity import CAPTION, model_identity
 from pipeline.models.registry import ModelRef
 
+# Caption budget when caption.max_new_tokens is unset.
+DEFAULT_CAPTION_TOKENS = 64
+
 CAPTION_PROMPTS = {
     "short": "Write a short, one-sentence caption for this image.",
     "normal": "Describe this image.",
@@ -122,7 +125,7 @@ class TransformersCaptioner(Captioner):
         captions: list[str | None] = [None] * len(images)
         if caption and images:
             prompt = CAPTION_PROMPTS[self.config.length]
-            captions = list(self._generate(images, [prompt] * len(images), self.config.max_new_tokens))
+            captions = list(self._generate(images, [prompt] * len(images), self.config.max_new_tokens or DEFAULT_CAPTION_TOKENS))
         answers: list[str] = []
         if questions and images:
             # image-major order: the answers of image i are one contiguous slice

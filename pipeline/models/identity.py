@@ -99,10 +99,20 @@ def model_identity(spec: str | ModelRef, kind: str | None = None) -> ModelIdenti
         # A backend registered by someone else (a plug-in, a test double): its spec is all we know.
         return ModelIdentity(kind, ref.backend, ref.spec, ref.revision or "default", ref)
     asked = ref.revision or "main"
+    revision = hub_commit(ref.source, asked) or asked
+    if ref.backend == "moondream2":
+        revision += _moondream_tokenizer_suffix()
     return ModelIdentity(
-        kind, ref.backend, f"{ref.backend}:{ref.source}@{asked}", hub_commit(ref.source, asked) or asked, ref,
+        kind, ref.backend, f"{ref.backend}:{ref.source}@{asked}", revision, ref,
         hub_repo=ref.source, hub_revision=asked,
     )  # fmt: skip
+
+
+def _moondream_tokenizer_suffix() -> str:
+    """Moondream 2 reads its tokenizer from a second repo: its commit is part of what was run."""
+    from pipeline.models.moondream.hub import STARMIE_REPO, STARMIE_REVISION
+
+    return f"; tokenizer {STARMIE_REPO}@{hub_commit(STARMIE_REPO, STARMIE_REVISION) or STARMIE_REVISION}"
 
 
 def identity_for_run(caption: str | ModelRef | None, embed: str | ModelRef | None, probes: Sequence[str]):

@@ -117,8 +117,9 @@ def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction
 SEARCH_EPILOG = """\b
 --where takes a SQL boolean expression, by design, evaluated per row of the
 `images` view (all schema columns, e.g. status, width, height, format, bytes,
-caption, probes, embed_model, processed_at). Helpers:
-probe_bool(probes, 'Question?') and probe_answer(probes, 'Question?').
+caption, caption_truncated, probes, embed_model, processed_at). Helpers:
+probe_bool(probes, 'Question?'), probe_answer(probes, 'Question?') and
+probe_yes_prob(probes, 'Question?') (null for schema v1 rows).
 It must be one expression (no ';'), and it runs on a read-only connection
 with file access disabled.
 \b
@@ -126,6 +127,7 @@ Examples:
   captioner search "dog on a beach" --index index.duckdb
   captioner search "red car" --mode text --where "width >= 1024" --json
   captioner search --image query.jpg --probe "Is there a person?=no"
+  captioner search "shop sign" --probe "Is there text in the image?>0.8"
 """
 
 
@@ -141,7 +143,7 @@ Examples:
 )
 @click.option("--image", type=click.Path(dir_okay=False), help="Find images similar to this image (with QUERY and hybrid mode: fused with BM25 of QUERY).")
 @click.option("--where", help="SQL boolean expression over the images view (see below).")
-@click.option("--probe", "probes", multiple=True, metavar='"QUESTION=ANSWER"', help='Keep images whose probe answer matches, e.g. "Is there a person?=yes" (yes/no compare the parsed boolean; other answers case-insensitively). Repeatable.')
+@click.option("--probe", "probes", multiple=True, metavar='"QUESTION=ANSWER|QUESTION>P"', help='Keep images whose probe answer matches, e.g. "Is there a person?=yes" (yes/no compare the parsed boolean; other answers case-insensitively), or whose probability of "yes" passes a threshold: "Is there text in the image?>0.8" (also >=, <, <=; P from 0 to 1). Rows without a probability (files from schema v1, questions that are not yes/no) never pass a threshold. Repeatable; all must hold.')
 @click.option("--limit", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Number of results.")
 @_json_option
 @click.option("--device", default="auto", show_default=True, help="Where to run the query embedder: auto, cpu, cuda.")

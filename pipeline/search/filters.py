@@ -15,8 +15,15 @@ What reaches the query is the expression as DuckDB's parser re-rendered it
 It also runs only on a read-only connection with file access disabled (see
 ImageIndex.open), so the worst a hostile expression can do is read the index.
 
-``--probe "Question?=answer"`` never becomes SQL text: the question and the
-answer are bound parameters.
+``--probe`` never becomes SQL text: the question and the answer or threshold
+are bound parameters, and the comparison operator is picked from a fixed table.
+Two forms:
+
+  "Question?=answer"   the answer matches (yes/no compare ``answer_bool``)
+  "Question?>0.8"      the model's probability of "yes" (``yes_prob``, schema
+                       v2) compares with the threshold; also >=, < and <=.
+                       Rows without a yes_prob (v1 files, questions that are
+                       not yes/no) never pass a threshold.
 """
 
 from __future__ import annotations
@@ -29,23 +36,42 @@ from pipeline.search.errors import SearchError
 
 _YES = {"yes", "true", "y"}
 _NO = {"no", "false", "n"}
+# Threshold operators on yes_prob: what the user types -> the SQL operator.
+_THRESHOLDS = {">": ">", ">=": ">=", "<": "<", "<=": "<="}
+_FORMS = '"Is there a person?=yes" (QUESTION=ANSWER) or "Is there a person?>0.8" (QUESTION>P, also >=, <, <=)'
 
 
 @dataclass(frozen=True)
 class ProbeFilter:
-    """Rows whose answer to ``question`` is ``answer`` (yes/no compare answer_bool)."""
+    """Rows whose answer to ``question`` is ``answer`` (yes/no compare answer_bool),
+    or, with a threshold operator, whose ``yes_prob`` compares with ``answer`` as a number."""
 
     question: str
     answer: str
+    operator: str = "="
 
     @classmethod
     def parse(cls, text: str) -> "ProbeFilter":
-        # Split at the last '=': questions end with '?', answers are short.
-        question, sep, answer = text.rpartition("=")
-        question, answer = " ".join(question.split()), answer.strip()
-        if not sep or not question or not answer:
-            raise SearchError(f"--probe {text!r} must look like \"Is there a person?=yes\" (QUESTION=ANSWER)")
-        return cls(question, answer)
+        # Split at the last '=', '<' or '>': questions end with '?', answers are short.
+        at = max(text.rfind(c) for c in "=<>")
+        if at < 0:
+            raise SearchError(f"--probe {text!r} must look like {_FORMS}")
+        start = at - 1 if text[at] == "=" and at > 0 and text[at - 1] in "<>" else at
+        operator = text[start : at + 1]
+        question, answer = " ".join(text[:start].split()), text[at + 1 :].strip()
+        if not question or not answer:
+            raise SearchError(f"--probe {text!r} must look like {_FORMS}")
+        if operator in _THRESHOLDS:
+            try:
+                threshold = float(answer)
+            except ValueError:
+                threshold = float("nan")
+            if not 0.0 <= threshold <= 1.0:
+                raise SearchError(
+                    f"--probe {text!r}: {answer!r} is not a probability; after {operator} give a number "
+                    f"from 0 to 1, e.g. \"{question}{operator}0.8\""
+                )
+        return cls(question, answer, operator)
 
     @property
     def as_bool(self) -> bool | None:
@@ -53,7 +79,11 @@ class ProbeFilter:
         return True if word in _YES else False if word in _NO else None
 
     def sql(self) -> tuple[str, list]:
-        if self.as_bool is not None:
+        if self.operator in _THRESHOLDS:
+            # NULL yes_prob (v1 rows, open questions) compares to NULL: excluded.
+            cond = f"p.yes_prob {_THRESHOLDS[self.operator]} ?"
+            value = float(self.answer)
+        elif self.as_bool is not None:
             cond = "p.answer_bool = ?"
             value = self.as_bool
         else:

@@ -519,8 +519,8 @@ def _check_versions(info: IndexInfo, path: Path) -> None:
         )
     if info.schema_version != SCHEMA_VERSION:
         raise SearchError(
-            f"{path} was built from schema v{info.schema_version} Parquet; this captioner reads v{SCHEMA_VERSION}. "
-            f"Rebuild it from v{SCHEMA_VERSION} output with `captioner index --fresh --db {path} PARQUET...`"
+            f"{path} holds schema v{info.schema_version} tables; this captioner searches v{SCHEMA_VERSION} indexes. "
+            f"Rebuild it (from v1 or v2 output alike) with `captioner index --fresh --db {path} PARQUET...`"
         )
 
 

@@ -16,6 +16,11 @@ Layout of an index database (all names fixed, nothing derived from user text):
                order. This is what ``--where`` and ``captioner sql`` see.
   index_meta   key -> JSON value: the facts in :class:`IndexInfo`.
 
+Source files of every readable schema version are indexed together: rows of
+older versions are upgraded in the query that reads them (schemas.upgrade_sql),
+so the tables have the current version's columns (v1 rows: null yes_prob,
+probe ``truncated`` and ``caption_truncated``).
+
 Searchable = status 'ok'; error rows stay in ``images`` for SQL. Re-indexing
 rebuilds everything into a temporary file that replaces the old one only once
 complete, so readers never see a half-built index and a failed build leaves
@@ -58,6 +63,7 @@ DEFAULT_HNSW_EF_CONSTRUCTION = 128
 PROBE_MACROS = (
     "CREATE MACRO probe_answer(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer",
     "CREATE MACRO probe_bool(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer_bool",
+    "CREATE MACRO probe_yes_prob(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].yes_prob",
 )
 
 
@@ -310,8 +316,7 @@ def _timed(timings: dict, step: str):
 
 
 def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexInfo:
-    from schemas import SCHEMA_VERSION
-    from schemas.v1 import COLUMN_NAMES
+    from schemas import COLUMN_NAMES, SCHEMA_VERSION
 
     hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction = settings
     # The embedder of the index: that of the files that have one (check_files made them agree).
@@ -320,8 +325,10 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
     )
     dim = int(run.embedding_dim) if run.embedding_dim else None
     file_list = [str(p) for p in files]
-    plain = [c for c in COLUMN_NAMES if c != "embedding"]
-    cols = ", ".join(plain)  # constant schema column names, not user input
+    plain = [c for c in COLUMN_NAMES if c != "embedding"]  # constant schema column names, not user input
+    versions: dict[int, list[str]] = {}
+    for path, file_run in zip(file_list, runs):
+        versions.setdefault(file_run.schema_version, []).append(path)
 
     # One row per uri: the newest row (pipeline.rows) decides status and the
     # file facts. When it is ok, caption/probes come from the newest ok row
@@ -329,7 +336,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
     # the embedder, each with its model columns, both among rows of the same
     # bytes (image_id): an embeddings-only output indexed over a captioned one
     # keeps the captions.
-    caption_cols = ["caption", "probes", "caption_model", "caption_revision", "probe_set_hash"]
+    caption_cols = ["caption", "caption_truncated", "probes", "caption_model", "caption_revision", "probe_set_hash"]
     embed_cols = ["embed_model", "embed_revision"]
     newest = sql_is_newest(file="source_file", row="source_row")
 
@@ -343,10 +350,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
         con.execute(
             f"""
             CREATE TABLE image_rows AS
-            WITH src AS (
-                SELECT {cols}, filename AS source_file, file_row_number AS source_row
-                FROM read_parquet(?, filename = true, file_row_number = true)
-            ),
+            WITH src AS ({_sources_sql(versions, plain)}),
             base AS (SELECT * FROM src QUALIFY {newest}),
             same_bytes AS (
                 SELECT s.* FROM src AS s JOIN base AS b ON s.uri = b.uri AND s.image_id = b.image_id
@@ -362,7 +366,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
             LEFT JOIN embedded AS e ON e.uri = b.uri
             ORDER BY id
             """,
-            [file_list],
+            [files_of for files_of in versions.values()],
         )
     _check_row_models(con, run)
 
@@ -404,6 +408,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
         )
         con.execute("PRAGMA create_fts_index('docs', 'id', 'text', overwrite = 1)")
 
+    # Helpers for --where / captioner sql: the answer to one probe question.
     for macro in PROBE_MACROS:
         con.execute(macro)
 
@@ -446,6 +451,21 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
     con.execute("CREATE TABLE index_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
     con.executemany("INSERT INTO index_meta VALUES (?, ?)", info.to_meta_rows())
     return info
+
+
+def _sources_sql(versions: dict[int, list[str]], columns: list[str]) -> str:
+    """Every source row as current-version ``columns`` + source_file/source_row; one parameter per version."""
+    from schemas import upgrade_sql
+
+    selects = []
+    for version in versions:
+        upgraded = upgrade_sql(version)
+        select = ", ".join(f"{upgraded[c]} AS {c}" if c in upgraded else c for c in columns)
+        selects.append(
+            f"SELECT {select}, filename AS source_file, file_row_number AS source_row "
+            f"FROM read_parquet(?, filename = true, file_row_number = true)"
+        )
+    return "\nUNION ALL\n".join(selects)
 
 
 def _check_row_models(con, run) -> None:

@@ -107,7 +107,9 @@ class IndexService:
                 index.embedder  # build it now: the first query should not pay for loading weights
             except SearchError as exc:
                 self.semantic_error = f"semantic search is unavailable: {exc}"
-        self.has_confidence = has_yes_prob(self._probes_type())
+        # The field exists in every schema v2 index; offer the slider only when
+        # the captioner filled it (Moondream does, other backends leave it null).
+        self.has_confidence = has_yes_prob(self._probes_type()) and self._any_yes_prob()
         self.facets = self._facets()
         self._load_vector_index()
 
@@ -145,6 +147,12 @@ class IndexService:
     def _probes_type(self) -> str:
         rows = self._sql("SELECT column_type FROM (DESCRIBE image_rows) WHERE column_name = 'probes'").rows
         return str(rows[0][0]) if rows else ""
+
+    def _any_yes_prob(self) -> bool:
+        rows = self._sql(
+            "SELECT EXISTS (SELECT 1 FROM image_rows WHERE len(list_filter(probes, p -> p.yes_prob IS NOT NULL)) > 0)"
+        ).rows
+        return bool(rows and rows[0][0])
 
     def _facets(self) -> list[ProbeFacet]:
         questions = self.index.info.probes

@@ -26,10 +26,14 @@ def conform_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
 
     probes: list = [None] * n
     if "answers" in batch.column_names:
-        for i, answers in enumerate(batch.column("answers").to_pylist()):
+        all_answers = batch.column("answers").to_pylist()
+        all_yes = batch.column("yes_probs").to_pylist()
+        all_cut = batch.column("answers_truncated").to_pylist()
+        for i, answers in enumerate(all_answers):
             if ok[i] and answers is not None:
                 probes[i] = [
-                    {"question": q, "answer": a, "answer_bool": answer_as_bool(q, a)} for q, a in zip(questions, answers)
+                    {"question": q, "answer": a, "answer_bool": answer_as_bool(q, a), "yes_prob": p, "truncated": cut}
+                    for q, a, p, cut in zip(questions, answers, all_yes[i], all_cut[i])
                 ]
 
     def column(name: str):
@@ -55,6 +59,10 @@ def conform_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
         "error_kind": column("error_kind"),
         "error": column("error"),
         "caption": only_ok(column("caption").combine_chunks()) if "caption" in batch.column_names else pa.nulls(n),
+        "caption_truncated": (
+            only_ok(column("caption_truncated").combine_chunks())
+            if "caption_truncated" in batch.column_names else pa.nulls(n, pa.bool_())
+        ),
         "probes": probes,
         "embedding": embedding,
         "caption_model": [identity.caption_model] * n,

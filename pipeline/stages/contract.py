@@ -95,7 +95,15 @@ DECODED = StageColumns(
 #: Caption stage: the caption and, per image, one answer per probe question.
 CAPTIONED = StageColumns(
     "caption",
-    [_output("caption"), pa.field("answers", pa.list_(pa.string()))],
+    [
+        _output("caption"),
+        _output("caption_truncated"),
+        pa.field("answers", pa.list_(pa.string())),
+        # Per answer: P("yes") at its first step (null unless a yes/no question
+        # and the backend reports it), and whether it hit its token cap.
+        pa.field("yes_probs", pa.list_(pa.float32())),
+        pa.field("answers_truncated", pa.list_(pa.bool_())),
+    ],
 )
 
 #: Embed stage: a variable-length list here, and the model's width beside it

@@ -99,13 +99,24 @@ class CaptionStage(_ModelStage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         describe = lambda images: self.captioner.describe(images, self.questions, caption=self.write_caption)  # noqa: E731
         columns, rows, results = self._run(batch, describe)
-        captions: list = [None] * batch.num_rows
-        answers: list = [None] * batch.num_rows
+        n = batch.num_rows
+        captions, truncated, answers, yes_probs, answers_truncated = ([None] * n for _ in range(5))
         for row, result in zip(rows, results):
-            if not isinstance(result, Exception):
-                captions[row] = result.caption if self.write_caption else None
-                answers[row] = list(result.answers)
-        columns.update(caption=captions, answers=answers)
+            if isinstance(result, Exception):
+                continue
+            count = len(result.answers)
+            captions[row] = result.caption if self.write_caption else None
+            truncated[row] = bool(result.caption_truncated) if self.write_caption else None
+            answers[row] = list(result.answers)
+            # Backends that do not report these leave them empty: nulls, not guesses.
+            yes_probs[row] = list(result.yes_probs) if len(result.yes_probs) == count else [None] * count
+            answers_truncated[row] = (
+                list(result.answers_truncated) if len(result.answers_truncated) == count else [None] * count
+            )
+        columns.update(
+            caption=captions, caption_truncated=truncated, answers=answers,
+            yes_probs=yes_probs, answers_truncated=answers_truncated,
+        )  # fmt: skip
         assert set(CAPTIONED.names) <= set(columns)
         return self._finish(columns)
 

@@ -1,0 +1,125 @@
+"""The Moondream 2 captioner backend: official weights, our own engine, no remote code."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from PIL import Image
+
+from pipeline.config import CaptionConfig
+from pipeline.probes import is_yes_no_question
+from pipeline.models.base import Captioner, Description, ModelUnavailable, resolve_device
+from pipeline.models.moondream.config import (
+    CAPTION_BUDGETS,
+    CAPTION_PROMPTS,
+    QUERY_PREFIX,
+    QUERY_SUFFIX,
+    CheckpointMismatch,
+)
+from pipeline.models.moondream.hub import MoondreamFiles, resolve_files
+from pipeline.models.moondream.preprocess import DEFAULT_MAX_CROPS, MoondreamCrops, prepare_image
+from pipeline.models.registry import ModelRef
+
+DTYPES = ("auto", "bfloat16", "float32")
+
+def resolve_dtype(name: str, device: str):
+    """auto: bfloat16 on a GPU (the reference's dtype), float32 on CPU (faster there without bf16
+    matrix units, and what parity is checked in)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def caption_budget(config: CaptionConfig) -> int:
+    """config.max_new_tokens when set, else the per-length budget (the reference's 768 for normal/long)."""
+    explicit = getattr(config, "max_new_tokens", None)
+    return int(explicit) if explicit else CAPTION_BUDGETS[config.length]
+
+
+class Moondream2Captioner(Captioner):
+    def __init__(
+        self,
+        ref: ModelRef,
+        config: CaptionConfig,
+        device: str,
+        *,
+        dtype: str | None = None,
+        max_crops: int | None = None,
+        max_sequences: int | None = None,
+        compile: bool = False,
+    ):
+        from pipeline.models.moondream.engine import DEFAULT_MAX_SEQUENCES, MoondreamEngine
+        from pipeline.models.moondream.tokenizer import NO_WORDS, YES_WORDS, MoondreamTokenizer, NotStarmieTokenizer
+        from pipeline.models.moondream.weights import load_model
+
+        from pipeline.models.identity import model_identity
+
+        self.config = config
+        # The one answer to "which model": rows, the index and this object report it.
+        identity = model_identity(ref, "caption")
+        self.model_id, self.revision = identity.model, identity.revision
+        self.device = resolve_device(device)
+        self.max_crops = int(max_crops or getattr(config, "max_crops", DEFAULT_MAX_CROPS))
+        self.dtype = resolve_dtype(dtype or getattr(config, "dtype", "auto"), self.device)
+        self.files: MoondreamFiles = resolve_files(ref)
+        self.model_commit = self.files.model_revision
+        self.tokenizer_commit = self.files.tokenizer_revision
+        try:
+            self.tokenizer = MoondreamTokenizer(self.files.tokenizer)
+            model = load_model(self.files.weights, self.files.config, self.device, self.dtype)
+        except (CheckpointMismatch, NotStarmieTokenizer, OSError) as exc:
+            raise ModelUnavailable(f"caption model {ref.spec} could not be loaded: {exc}") from exc
+        self.engine = MoondreamEngine(
+            model,
+            max_sequences=max_sequences or DEFAULT_MAX_SEQUENCES,
+            yes_ids=self.tokenizer.single_token_ids(YES_WORDS),
+            no_ids=self.tokenizer.single_token_ids(NO_WORDS),
+            compile=compile,
+        )
+        self.caption_max_tokens = caption_budget(config)
+        self.answer_max_tokens = int(config.answer_max_new_tokens)
+
+    # CPU side: the pipeline may call this in its decode stage and pass the result to describe().
+    def prepare(self, image: Image.Image) -> MoondreamCrops:
+        return prepare_image(image, max_crops=self.max_crops)
+
+    def requests(self, questions: Sequence[str], caption: bool):
+        from pipeline.models.moondream.engine import Request
+
+        out = []
+        if caption:
+            out.append(Request(CAPTION_PROMPTS[self.config.length], self.caption_max_tokens))
+        for q in questions:
+            prompt = QUERY_PREFIX + tuple(self.tokenizer.encode(q)) + QUERY_SUFFIX
+            out.append(Request(prompt, self.answer_max_tokens, yes_no=is_yes_no_question(q)))
+        return out
+
+    def describe(
+        self,
+        images: Sequence[Image.Image | MoondreamCrops],
+        questions: Sequence[str],
+        *,
+        caption: bool = True,
+    ) -> list[Description]:
+        """Images may be PIL images or crops already made by ``prepare``/``prepare_image``."""
+        prepared = [im if isinstance(im, MoondreamCrops) else self.prepare(im) for im in images]
+        per_image = self.requests(questions, caption)
+        generations = self.engine.generate(prepared, [per_image] * len(prepared))
+        out = []
+        for gens in generations:
+            cap = gens[0] if caption else None
+            answers = gens[1:] if caption else gens
+            out.append(
+                Description(
+                    caption=self.tokenizer.decode(cap.ids).strip() if cap else None,
+                    answers=tuple(self.tokenizer.decode(g.ids).strip() for g in answers),
+                    yes_probs=tuple(g.yes_prob for g in answers),
+                    caption_truncated=bool(cap and cap.hit_cap),
+                    answers_truncated=tuple(g.hit_cap for g in answers),
+                )
+            )
+        return out
