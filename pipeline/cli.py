@@ -62,6 +62,8 @@ def main() -> None:
     captioner run SOURCE --out captions.parquet   caption + probes + embedding -> Parquet
     captioner index captions.parquet              build a DuckDB search index
     captioner search "a red bicycle"              full-text, semantic or hybrid search
+    captioner serve --index index.duckdb          the search page in a browser
+    captioner export FORMAT --out ...             alt text, XMP/.txt sidecars, training datasets
     captioner schema                              the Parquet columns and what they mean
     """
 
@@ -214,6 +216,13 @@ def _add_search_commands() -> None:
 
 
 _add_search_commands()
+from pipeline.serve.command import serve  # noqa: E402 - starlette/uvicorn load only when it runs
+
+main.add_command(serve)
+
+from pipeline.export.command import export_command  # noqa: E402 - pyexiv2/datasets load only when a format needs them
+
+main.add_command(export_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

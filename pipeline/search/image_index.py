@@ -271,6 +271,14 @@ class ImageIndex:
         """Images nearest to the image at ``path`` (which is returned too, if indexed)."""
         return self.search_vector(self._embed_image(path), k, where=where, probes=probes)
 
+    def search_similar(self, row_id: int, k: int = 10, *, where=None, probes=()) -> list[Hit]:
+        """Images nearest to indexed row ``row_id``, from its stored embedding (nothing is re-embedded)."""
+        self._require_dim()
+        row = self._con.execute("SELECT embedding FROM embeddings WHERE id = ?", [int(row_id)]).fetchone()
+        if row is None:
+            raise SearchError(f"row {row_id} has no embedding in this index (not an indexed image, or status error)")
+        return self.search_vector(row[0], k, where=where, probes=probes)
+
     def search_vector(self, vector, k: int = 10, *, where=None, probes=(), exact: bool = False) -> list[Hit]:
         """Images nearest to an already computed query vector (cosine).
 
@@ -383,8 +391,11 @@ class ImageIndex:
         return self._query_vector(self.embedder.embed_texts([text])[0])
 
     def _embed_image(self, path) -> np.ndarray:
+        """``path``: an image file, or an already decoded PIL image (e.g. an upload)."""
         from PIL import Image, ImageOps, UnidentifiedImageError
 
+        if isinstance(path, Image.Image):
+            return self._query_vector(self.embedder.embed_images([path.convert("RGB")])[0])
         try:
             with Image.open(os.path.expanduser(str(path))) as im:
                 image = ImageOps.exif_transpose(im).convert("RGB")

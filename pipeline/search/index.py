@@ -58,6 +58,15 @@ DEFAULT_HNSW_M = 16
 DEFAULT_HNSW_EF_CONSTRUCTION = 128
 
 
+# Helpers for --where / captioner sql: the answer to one probe question.
+# (Exports define them too, over Parquet read without an index.)
+PROBE_MACROS = (
+    "CREATE MACRO probe_answer(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer",
+    "CREATE MACRO probe_bool(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer_bool",
+    "CREATE MACRO probe_yes_prob(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].yes_prob",
+)
+
+
 def default_ef_search(rows: int) -> int:
     """HNSW search beam for an index of ``rows`` vectors.
 
@@ -400,9 +409,8 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
         con.execute("PRAGMA create_fts_index('docs', 'id', 'text', overwrite = 1)")
 
     # Helpers for --where / captioner sql: the answer to one probe question.
-    con.execute("CREATE MACRO probe_answer(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer")
-    con.execute("CREATE MACRO probe_bool(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer_bool")
-    con.execute("CREATE MACRO probe_yes_prob(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].yes_prob")
+    for macro in PROBE_MACROS:
+        con.execute(macro)
 
     rows = con.execute("SELECT count(*) FROM image_rows").fetchone()[0]
     searchable = con.execute("SELECT count(*) FROM image_rows WHERE status = 'ok'").fetchone()[0]

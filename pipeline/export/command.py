@@ -1,0 +1,153 @@
+"""``captioner export FORMAT``: captions into files other tools read.
+
+Thin: parse flags, open the rows (pipeline.export.rows), hand them to the
+format's module, print a summary. Every user-fixable failure is a
+click.ClickException that says what to do.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import click
+
+from pipeline.export.alt_text import DEFAULT_MAX_CHARS
+from pipeline.export.errors import ExportError
+from pipeline.export.rows import STATUSES
+
+SIDECAR_FORMATS = ("xmp", "txt")
+TREE_FORMATS = ("imagefolder", "coco", "hf-dataset")
+FORMATS = ("alt-text", *SIDECAR_FORMATS, *TREE_FORMATS)
+DEFAULT_INDEX = "index.duckdb"
+
+EXPORT_EPILOG = """\b
+Formats:
+  alt-text     --out alt.csv | alt.jsonl: uri, alt_text, caption, machine_generated, generator
+  xmp          XMP sidecars (photo.jpg.xmp): dc:description and the IPTC
+               AltTextAccessibility / ExtDescrAccessibility fields; other
+               fields of an existing sidecar are kept
+  txt          photo.txt caption sidecars (kohya / TagGUI layout)
+  imagefolder  Hugging Face imagefolder: metadata.jsonl + images
+  coco         COCO captions: annotations/captions.json + images/
+  hf-dataset   a datasets.Dataset saved with save_to_disk (Image column)
+\b
+Rows: only status=ok rows by default (error rows have no caption or image);
+--where and --probe filter exactly as in `captioner search`.
+\b
+Examples:
+  captioner export alt-text --index out/index.duckdb --out out/alt-text.csv
+  captioner export xmp --index out/index.duckdb --in-place --dry-run
+  captioner export txt --from out/captions.parquet --out out/txt/
+  captioner export imagefolder --index out/index.duckdb --out out/dataset --probe "Is there a person in the image?=yes"
+  captioner export coco --index out/index.duckdb --out out/coco --where "width >= 512"
+  captioner export hf-dataset --index out/index.duckdb --out out/hf
+"""
+
+
+@click.command("export", epilog=EXPORT_EPILOG)
+@click.argument("format", type=click.Choice(FORMATS))
+@click.option("--index", "index_path", type=click.Path(dir_okay=False), help=f"Index built by `captioner index`. [default: {DEFAULT_INDEX}, unless --from is given]")
+@click.option("--from", "parquet", metavar="PARQUET", help="Read `captioner run` output instead of an index: a .parquet file or part-file folder, local or a bucket URL.")
+@click.option("--out", help="alt-text: a .csv or .jsonl file. xmp/txt: a folder mirroring the image folders. imagefolder/coco/hf-dataset: a folder. Local or a bucket URL.")
+@click.option("--in-place", is_flag=True, help="xmp/txt: write each sidecar beside its image (also on a bucket) instead of into --out.")
+@click.option("--where", help="SQL boolean expression over the images view, as in `captioner search`.")
+@click.option("--probe", "probes", multiple=True, metavar='"QUESTION=ANSWER"', help='Keep images whose probe answer matches, e.g. "Is there a person in the image?=yes". Repeatable.')
+@click.option("--status", type=click.Choice(STATUSES), default="ok", show_default=True, help="Rows to export by status; rows without a caption (or image) are skipped by formats that need one.")
+@click.option("--max-chars", type=click.IntRange(min=20), default=DEFAULT_MAX_CHARS, show_default=True, help="alt-text/xmp: longest alt text, cut on a word boundary.")
+@click.option("--sidecar-name", type=click.Choice(["full", "stem"]), default="full", show_default=True, help="xmp: photo.jpg.xmp (full) or photo.xmp (stem).")
+@click.option("--dry-run", is_flag=True, help="xmp/txt: list which sidecars would be created, updated or kept; write nothing.")
+@click.option("--overwrite", is_flag=True, help="xmp/txt: replace existing text not written by captioner (a hand-edited .txt, someone's dc:description).")
+@click.option("--link", is_flag=True, help="imagefolder/coco: symlink the images instead of copying them (local images and --out only).")
+@click.option("--root", help="Folder (or bucket prefix) whose tree --out mirrors. [default: the deepest folder holding every image of the index or Parquet, selected or not]")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for bucket images, Parquet and --out (repeatable), e.g. endpoint_url=...")
+def export_command(format, index_path, parquet, out, in_place, where, probes, status, max_chars, sidecar_name, dry_run, overwrite, link, root, storage_options):
+    """Write the captions of an index (or Parquet) as FORMAT files for other tools."""
+    from pipeline.cli import _parse_storage_options
+    from pipeline.export.rows import Selection, open_rows
+    from pipeline.export.storage import Storage
+
+    _check_flags(format, out=out, in_place=in_place, dry_run=dry_run, link=link, overwrite=overwrite, index_path=index_path, parquet=parquet)
+    options = dict(_parse_storage_options(storage_options) or ())
+    storage = Storage(options)
+    skipped: Counter = Counter()
+    try:
+        with open_rows(
+            index=None if parquet else (index_path or DEFAULT_INDEX),
+            parquet=parquet,
+            selection=Selection(where=where, probes=tuple(probes), status=status),
+            storage_options=options,
+        ) as source:
+            if source.count() == 0:
+                raise ExportError(
+                    f"no row of {source.description} matches (it has {source.total()} rows; exporting status={status}"
+                    + (f", --where {where!r}" if where else "") + "".join(f", --probe {p!r}" for p in probes)
+                    + "); loosen the filters, or check the answers with `captioner sql`"
+                )
+            summary = _export(format, source, storage, out=out, in_place=in_place, root=root, link=link,
+                              max_chars=max_chars, sidecar_name=sidecar_name, dry_run=dry_run,
+                              overwrite=overwrite, skipped=skipped)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"export failed: {exc}; check --out, the image paths and --storage-option values") from exc
+    if skipped:
+        summary += "; skipped " + ", ".join(f"{n} ({why})" for why, n in sorted(skipped.items()))
+    click.echo(summary)
+
+
+def _check_flags(format, *, out, in_place, dry_run, link, overwrite, index_path, parquet) -> None:
+    if index_path and parquet:
+        raise click.UsageError("give --index or --from, not both")
+    if format in SIDECAR_FORMATS:
+        if bool(out) == in_place:
+            raise click.UsageError(f"{format} writes sidecars into --out DIR (mirroring the image folders) or beside the images with --in-place; give one of them")
+    elif in_place:
+        raise click.UsageError(f"--in-place is for sidecar formats ({', '.join(SIDECAR_FORMATS)}); {format} needs --out")
+    elif not out:
+        raise click.UsageError(f"{format} needs --out" + (" FILE.csv or FILE.jsonl" if format == "alt-text" else " DIR"))
+    if dry_run and format not in SIDECAR_FORMATS:
+        raise click.UsageError(f"--dry-run lists sidecar changes; it applies to {', '.join(SIDECAR_FORMATS)}")
+    if overwrite and format not in SIDECAR_FORMATS:
+        raise click.UsageError(f"--overwrite applies to {', '.join(SIDECAR_FORMATS)}; other formats always write their --out whole")
+    if link and format not in ("imagefolder", "coco"):
+        raise click.UsageError("--link applies to imagefolder and coco, which copy images")
+
+
+def _export(format, source, storage, *, out, in_place, root, link, max_chars, sidecar_name, dry_run, overwrite, skipped) -> str:
+    shown = storage.display(out) if out else "beside the images"
+    if format == "alt-text":
+        from pipeline.export.alt_file import write_alt_text
+
+        n = write_alt_text(source.rows(), out, storage, max_chars=max_chars, skipped=skipped)
+        return f"wrote {n} alt texts to {shown}"
+    if format in SIDECAR_FORMATS:
+        from pipeline.export.sidecars import Placement, apply
+
+        placement = Placement(out=out, in_place=in_place, root=root, tree=None if in_place else tuple(source.tree_uris()))
+        if format == "xmp":
+            from pipeline.export.xmp import plan_xmp
+
+            plans = plan_xmp(source.rows(), placement, storage, sidecar_name=sidecar_name, max_chars=max_chars,
+                             overwrite=overwrite, skipped=skipped)
+        else:
+            from pipeline.export.txt import plan_txt
+
+            plans = plan_txt(source.rows(), placement, storage, overwrite=overwrite, skipped=skipped)
+        counts = apply(plans, storage, dry_run=dry_run, echo=click.echo)
+        verb = "would write" if dry_run else "wrote"
+        return (f"{verb} {format} sidecars {'into ' if out else ''}{shown}: {counts['create']} created, {counts['update']} updated, "
+                f"{counts['keep']} kept")
+    if format == "imagefolder":
+        from pipeline.export.imagefolder import write_imagefolder
+
+        n = write_imagefolder(source, out, storage, root=root, link=link, skipped=skipped)
+        return f"wrote an imagefolder dataset of {n} images to {shown} (metadata.jsonl)"
+    if format == "coco":
+        from pipeline.export.coco import write_coco
+
+        n = write_coco(source, out, storage, root=root, link=link, skipped=skipped)
+        return f"wrote COCO captions for {n} images to {shown} (annotations/captions.json, images/)"
+    from pipeline.export.hf_dataset import write_hf_dataset
+
+    n = write_hf_dataset(source, out, storage, root=root, skipped=skipped)
+    return f"saved a datasets.Dataset of {n} images to {shown} (datasets.load_from_disk reads it)"

@@ -1,0 +1,66 @@
+"""``captioner export hf-dataset``: a Hugging Face ``datasets.Dataset`` saved with save_to_disk.
+
+Columns: ``image`` (datasets.Image, the original file's bytes), ``file_name``
+(the path below the root), ``caption``, ``image_id``, and one column per
+probe question (pipeline.export.labels). ``datasets.load_from_disk(OUT)``
+reads it back. The dataset is built in a temporary cache folder (never the
+user's HF cache) and written to OUT, local or on a bucket.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+
+from pipeline.export.errors import optional_import
+from pipeline.export.images import image_bytes, image_rows, nothing_to_export
+from pipeline.export.labels import feature_types, probe_columns, probe_values
+from pipeline.export.rows import RowSource
+from pipeline.export.storage import Storage, relative_paths
+
+
+def write_hf_dataset(source: RowSource, out: str, storage: Storage, *, root: str | None, skipped: Counter) -> int:
+    datasets = optional_import("datasets", "captioner export hf-dataset")
+    relative = relative_paths(source.uris(), root, tree=source.tree_uris())
+    columns = probe_columns(source.questions)
+    types = {"bool": datasets.Value("bool"), "string": datasets.Value("string"), "float": datasets.Value("float32")}
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "file_name": datasets.Value("string"),
+            "caption": datasets.Value("string"),
+            "image_id": datasets.Value("string"),
+            **{name: types[kind] for name, kind in feature_types(columns, source.has_yes_prob).items()},
+        }
+    )
+    counted = Counter()
+
+    def records():
+        for row in image_rows(source.rows(), skipped):
+            data = image_bytes(storage, row.uri, skipped)
+            if data is None:
+                continue
+            counted["rows"] += 1
+            rel = relative[row.uri]
+            yield {
+                "image": {"bytes": data, "path": rel},
+                "file_name": rel,
+                "caption": row.caption,
+                "image_id": row.image_id,
+                **probe_values(row, columns, source.has_yes_prob),
+            }
+
+    with tempfile.TemporaryDirectory(prefix="captioner-hf-") as cache:
+        # The fingerprint names the cache entry; the generator (which holds a
+        # database connection) cannot be hashed, and the cache is thrown away.
+        try:
+            dataset = datasets.Dataset.from_generator(records, features=features, cache_dir=cache, fingerprint="captioner-export")
+        except ValueError:
+            if counted["rows"] == 0:  # datasets refuses an empty split
+                raise nothing_to_export(skipped) from None
+            raise
+        if counted["rows"] == 0:
+            raise nothing_to_export(skipped)
+        dataset.save_to_disk(out, storage_options=storage.options)
+        del dataset
+    return counted["rows"]

@@ -1,0 +1,39 @@
+"""``captioner export imagefolder``: a Hugging Face ``imagefolder`` dataset folder.
+
+  OUT/metadata.jsonl        one line per image: file_name, caption, image_id,
+                            one column per probe question (pipeline.export.labels)
+  OUT/<relative path>       the images, copied (or symlinked with --link),
+                            mirroring their folders below the root
+
+``datasets.load_dataset("imagefolder", data_dir=OUT)`` reads it (split "train").
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from pipeline.export.images import copied, image_rows, nothing_to_export
+from pipeline.export.labels import probe_columns, probe_values
+from pipeline.export.rows import RowSource
+from pipeline.export.storage import Storage, join, relative_paths
+
+METADATA = "metadata.jsonl"
+
+
+def write_imagefolder(source: RowSource, out: str, storage: Storage, *, root: str | None, link: bool, skipped: Counter) -> int:
+    relative = relative_paths(source.uris(), root, tree=source.tree_uris())
+    columns = probe_columns(source.questions)
+    written = 0
+    with storage.open_write(join(out, METADATA)) as handle:
+        for row in image_rows(source.rows(), skipped):
+            rel = relative[row.uri]
+            if not copied(storage, row.uri, join(out, rel), link=link, skipped=skipped):
+                continue
+            record = {"file_name": rel, "caption": row.caption, "image_id": row.image_id}
+            record.update(probe_values(row, columns, source.has_yes_prob))
+            handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            written += 1
+        if not written:
+            raise nothing_to_export(skipped)  # inside the block: no empty metadata.jsonl is published
+    return written

@@ -1,0 +1,45 @@
+"""``captioner export txt``: one ``.txt`` caption per image, the layout kohya-ss
+and TagGUI-style trainers read (``photo.jpg`` -> ``photo.txt``, same folder).
+
+The file holds the caption alone, whitespace-normalised, UTF-8, no trailing
+newline. An existing ``.txt`` is kept (it may be hand-edited) unless
+``overwrite``; one that already says the same is left alone either way.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections import Counter
+from typing import Iterable
+
+from pipeline.export.rows import ExportRow
+from pipeline.export.sidecars import CREATE, KEEP, UPDATE, Placement, Plan, captioned
+from pipeline.export.storage import Storage
+
+
+def txt_name(image_name: str) -> str:
+    return posixpath.splitext(image_name)[0] + ".txt"
+
+
+def caption_text(caption: str) -> str:
+    return " ".join(caption.split())
+
+
+def plan_txt(rows: Iterable[ExportRow], placement: Placement, storage: Storage, *, overwrite: bool, skipped: Counter) -> list[Plan]:
+    rows = list(captioned(rows, skipped))
+    where = placement.locations([r.uri for r in rows], txt_name)
+    plans = []
+    for row in rows:
+        location = where[row.uri]
+        data = caption_text(row.caption).encode("utf-8")
+        if not storage.exists(location):
+            plans.append(Plan(row.uri, location, CREATE, data))
+            continue
+        old = storage.read(location)
+        if old == data:
+            plans.append(Plan(row.uri, location, KEEP, None, "unchanged"))
+        elif overwrite:
+            plans.append(Plan(row.uri, location, UPDATE, data, "replaced (--overwrite)"))
+        else:
+            plans.append(Plan(row.uri, location, KEEP, None, "exists; --overwrite replaces it"))
+    return plans

@@ -1,0 +1,224 @@
+"""The Starlette app: one page, its static files, and a small JSON API.
+
+  GET  /                            the page (static HTML; the JS asks the API for everything)
+  GET  /api/info                    index facts, search modes, probe filters
+  GET  /api/search?q=&mode=         search; &probe=Question?=yes (repeatable), &confidence=0.8,
+                                    &offset=&limit= for paging
+  POST /api/search/image            body: image bytes; images like it (&q= fuses BM25 in hybrid)
+  GET  /api/images/{id}             one row: caption, every probe answer, uri, size
+  GET  /api/images/{id}/similar     more like this (the row's stored embedding)
+  GET  /api/images/{id}/thumb?size=s|l   JPEG thumbnail, or a placeholder when the original is unusable
+
+Files are reached only through a row id that the index holds: no request
+names a path. ``{id:int}`` routes match digits only, so anything else (``..``,
+``%2e%2e``, absolute paths) never reaches a handler.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from pipeline.search import SearchError
+from pipeline.serve.service import DEFAULT_PAGE, Filters, IndexService, NotFound, Page
+from pipeline.serve.thumbs import SIDES, ThumbnailCache
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD_BYTES = 32 * 2**20
+# A thumbnail URL carries ?v=<start of image_id>; when it matches, the bytes
+# behind that URL can never change, so browsers may keep them for a year.
+_IMMUTABLE = "public, max-age=31536000, immutable"
+_REVALIDATE = "no-cache"
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
+        b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+]
+
+
+class SecurityHeaders:
+    """Adds the headers above to every response (pure ASGI: no buffering)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + _SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: list[str] | None = None) -> Starlette:
+    """``allowed_hosts``: Host header names accepted (DNS-rebinding guard); None accepts any."""
+
+    def info(request: Request):
+        return JSONResponse(service.describe())
+
+    def search(request: Request):
+        params = request.query_params
+        page = service.search(params.get("q", ""), params.get("mode") or None, *_paging(request), _filters(request))
+        return _page_json(page)
+
+    def similar(request: Request):
+        page = service.similar(request.path_params["id"], *_paging(request), _filters(request))
+        return _page_json(page)
+
+    async def search_image(request: Request):
+        image = await _uploaded_image(request)
+        params = request.query_params
+        page = await run_in_threadpool(
+            service.search_image, image, params.get("q", ""), params.get("mode") or None, *_paging(request), _filters(request)
+        )
+        return _page_json(page)
+
+    def image(request: Request):
+        return JSONResponse(service.row(request.path_params["id"]))
+
+    def thumb(request: Request):
+        side = SIDES.get(request.query_params.get("size", "s"))
+        if side is None:
+            raise HTTPException(400, f"size must be one of {', '.join(SIDES)}")
+        uri, image_id = service.source_of(request.path_params["id"])
+        made = thumbs.get(uri, image_id, side)
+        if made is None:
+            return FileResponse(
+                STATIC / "placeholder.svg",
+                media_type="image/svg+xml",
+                headers={"Cache-Control": "no-store", "X-Thumbnail": "placeholder"},
+            )
+        version = request.query_params.get("v")
+        headers = {
+            "ETag": made.etag,
+            "Cache-Control": _IMMUTABLE if version and image_id and image_id.startswith(version) else _REVALIDATE,
+        }
+        if made.etag in _etags(request.headers.get("if-none-match", "")):
+            return Response(status_code=304, headers=headers)
+        return Response(made.data, media_type="image/jpeg", headers=headers)
+
+    def page(request: Request):
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    def search_error(request: Request, exc: SearchError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    def not_found(request: Request, exc: NotFound):
+        return JSONResponse({"error": f"no image with id {exc.args[0]} in this index"}, status_code=404)
+
+    def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    routes = [
+        Route("/", page),
+        Route("/api/info", info),
+        Route("/api/search", search),
+        Route("/api/search/image", search_image, methods=["POST"]),
+        Route("/api/images/{id:int}", image),
+        Route("/api/images/{id:int}/similar", similar),
+        Route("/api/images/{id:int}/thumb", thumb),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    middleware = [Middleware(SecurityHeaders)]
+    if allowed_hosts is not None:
+        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False))
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={SearchError: search_error, NotFound: not_found, HTTPException: http_error},
+    )
+    app.state.service = service
+    app.state.thumbs = thumbs
+    return app
+
+
+def _paging(request: Request) -> tuple[int, int]:
+    return _int_param(request, "offset", 0), _int_param(request, "limit", DEFAULT_PAGE)
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise HTTPException(400, f"{name} must be an integer, got {raw!r}") from None
+
+
+def _filters(request: Request) -> Filters:
+    raw = request.query_params.get("confidence")
+    confidence = None
+    if raw not in (None, ""):
+        try:
+            confidence = float(raw)
+        except ValueError:
+            raise HTTPException(400, f"confidence must be a number in (0, 1], got {raw!r}") from None
+        if not math.isfinite(confidence):
+            raise HTTPException(400, "confidence must be a finite number")
+    return Filters(tuple(request.query_params.getlist("probe")), confidence)
+
+
+def _page_json(page: Page) -> JSONResponse:
+    return JSONResponse(
+        {
+            "offset": page.offset,
+            "more": page.more,
+            "hits": [
+                {
+                    "rank": h.rank,
+                    "score": h.score,
+                    "id": h.id,
+                    "uri": h.uri,
+                    "caption": h.caption,
+                    "text_rank": h.text_rank,
+                    "semantic_rank": h.semantic_rank,
+                    "thumb": f"/api/images/{h.id}/thumb?size=s&v={(h.image_id or '')[:16]}",
+                }
+                for h in page.hits
+            ],
+        }
+    )
+
+
+def _etags(header: str) -> set[str]:
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+async def _uploaded_image(request: Request):
+    """The request body decoded as an image by the pipeline's own decoder (size guard, EXIF, RGB)."""
+    from pipeline.config import DecodeConfig
+    from pipeline.decode import decode_bytes
+
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+        raise HTTPException(413, f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    decoded = await run_in_threadpool(decode_bytes, "upload", bytes(body), DecodeConfig())
+    if not decoded.ok:
+        raise HTTPException(400, f"the dropped file is not a usable image: {decoded.error}")
+    return decoded.image

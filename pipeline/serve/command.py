@@ -1,0 +1,99 @@
+"""``captioner serve``: the search page for an index, on uvicorn.
+
+Starlette and uvicorn are imported when the command runs, not when the CLI
+loads, so ``captioner --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import click
+
+from pipeline.search.commands import DEFAULT_DB, _user_errors
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
+
+SERVE_EPILOG = """\b
+Examples:
+  captioner serve --index out/index.duckdb                 # http://127.0.0.1:8000/
+  captioner serve --index out/index.duckdb --port 8080
+  captioner serve --index index.duckdb --storage-option endpoint_url=http://127.0.0.1:9000   # images in a bucket
+\b
+The page searches (hybrid, text or semantic), filters on probe answers, shows
+thumbnails, every probe answer of an image, and "more like this"; drop an
+image on it to search by image. Thumbnails are made from the original images
+on first view and cached beside the index (INDEX.thumbs/, --thumb-cache-mb).
+Only images listed in the index can be shown, by row id; the index is opened
+read-only. There is no login: the server listens on loopback unless --host
+says otherwise, and anyone who can reach it sees every indexed image.
+"""
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts_for(host: str) -> list[str] | None:
+    """Host headers to accept: loopback names on loopback (a DNS-rebinding guard), any otherwise."""
+    return list(LOOPBACK_NAMES) if is_loopback(host) else None
+
+
+@click.command("serve", epilog=SERVE_EPILOG)
+@click.option("--index", "index_path", default=DEFAULT_DB, show_default=True, type=click.Path(dir_okay=False), help="Index database built by `captioner index`.")
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on; 0.0.0.0 makes the page reachable from other machines.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--device", default="auto", show_default=True, help="Where to run the query embedder: auto, cpu, cuda.")
+@click.option("--thumb-cache", type=click.Path(file_okay=False), help="Thumbnail cache folder. [default: INDEX.thumbs beside the index]")
+@click.option("--thumb-cache-mb", default=512, show_default=True, type=click.IntRange(min=0), help="Size bound of the thumbnail cache; least recently used thumbnails go first. 0: no disk cache.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for reading images from a bucket (repeatable), as for `captioner run`.")
+@_user_errors
+def serve(index_path, host, port, device, thumb_cache, thumb_cache_mb, storage_options):
+    """Serve a search page for an index at http://HOST:PORT/."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from pipeline.cli import _parse_storage_options
+    from pipeline.search import ImageIndex
+    from pipeline.serve.app import create_app
+    from pipeline.serve.service import IndexService
+    from pipeline.serve.thumbs import ThumbnailCache, default_cache_dir
+
+    options = dict(_parse_storage_options(storage_options) or ())
+    index = ImageIndex.open(index_path, device=device)
+    try:
+        if index.info.embedding_dim:
+            click.echo(f"loading the query embedder {index.info.embed_model} ...", err=True)
+        service = IndexService(index)
+        if service.semantic_error:
+            click.echo(f"warning: {service.semantic_error}", err=True)
+        cache_dir = Path(thumb_cache) if thumb_cache else default_cache_dir(index.path)
+        thumbs = ThumbnailCache(cache_dir, max_bytes=thumb_cache_mb * 2**20, storage_options=options or None)
+        if thumbs.root is None and thumb_cache_mb:
+            click.echo(f"warning: cannot write the thumbnail cache {cache_dir}; thumbnails are made on every view "
+                       f"(pass --thumb-cache DIR to cache them elsewhere)", err=True)
+        app = create_app(service, thumbs, allowed_hosts=allowed_hosts_for(host))
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(
+            f"serving {index.path} ({index.info.searchable_rows:,} searchable images) at http://{shown}:{port}/  "
+            f"(Ctrl-C stops)",
+            err=True,
+        )
+        if not is_loopback(host):
+            click.secho(
+                f"warning: listening on {host}, not loopback: anyone who can reach port {port} on this machine can "
+                f"search the index and see every indexed image; there is no login",
+                err=True,
+                fg="yellow",
+            )
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        index.close()
