@@ -1,0 +1,193 @@
+"""The stage contract, driven without Ray (issue 8: "A test drives the stages with random batch sizes
+and random error patterns and checks the merge never fails"; issue 9: preprocessing off the GPU).
+
+decode_batch -> CaptionStage -> EmbedStage -> conform_batch are called as the Ray plan calls them,
+on blocks of random sizes mixing good PNGs, truncated files, non-images and images whose CPU
+preparation fails. Every block must carry exactly its stage's declared schema, so that any mix of
+blocks concatenates, and each input must come out as exactly one row.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.config import RunConfig
+from pipeline.models.identity import identity_for_run
+from pipeline.models.moondream.preprocess import MoondreamPreprocessor
+from pipeline.models.openclip import OpenClipPreprocessor
+from pipeline.models.registry import resolve_captioner, resolve_embedder
+from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
+from pipeline.stages.contract import LISTED
+from schemas import STATUS_ERROR, STATUS_OK
+from tests.fixtures.moondream_cache import local_moondream_dir
+
+# An image of this size makes the CPU preparation fail (the monkeypatched preprocessors below).
+REFUSED_SIZE = (29, 31)
+PROBES = ("Is there a cat?", "What colour is it?")
+
+
+@pytest.fixture(scope="module")
+def moondream_dir(tmp_path_factory) -> Path:
+    return local_moondream_dir(tmp_path_factory.mktemp("md") / "model")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def refusing_preprocessors(monkeypatch):
+    """Both real preprocessors, refusing REFUSED_SIZE images the way a model refuses an input it cannot take."""
+    for cls in (MoondreamPreprocessor, OpenClipPreprocessor):
+        original = cls.prepare
+
+        def prepare(self, image, _original=original):
+            if image.size == REFUSED_SIZE:
+                raise ValueError(f"injected: cannot prepare a {image.size} image")
+            return _original(self, image)
+
+        monkeypatch.setattr(cls, "prepare", prepare)
+
+
+def _files(folder: Path, rng: random.Random, count: int) -> list[tuple[Path, str | None]]:
+    """(path, expected error kind) for a random mix of good and bad files."""
+    out = []
+    for i in range(count):
+        kind = rng.choice(["ok", "ok", "ok", "truncated", "not_image", "refused"])
+        path = folder / f"f{i:03d}.png"
+        if kind == "not_image":
+            path.write_bytes(b"<html>not an image</html>")
+            out.append((path, "not_image"))
+            continue
+        size = REFUSED_SIZE if kind == "refused" else (rng.randint(16, 500), rng.randint(16, 400))
+        pixels = np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        data = buffer.getvalue()
+        path.write_bytes(data[: len(data) // 2] if kind == "truncated" else data)
+        out.append((path, {"ok": None, "refused": "preprocess"}.get(kind, kind)))
+    return out
+
+
+def _listed(paths: list[Path]) -> pa.Table:
+    return LISTED.table({
+        "uri": [str(p) for p in paths],
+        "location": [str(p).encode() for p in paths],
+        "size": [p.stat().st_size for p in paths],
+    })  # fmt: skip
+
+
+def _stage_config(tmp_path: Path, caption_model: str | None, embed_model: str | None) -> StageConfig:
+    caption = dict(enabled=caption_model is not None, probes=PROBES, max_new_tokens=2, answer_max_new_tokens=2,
+                   max_crops=2, batch_size=4)
+    if caption_model:
+        caption["model"] = caption_model
+    else:
+        caption.update(probes=())  # probes alone would still run the caption model
+    embed = dict(enabled=embed_model is not None)
+    if embed_model:
+        embed["model"] = embed_model
+    run = RunConfig(source=str(tmp_path), output=str(tmp_path / "out.parquet"), device="cpu",
+                    caption=caption, embed=embed)
+    identity = identity_for_run(
+        resolve_captioner(caption_model) if caption_model else None,
+        resolve_embedder(embed_model) if embed_model else None,
+        PROBES if caption_model else (),
+    )
+    return StageConfig(run=run, identity=identity)
+
+
+def _drive(stage: StageConfig, files, rng: random.Random):
+    """Run every stage on random-sized blocks; return each stage's blocks."""
+    captioner = CaptionStage(stage) if stage.runs_captioner else None
+    embedder = EmbedStage(stage) if stage.runs_embedder else None
+    blocks = {"decode": [], "caption": [], "embed": [], "conform": []}
+    start = 0
+    while start < len(files):
+        size = rng.randint(1, 5)
+        chunk = [path for path, _ in files[start : start + size]]
+        start += size
+        batch = decode_batch(_listed(chunk), stage=stage)
+        blocks["decode"].append(batch)
+        if captioner:
+            batch = captioner(batch)
+            blocks["caption"].append(batch)
+        if embedder:
+            batch = embedder(batch)
+            blocks["embed"].append(batch)
+        blocks["conform"].append(conform_batch(batch, stage=stage))
+    return blocks
+
+
+@pytest.mark.parametrize("models", ["moondream+clip", "vlm+clip", "clip"])
+def test_random_blocks_keep_their_declared_schema_and_always_merge(
+    models, tmp_path, moondream_dir, tiny_vlm_dir, tiny_clip_dir, offline, refusing_preprocessors
+):
+    caption_model = {"moondream+clip": str(moondream_dir), "vlm+clip": str(tiny_vlm_dir), "clip": None}[models]
+    stage = _stage_config(tmp_path, caption_model, str(tiny_clip_dir))
+    rng = random.Random(f"stages-{models}")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = _files(folder, rng, 14)
+    if models == "vlm+clip":
+        # The transformers captioner has no CPU preprocessor: it still gets pixels, and the
+        # embedder's preparation alone refuses the REFUSED_SIZE image.
+        assert decode_batch(_listed([files[0][0]]), stage=stage).column("caption_input").null_count == 1
+
+    blocks = _drive(stage, files, rng)
+
+    for name in ("decode", "caption", "embed"):
+        if not blocks[name]:
+            continue  # the stage does not run in this config
+        declared = stage.columns_after(name).schema
+        for block in blocks[name]:
+            assert block.schema.equals(declared), (name, block.schema)
+        # Any mix of blocks merges, in any order, as Ray Data merges them.
+        mixed = rng.sample(blocks[name], len(blocks[name]))
+        assert pa.concat_tables(mixed).num_rows == sum(b.num_rows for b in blocks[name])
+    if stage.runs_captioner:
+        for block in blocks["caption"]:
+            assert block.column("caption_input").null_count == block.num_rows  # consumed by its stage
+    merged = pa.concat_tables(rng.sample(blocks["conform"], len(blocks["conform"])))
+    assert len({b.schema for b in blocks["conform"]}) == 1
+
+    rows = {row["uri"]: row for row in merged.to_pylist()}
+    assert len(rows) == merged.num_rows == len(files)  # exactly one row per input
+    for path, kind in files:
+        row = rows[str(path)]
+        assert row["error_kind"] == kind, (path.name, row["error"])
+        assert row["status"] == (STATUS_OK if kind is None else STATUS_ERROR)
+        if kind is None:
+            assert row["embedding"] is not None and len(row["embedding"]) == stage_dim(merged)
+            if stage.runs_captioner:
+                assert row["caption"] is not None and len(row["probes"]) == len(PROBES)
+        else:
+            assert row["embedding"] is None and row["caption"] is None
+
+
+def stage_dim(table: pa.Table) -> int:
+    return table.schema.field("embedding").type.list_size
+
+
+def test_decode_skips_pixels_only_when_every_model_prepares_its_own_input(tmp_path, moondream_dir, tiny_vlm_dir,
+                                                                          tiny_clip_dir, offline):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    path = folder / "a.png"
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(path)
+    both = decode_batch(_listed([path]), stage=_stage_config(tmp_path, str(moondream_dir), str(tiny_clip_dir)))
+    assert both.column("pixels")[0].as_py() == b"" and both.column("caption_input")[0].is_valid
+    assert both.column("embed_input")[0].is_valid
+    mixed = decode_batch(_listed([path]), stage=_stage_config(tmp_path, str(tiny_vlm_dir), str(tiny_clip_dir)))
+    assert len(mixed.column("pixels")[0].as_py()) == 300 * 200 * 3 and mixed.column("embed_input")[0].is_valid
