@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 # The pinned Moondream 2 release: hub tags of vikhyatk/moondream2 are dates.
 MOONDREAM_REPO = "vikhyatk/moondream2"
@@ -36,6 +36,24 @@ IMAGE_EXTENSIONS = (
 )
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+def _one_of(choices: tuple[str, ...]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _model_spec(flag: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"is empty; pass {flag} NAME or PATH")
+        return value.strip()
+
+    return AfterValidator(check)
 # Strict floats still accept ints (``model_actor_cpus: 2``), never strings.
 PositiveFloat = Annotated[float, Field(gt=0, strict=True)]
 
@@ -69,8 +87,8 @@ class CaptionConfig(_Section):
     # Write a caption per image. Probes are asked whenever there are any, with
     # or without a caption (``--no-caption`` keeps them; ``--no-probes`` drops them).
     enabled: StrictBool = True
-    model: StrictStr = DEFAULT_CAPTION_MODEL
-    length: StrictStr = "normal"
+    model: Annotated[StrictStr, _model_spec("--caption-model")] = DEFAULT_CAPTION_MODEL
+    length: Annotated[StrictStr, _one_of(CAPTION_LENGTHS)] = "normal"
     probes: tuple[StrictStr, ...] = ()
     batch_size: PositiveInt = 8
     # None: the backend's per-length caption budget (Moondream: the reference's
@@ -80,33 +98,12 @@ class CaptionConfig(_Section):
     # Moondream: local crops per image (the reference's 12) and the weights'
     # dtype (auto: bfloat16 on a GPU, float32 on CPU, where parity is checked).
     max_crops: Annotated[StrictInt, Field(ge=1, le=12)] = 12
-    dtype: StrictStr = "auto"
+    dtype: Annotated[StrictStr, _one_of(CAPTION_DTYPES)] = "auto"
     # Moondream: sequences (caption + probes of all images) decoded at once; a
     # cap on the engine's per-step memory. None: the engine's default.
     max_sequences: PositiveInt | None = None
     # Moondream: torch.compile the decoder step (slower start, faster steady state on GPUs).
     compile: StrictBool = False
-
-    @field_validator("length")
-    @classmethod
-    def _known_length(cls, value: str) -> str:
-        if value not in CAPTION_LENGTHS:
-            raise ValueError(f"must be one of {', '.join(CAPTION_LENGTHS)}, got {value!r}")
-        return value
-
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, value: str) -> str:
-        if value not in CAPTION_DTYPES:
-            raise ValueError(f"must be one of {', '.join(CAPTION_DTYPES)}, got {value!r}")
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _named(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("is empty; pass --caption-model NAME or PATH")
-        return value.strip()
 
     @field_validator("probes")
     @classmethod
@@ -126,15 +123,8 @@ class CaptionConfig(_Section):
 
 class EmbedConfig(_Section):
     enabled: StrictBool = True
-    model: StrictStr = DEFAULT_EMBED_MODEL
+    model: Annotated[StrictStr, _model_spec("--embed-model")] = DEFAULT_EMBED_MODEL
     batch_size: PositiveInt = 32
-
-    @field_validator("model")
-    @classmethod
-    def _named(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("is empty; pass --embed-model NAME or PATH")
-        return value.strip()
 
 
 class RayConfig(_Section):
@@ -156,7 +146,7 @@ class RayConfig(_Section):
 class RunConfig(_Section):
     source: StrictStr
     output: StrictStr
-    device: StrictStr = "auto"
+    device: Annotated[StrictStr, _one_of(DEVICES)] = "auto"
     limit: Annotated[StrictInt, Field(ge=0)] | None = None
     overwrite: StrictBool = False
     # Rerun files that failed for a permanent reason (not an image, truncated...).
@@ -175,13 +165,6 @@ class RunConfig(_Section):
     def _options_mapping(cls, value: Any) -> Any:
         if isinstance(value, dict):
             return tuple(sorted((str(k), str(v)) for k, v in value.items()))
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if value not in DEVICES:
-            raise ValueError(f"must be one of {', '.join(DEVICES)}, got {value!r}")
         return value
 
     @field_validator("source")
