@@ -42,7 +42,9 @@ def test_default_spec_loads_from_the_offline_hf_cache_and_matches_the_reference(
     ref = resolve_captioner("moondream2")  # the default spec, no path
     check_moondream_files(ref)  # the driver-side check passes without loading anything
     md = build_captioner(ref, CaptionConfig(max_new_tokens=64, answer_max_new_tokens=16), "cpu")
-    assert (md.model_id, md.revision) == (f"moondream2:{MOONDREAM_REPO}@{MOONDREAM_REVISION}", MOONDREAM_REVISION)
+    # The identity rows are stamped with: the tag asked, and the commits of both repos actually loaded.
+    assert md.model_id == f"moondream2:{MOONDREAM_REPO}@{MOONDREAM_REVISION}"
+    assert md.revision == f"{MOONDREAM_COMMIT}; tokenizer moondream/starmie-v1@{STARMIE_REVISION}"
     assert (md.model_commit, md.tokenizer_commit) == (MOONDREAM_COMMIT, STARMIE_REVISION)
     assert md.dtype == torch.float32 and md.max_crops == 12  # auto on CPU
 
@@ -89,7 +91,8 @@ def test_local_directory_and_its_tokenizer(tmp_path, monkeypatch):
     ref = resolve_captioner(str(directory))
     assert (ref.backend, ref.is_local) == ("moondream2", True)
     md = build_captioner(ref, CaptionConfig(max_new_tokens=4, answer_max_new_tokens=2, max_crops=2), "cpu")
-    assert (md.revision, md.model_commit, md.tokenizer_commit, md.max_crops) == ("local", "local", "local", 2)
+    assert (md.model_commit, md.tokenizer_commit, md.max_crops) == ("local", "local", 2)
+    assert md.model_id == "moondream2:local" and md.revision.startswith("sha256:")  # named by content, not path
     (d,) = md.describe([Image.new("RGB", (900, 500), (200, 30, 30))], QUESTIONS)
     assert d.caption and len(d.answers) == 2
 
