@@ -124,9 +124,13 @@ def test_missing_local_weights_are_a_config_error_naming_the_path(tmp_path, hf_c
 def test_moondream_default_records_the_cached_commit_of_its_pinned_revision(hf_cache):
     from pipeline.config import DEFAULT_CAPTION_MODEL, MOONDREAM_REPO, MOONDREAM_REVISION
 
+    from pipeline.models.moondream.hub import STARMIE_REPO, STARMIE_REVISION
+
     commit = add_snapshot(hf_cache, MOONDREAM_REPO, {"config.json": b"{}"}, revision=MOONDREAM_REVISION)
     ident = model_identity(DEFAULT_CAPTION_MODEL, "caption")
-    assert ident.model == f"moondream2:{MOONDREAM_REPO}@{MOONDREAM_REVISION}" and ident.revision == commit
+    # Moondream reads its tokenizer from a second repo: both commits are what was run.
+    assert ident.model == f"moondream2:{MOONDREAM_REPO}@{MOONDREAM_REVISION}"
+    assert ident.revision == f"{commit}; tokenizer {STARMIE_REPO}@{STARMIE_REVISION}"
     assert model_identity("moondream2", "caption") == ident
 
 

@@ -119,5 +119,11 @@ def test_caption_weights_cached_at_the_pinned_revision_pass(hf_cache):
     ref = resolve_captioner("moondream2")
     with pytest.raises(WeightsMissing, match=f"hf download {MOONDREAM_REPO} --revision {MOONDREAM_REVISION}"):
         check_caption_weights(ref)
-    add_snapshot(hf_cache, MOONDREAM_REPO, {"config.json": b"{}"}, revision=MOONDREAM_REVISION)
+    add_snapshot(hf_cache, MOONDREAM_REPO, {"model.safetensors": b"weights"}, revision=MOONDREAM_REVISION)
+    # Moondream 2 also needs its tokenizer repo, moondream/starmie-v1.
+    with pytest.raises(WeightsMissing, match="hf download moondream/starmie-v1"):
+        check_caption_weights(ref)
+    from pipeline.models.moondream.hub import STARMIE_REPO, STARMIE_REVISION
+
+    add_snapshot(hf_cache, STARMIE_REPO, {"tokenizer.json": b"{}"}, revision="main", commit=STARMIE_REVISION)
     check_caption_weights(ref)
