@@ -68,6 +68,7 @@ class _Sequence:
     image: int  # index of the image in the generate() call
     index: int  # index of the request among the image's requests
     request: Request
+    limit: int = 0  # max_tokens, lowered where the context window would overflow
     filled: int = 0  # suffix cache slots holding keys/values
     ids: list[int] = field(default_factory=list)
     pending: int | None = None  # emitted token not yet fed back
@@ -197,10 +198,11 @@ class MoondreamEngine:
         """For each image, one Generation per request, in order."""
         if len(images) != len(requests):
             raise ValueError(f"{len(images)} images but {len(requests)} request lists")
+        room = self.config.text.max_context - self.prefix_len
         for per_image in requests:
             for r in per_image:
-                if r.max_tokens < 1 or not r.prompt:
-                    raise ValueError(f"a request needs a prompt and max_tokens >= 1: {r}")
+                if r.max_tokens < 1 or not r.prompt or len(r.prompt) >= room:
+                    raise ValueError(f"a request needs a prompt shorter than {room} tokens and max_tokens >= 1")
         todo = [i for i in range(len(images)) if requests[i]]
         results: list[list[Generation | None]] = [[None] * len(r) for r in requests]
         if not todo:
@@ -274,7 +276,9 @@ class _Run:
         del caches
 
         # Prompts: one suffix row per sequence, prefilled together (right-padded to the longest).
-        new = [_Sequence(image, j, r) for image in batch for j, r in enumerate(self.requests[image])]
+        room = e.config.text.max_context - e.prefix_len
+        new = [_Sequence(image, j, r, limit=min(r.max_tokens, room - len(r.prompt)))
+               for image in batch for j, r in enumerate(self.requests[image])]
         first_row, n = len(self.seqs), len(new)
         lengths = [len(s.request.prompt) for s in new]
         width = max(lengths)
@@ -360,7 +364,7 @@ class _Run:
         elif token == EOS_ID:
             s.done = True
             return
-        if len(s.ids) >= s.request.max_tokens:
+        if len(s.ids) >= s.limit:
             s.done, s.hit_cap = True, True
             return
         s.ids.append(token)
