@@ -39,7 +39,9 @@ from pipeline.models.moondream.preprocess import MoondreamCrops
 from pipeline.models.moondream.vision import normalise_crops
 
 DEFAULT_MAX_SEQUENCES = 64
-DEFAULT_VISION_BATCH_CROPS = 64
+# Crops per vision encoder pass: large on a GPU; small on CPU, where big activations (hundreds of MB
+# per pass) measured slower per crop than passes of 8.
+DEFAULT_VISION_BATCH_CROPS = {"cuda": 64, "cpu": 8}
 PREFIX_PREFILL_IMAGES = 8  # images per prefix prefill pass (bounds activation memory)
 
 
@@ -128,16 +130,18 @@ class MoondreamEngine:
         *,
         max_sequences: int = DEFAULT_MAX_SEQUENCES,
         max_images: int | None = None,
-        vision_batch_crops: int = DEFAULT_VISION_BATCH_CROPS,
+        vision_batch_crops: int | None = None,
         yes_ids: Sequence[int] = (),
         no_ids: Sequence[int] = (),
         compile: bool = False,
     ):
-        if max_sequences < 1 or vision_batch_crops < 1:
-            raise ValueError("max_sequences and vision_batch_crops must be at least 1")
         self.model = model
         self.config = model.config
         self.device = model.text.wte.device
+        if vision_batch_crops is None:
+            vision_batch_crops = DEFAULT_VISION_BATCH_CROPS.get(self.device.type, 8)
+        if max_sequences < 1 or vision_batch_crops < 1:
+            raise ValueError("max_sequences and vision_batch_crops must be at least 1")
         self.dtype = model.text.wte.dtype
         self.max_sequences = max_sequences
         self.max_images = max_images or max_sequences
