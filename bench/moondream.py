@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--caption-tokens", type=int, default=None, help="default 24 on CPU, 96 on a GPU")
     ap.add_argument("--answer-tokens", type=int, default=4)
     ap.add_argument("--max-sequences", type=int, default=None, help="engine cap; default 64 CPU, 384 GPU")
+    ap.add_argument("--vision-batch-crops", type=int, default=None, help="crops per vision pass (engine default)")
     ap.add_argument("--text-layers", type=int, default=2, help="mid-size only")
     ap.add_argument("--vision-layers", type=int, default=2, help="mid-size only")
     ap.add_argument("--loop-images", type=int, default=None, help="images timed in the slow loop (default: all)")
@@ -138,7 +139,7 @@ def main() -> None:
     crops = [prepare_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n_images)]
     reqs = requests(caption_tokens, args.answer_tokens)
     engine = MoondreamEngine(model, max_sequences=args.max_sequences or (384 if gpu else 64),
-                             vision_batch_crops=256 if gpu else 32)
+                             vision_batch_crops=args.vision_batch_crops)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{'full' if args.full else 'mid-size'} config ({params:.0f}M params, text {config.text.n_layers} layers, "
           f"vision {config.vision.enc_n_layers} layers), {args.device} {str(dtype).split('.')[-1]}, "

@@ -255,3 +255,11 @@ def test_official_key_layout_is_what_is_loaded():
     MoondreamConfig().check_shapes(official, "weight-keys-full.tsv")  # raises on any difference
     expected = MoondreamConfig().expected_shapes()
     assert set(official) - set(expected) == {k for k in official if k.startswith("model.region.")}
+
+
+def test_requests_that_cannot_fit_the_context_are_refused(fp32_model, parity_crops):
+    engine = MoondreamEngine(fp32_model)
+    room = fp32_model.config.text.max_context - fp32_model.config.prefix_len
+    for bad in (Request((1,) * room, 4), Request(CAPTION_PROMPTS["short"], 0), Request((), 4)):
+        with pytest.raises(ValueError):
+            engine.generate([parity_crops], [[bad]])

@@ -39,7 +39,9 @@ from pipeline.models.moondream.preprocess import MoondreamCrops
 from pipeline.models.moondream.vision import normalise_crops
 
 DEFAULT_MAX_SEQUENCES = 64
-DEFAULT_VISION_BATCH_CROPS = 64
+# Crops per vision encoder pass: large on a GPU; small on CPU, where big activations (hundreds of MB
+# per pass) measured slower per crop than passes of 8.
+DEFAULT_VISION_BATCH_CROPS = {"cuda": 64, "cpu": 8}
 PREFIX_PREFILL_IMAGES = 8  # images per prefix prefill pass (bounds activation memory)
 
 
@@ -68,6 +70,7 @@ class _Sequence:
     image: int  # index of the image in the generate() call
     index: int  # index of the request among the image's requests
     request: Request
+    limit: int = 0  # max_tokens, lowered where the context window would overflow
     filled: int = 0  # suffix cache slots holding keys/values
     ids: list[int] = field(default_factory=list)
     pending: int | None = None  # emitted token not yet fed back
@@ -127,16 +130,18 @@ class MoondreamEngine:
         *,
         max_sequences: int = DEFAULT_MAX_SEQUENCES,
         max_images: int | None = None,
-        vision_batch_crops: int = DEFAULT_VISION_BATCH_CROPS,
+        vision_batch_crops: int | None = None,
         yes_ids: Sequence[int] = (),
         no_ids: Sequence[int] = (),
         compile: bool = False,
     ):
-        if max_sequences < 1 or vision_batch_crops < 1:
-            raise ValueError("max_sequences and vision_batch_crops must be at least 1")
         self.model = model
         self.config = model.config
         self.device = model.text.wte.device
+        if vision_batch_crops is None:
+            vision_batch_crops = DEFAULT_VISION_BATCH_CROPS.get(self.device.type, 8)
+        if max_sequences < 1 or vision_batch_crops < 1:
+            raise ValueError("max_sequences and vision_batch_crops must be at least 1")
         self.dtype = model.text.wte.dtype
         self.max_sequences = max_sequences
         self.max_images = max_images or max_sequences
@@ -197,10 +202,11 @@ class MoondreamEngine:
         """For each image, one Generation per request, in order."""
         if len(images) != len(requests):
             raise ValueError(f"{len(images)} images but {len(requests)} request lists")
+        room = self.config.text.max_context - self.prefix_len
         for per_image in requests:
             for r in per_image:
-                if r.max_tokens < 1 or not r.prompt:
-                    raise ValueError(f"a request needs a prompt and max_tokens >= 1: {r}")
+                if r.max_tokens < 1 or not r.prompt or len(r.prompt) >= room:
+                    raise ValueError(f"a request needs a prompt shorter than {room} tokens and max_tokens >= 1")
         todo = [i for i in range(len(images)) if requests[i]]
         results: list[list[Generation | None]] = [[None] * len(r) for r in requests]
         if not todo:
@@ -274,7 +280,9 @@ class _Run:
         del caches
 
         # Prompts: one suffix row per sequence, prefilled together (right-padded to the longest).
-        new = [_Sequence(image, j, r) for image in batch for j, r in enumerate(self.requests[image])]
+        room = e.config.text.max_context - e.prefix_len
+        new = [_Sequence(image, j, r, limit=min(r.max_tokens, room - len(r.prompt)))
+               for image in batch for j, r in enumerate(self.requests[image])]
         first_row, n = len(self.seqs), len(new)
         lengths = [len(s.request.prompt) for s in new]
         width = max(lengths)
@@ -360,7 +368,7 @@ class _Run:
         elif token == EOS_ID:
             s.done = True
             return
-        if len(s.ids) >= s.request.max_tokens:
+        if len(s.ids) >= s.limit:
             s.done, s.hit_cap = True, True
             return
         s.ids.append(token)

@@ -17,6 +17,7 @@ per sequence; the two score sets share one softmax.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +53,17 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fused kernels do); elsewhere the operands are upcast."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return torch.matmul(a, b)
-    if a.is_cuda:
+    if a.is_cuda and _BMM_OUT_DTYPE[0]:
         a = a.to(b.dtype)
-        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
-        return out.view(*a.shape[:-1], b.shape[-1])
+        try:
+            out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+            return out.view(*a.shape[:-1], b.shape[-1])
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch build without bmm(out_dtype=)
+            _BMM_OUT_DTYPE[0] = False
     return torch.matmul(a.float(), b.float())
+
+
+_BMM_OUT_DTYPE = [True]
 
 
 def shared_prefix_attention(
@@ -193,8 +200,7 @@ class TextModel(nn.Module):
         return x
 
 
-class SuffixWriter:
-    """Protocol of ``forward_suffix``'s ``write`` argument (see engine.py)."""
+class SuffixWriter(Protocol):
+    """``forward_suffix``'s ``write``: store a layer's new keys/values, return the suffix caches to attend to."""
 
-    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
