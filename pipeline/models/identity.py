@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.models.hf_cache import hf_hub_cache, hub_offline
 from pipeline.config import ConfigError
 from pipeline.models.registry import ModelRef, UnknownModel, resolve_captioner, resolve_embedder
 
@@ -259,24 +260,13 @@ def _open_clip():
 # ---- the HF cache -------------------------------------------------------------------
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub sees it (read at its import) or as set now."""
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    try:
-        from huggingface_hub import constants
-
-        return env or bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of transformers
-        return env
-
-
 def cached_snapshot(repo_id: str, revision: str) -> Path | None:
     """The snapshot folder of ``repo_id`` at ``revision`` in the HF cache, or None."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=hf_hub_cache()))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
 

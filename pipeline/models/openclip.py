@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from pipeline.models.hf_cache import hf_hub_cache
 from pipeline.config import ConfigError
 from pipeline.models.base import (
     Embedder,
@@ -146,7 +147,8 @@ def _open_clip_source(identity: ModelIdentity) -> tuple[str, str | None]:
 
             try:
                 snapshot = snapshot_download(
-                    identity.hub_repo, revision=identity.revision, allow_patterns=[OPEN_CLIP_CONFIG, *OPEN_CLIP_WEIGHTS]
+                    identity.hub_repo, revision=identity.revision, allow_patterns=[OPEN_CLIP_CONFIG, *OPEN_CLIP_WEIGHTS],
+                    cache_dir=hf_hub_cache(),
                 )
             except Exception as exc:  # noqa: BLE001 - offline, unreachable, gated: the caller names the fix
                 raise OSError(f"{identity.hub_repo}@{identity.revision} is not in the HF cache: {exc}") from exc

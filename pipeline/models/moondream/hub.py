@@ -13,12 +13,12 @@ HF_HOME, XDG_CACHE_HOME, HF_HUB_OFFLINE), so workers and tests that set them lat
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION
 from pipeline.models.base import ModelUnavailable
+from pipeline.models.hf_cache import hf_hub_cache, hub_offline
 from pipeline.models.registry import ModelRef
 
 STARMIE_REPO = "moondream/starmie-v1"
@@ -35,18 +35,6 @@ class MoondreamFiles:
     tokenizer: Path
     model_revision: str  # resolved commit of vikhyatk/moondream2, or "local"
     tokenizer_revision: str  # resolved commit of moondream/starmie-v1, or "local"
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hf_hub_cache() -> str:
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(name):
-            return os.path.expanduser(os.environ[name])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
 
 
 def download_command(repo: str, revision: str | None) -> str:
