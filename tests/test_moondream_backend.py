@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from tests.fixtures.hf_cache import use_hf_cache
 import torch
 from PIL import Image
 
@@ -32,10 +34,7 @@ TOKENIZER_COMMAND = f"hf download {STARMIE_REPO} --revision {STARMIE_REVISION}"
 
 
 def _offline(monkeypatch, hf_home):
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    use_hf_cache(monkeypatch, hf_home)
 
 
 def test_default_spec_loads_from_the_offline_hf_cache_and_matches_the_reference(moondream_hub_env):

@@ -24,6 +24,7 @@ from pipeline.models.registry import (
     resolve_embedder,
 )
 from tests.fault_doubles import KillableEmbedder, PoisonedCaptioner
+from tests.fixtures.hf_cache import use_hf_cache
 from tests.fixtures.images import noise_image
 from tests.fixtures.moondream_cache import local_moondream_dir
 
@@ -58,10 +59,7 @@ def test_moondream_crops_round_trip_and_shape_check():
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    use_hf_cache(monkeypatch, tmp_path / "empty_cache")
 
 
 def test_moondream_prepared_inputs_give_the_same_descriptions(tmp_path, offline):

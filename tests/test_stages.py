@@ -26,6 +26,7 @@ from pipeline.models.registry import resolve_captioner, resolve_embedder
 from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
 from pipeline.stages.contract import LISTED
 from schemas import STATUS_ERROR, STATUS_OK
+from tests.fixtures.hf_cache import use_hf_cache
 from tests.fixtures.moondream_cache import local_moondream_dir
 
 # An image of this size makes the CPU preparation fail (the monkeypatched preprocessors below).
@@ -38,12 +39,19 @@ def moondream_dir(tmp_path_factory) -> Path:
     return local_moondream_dir(tmp_path_factory.mktemp("md") / "model")
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Model stages set torch's thread count for their actor; here they run in the test process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    use_hf_cache(monkeypatch, tmp_path / "empty_cache")
 
 
 @pytest.fixture
