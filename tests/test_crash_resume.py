@@ -188,8 +188,13 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
-def _reap(processes: list[psutil.Process], timeout_s: float = 20) -> list[str]:
-    """Wait for the killed run's processes to exit; kill and name any that stay."""
+def _reap(processes: list[psutil.Process], timeout_s: float = 90) -> list[str]:
+    """Wait for the killed run's processes to exit; kill and name any that stay.
+
+    A worker the raylet was forking at the moment of the kill can miss the
+    group's SIGKILL; it exits once it gives up on the dead GCS, which Ray
+    allows 60 s (gcs_rpc_server_reconnect_timeout_s). Usually all are gone at once.
+    """
     deadline = time.monotonic() + timeout_s
     while any(map(_running, processes)) and time.monotonic() < deadline:
         time.sleep(0.2)
