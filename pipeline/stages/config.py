@@ -38,6 +38,3 @@ class StageConfig:
         if self.runs_embedder:
             columns = columns + EMBEDDED
         return columns
-
-    def final_columns(self) -> StageColumns:
-        return self.columns_after("embed")
