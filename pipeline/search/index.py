@@ -123,6 +123,7 @@ class BuildReport:
     rebuilt: bool  # False when the sources were unchanged and the index was kept
     seconds: float
     timings: dict = field(default_factory=dict)  # seconds per build step (load, embeddings, fts, hnsw)
+    probe_sets: int = 1  # distinct probe sets among the captioned files (more than 1 only with mixed_probes)
 
 
 def read_info(con: duckdb.DuckDBPyConnection, where: str = "the index") -> IndexInfo:
@@ -191,6 +192,40 @@ def check_files(files: list[Path]):
     return runs
 
 
+def check_probe_sets(files: list[Path], runs, *, allow: bool = False) -> int:
+    """How many probe sets the captioned files were asked; more than one is refused unless ``allow``.
+
+    Only files whose rows came from a captioner count (an embeddings-only
+    output asks no questions and adds to any index). The order of the
+    questions does not matter: answers are looked up by question.
+    """
+    sets: dict[frozenset, list] = {}
+    for path, run in zip(files, runs):
+        if run.caption_model is not None:
+            sets.setdefault(frozenset(run.probes), []).append((path, run))
+    if len(sets) > 1 and not allow:
+        described = "; ".join(
+            f"{_files_named([p for p, _ in members])} asked {_questions(members[0][1].probes)}"
+            for members in sets.values()
+        )
+        raise SearchError(
+            f"these files were captioned with {len(sets)} different probe sets: {described}. Indexed together, "
+            f"each image would keep the answers of whichever run was newest and --probe filters would miss the "
+            f"others. Index each output into its own --db (`captioner index OUTPUT --db OTHER.duckdb`), pass "
+            f"only one output, or pass --mixed-probes to merge them anyway"
+        )
+    return max(len(sets), 1)
+
+
+def _files_named(paths: list[Path], shown: int = 3) -> str:
+    names = ", ".join(str(p) for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more files" if len(paths) > shown else "")
+
+
+def _questions(probes) -> str:
+    return "no probe questions" if not probes else "[" + ", ".join(repr(q) for q in probes) + "]"
+
+
 def _describe(model, revision, dim) -> str:
     if model is None:
         return "no embedder"
@@ -214,13 +249,16 @@ def build_index(
     hnsw_m: int = DEFAULT_HNSW_M,
     hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
     fresh: bool = False,
+    mixed_probes: bool = False,
 ) -> BuildReport:
     """Build (or rebuild) the index at ``db_path`` over ``sources``.
 
     Sources stored in an existing index are kept (and re-scanned, so files
     added to an indexed directory are picked up) unless ``fresh``. ``hnsw``:
     True/False forces the HNSW index on/off; None builds it when there are at
-    least ``hnsw_min_rows`` searchable embeddings.
+    least ``hnsw_min_rows`` searchable embeddings. Files captioned with
+    different probe sets are refused unless ``mixed_probes``
+    (:func:`check_probe_sets`).
     """
     started = time.perf_counter()
     db_path = Path(os.path.expanduser(str(db_path)))
@@ -241,6 +279,7 @@ def build_index(
             f"pass --fresh with the PARQUET to index to forget them"
         ) from exc
     runs = check_files(files)
+    probe_sets = check_probe_sets(files, runs, allow=mixed_probes)
     fingerprint = _fingerprint(files)
     settings = (hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction)
     if previous and previous.files == fingerprint and _same_hnsw_choice(previous, settings):
@@ -264,7 +303,7 @@ def build_index(
     except BaseException:
         _remove_db_files(tmp)
         raise
-    return BuildReport(info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings)
+    return BuildReport(info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings, probe_sets=probe_sets)
 
 
 def _source_key(source) -> str:
