@@ -81,3 +81,48 @@ def test_from_and_index_pick_the_same_current_row(tmp_path):
     export("alt-text", "--index", tmp_path / "i.duckdb", "--out", tmp_path / "index.jsonl")
     assert records(tmp_path / "from.jsonl") == records(tmp_path / "index.jsonl")
     assert [r["caption"] for r in records(tmp_path / "from.jsonl")] == ["A red bicycle against a wall."]
+
+
+@pytest.mark.parametrize("source", ["--from", "--index"])
+def test_where_cannot_reach_files_from_either_source(tmp_path, source):
+    root, parquet = tmp_path / "photos", tmp_path / "captions.parquet"
+    write_library(root, parquet)
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    if source == "--index":
+        CliRunner().invoke(main, ["index", str(parquet), "--db", str(tmp_path / "i.duckdb")], catch_exceptions=False)
+    where = f"EXISTS (SELECT * FROM read_csv('{secret}'))"
+    result = export("alt-text", source, parquet if source == "--from" else tmp_path / "i.duckdb",
+                    "--out", tmp_path / "a.jsonl", "--where", where, exit_code=1)
+    assert "Traceback" not in result.output and not (tmp_path / "a.jsonl").exists()
+
+
+def test_both_sources_see_the_same_images_view_and_features(tmp_path):
+    from pipeline.export.rows import open_rows
+    from pipeline.search import build_index
+
+    root, parquet = tmp_path / "photos", tmp_path / "captions.parquet"
+    write_library(root, parquet)
+    build_index([parquet], tmp_path / "i.duckdb")
+    columns = "SELECT column_name FROM (DESCRIBE images)"
+    with open_rows(parquet=parquet) as from_parquet, open_rows(index=tmp_path / "i.duckdb") as from_index:
+        assert from_parquet._query(columns, []) == from_index._query(columns, [])
+        assert from_parquet.has_yes_prob == from_index.has_yes_prob  # schema v1 rows read as v2: the field, all null
+        assert from_parquet.questions == from_index.questions == PROBES
+        assert list(from_parquet.rows()) == list(from_index.rows())
+
+
+def test_a_rows_only_index_answers_sql_but_refuses_searches(tmp_path):
+    from pipeline.search import ImageIndex, SearchError, build_index
+
+    root, parquet = tmp_path / "photos", tmp_path / "captions.parquet"
+    write_library(root, parquet)
+    report = build_index([parquet], tmp_path / "rows.duckdb", rows_only=True)
+    assert report.info.rows_only and report.info.embedded_rows == 0 and not report.info.hnsw
+    with ImageIndex.open(tmp_path / "rows.duckdb") as idx:
+        assert idx.sql("SELECT count(*) FROM images").rows == [(5,)]
+        assert idx.sql("SELECT probe_bool(probes, 'Is there a person in the image?') FROM images LIMIT 1").rows
+        with pytest.raises(SearchError, match="rows only"):
+            idx.search_text("dog")
+        with pytest.raises(SearchError, match="rows only"):
+            idx.search_similar(0)
