@@ -165,10 +165,12 @@ def _open_index(path, *, description: str | None = None, cleanup: Callable[[], N
 
     try:
         idx = ImageIndex.open(path)
-    except SearchError as exc:
+    except BaseException as exc:
         if cleanup:
             cleanup()
-        raise ExportError(str(exc)) from exc
+        if isinstance(exc, SearchError):
+            raise ExportError(str(exc)) from exc
+        raise
 
     def query(sql: str, params: list) -> list[tuple]:
         try:
