@@ -48,7 +48,6 @@ DEFAULT_HNSW_M = 16
 DEFAULT_HNSW_EF_CONSTRUCTION = 128
 
 
-
 def default_ef_search(rows: int) -> int:
     """HNSW search beam for an index of ``rows`` vectors.
 
