@@ -105,9 +105,14 @@ def test_v1_and_v2_files_index_together_and_answer_searches(tmp_path):
     for name in GOLDEN:
         shutil.copy(GOLDEN_DIR / name, sources / name)
     db = tmp_path / "index.duckdb"
-    result = CliRunner().invoke(main, ["index", str(sources), "--db", str(db)])
+    # The golden files were asked different probe sets (v2's adds a question),
+    # which `captioner index` refuses unless told to merge them.
+    refused = CliRunner().invoke(main, ["index", str(sources), "--db", str(db)])
+    assert refused.exit_code == 1 and "2 different probe sets" in refused.output, refused.output
+    result = CliRunner().invoke(main, ["index", str(sources), "--db", str(db), "--mixed-probes"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert "10 rows, 8 searchable (status ok), 8 with embeddings" in result.output
+    assert "merged 2 probe sets" in result.output
 
     assert _search(db, "kettle", "--mode", "text")[0] == "/photos/kitchen.jpg"  # a v1 row
     assert _search(db, "bakery", "--mode", "text")[0] == "/photos/shopfront.png"  # a v2 row

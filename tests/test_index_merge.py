@@ -92,3 +92,61 @@ def test_newest_error_row_still_wins_whole(tmp_path):
     rows = images(db)
     assert rows["/p/a.jpg"]["status"] == "error" and rows["/p/a.jpg"]["caption"] is None
     assert rows["/p/b.jpg"]["status"] == "ok" and rows["/p/b.jpg"]["embedded"]
+
+
+# Outputs made with two probe sets (issue 13, first contact): the README's own
+# `captioner run ./photos --out out/ --probes my_probes.yaml` writes its part
+# files beside a main job's out/captions.parquet, and `captioner index out/`
+# used to merge both without a word.
+OTHER_PROBES = RunMetadata("tiny-vlm", "local", "open_clip:tiny", "local", DIM, "2" * 64, ("Is there a dog?", "Is it night?"))
+
+
+def two_probe_sets(tmp_path):
+    out = tmp_path / "out"
+    main_job = write(out / "captions.parquet", make_rows(URIS, run=CAPTION_AND_EMBED, at=T0))
+    probed = write(out / "part-1.parquet", make_rows(URIS[:1], run=OTHER_PROBES, at=T0 + timedelta(days=1)))
+    return out, main_job, probed
+
+
+def test_a_folder_with_two_probe_sets_is_refused_with_the_fix(tmp_path):
+    out, main_job, probed = two_probe_sets(tmp_path)
+    db = tmp_path / "index.duckdb"
+    result = CliRunner().invoke(main, ["index", str(out), "--db", str(db)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    # It names both files and both probe sets, and says what to do.
+    assert str(main_job) in text and str(probed) in text
+    assert "Is it red?" in text and "Is there a dog?" in text
+    assert "--db" in text and "--mixed-probes" in text
+    assert not db.exists()
+
+
+def test_a_new_probe_set_in_an_indexed_folder_is_refused_and_the_index_kept(tmp_path):
+    out, main_job, probed = two_probe_sets(tmp_path)
+    probed.unlink()
+    db = tmp_path / "index.duckdb"
+    cli("index", out, "--db", db)
+    before = db.read_bytes()
+    write(probed, make_rows(URIS[:1], run=OTHER_PROBES, at=T0 + timedelta(days=1)))
+    result = CliRunner().invoke(main, ["index", "--db", str(db)])  # re-scans the recorded folder
+    assert result.exit_code == 1 and "Is there a dog?" in result.output, result.output
+    assert db.read_bytes() == before
+
+
+def test_mixed_probes_merges_two_probe_sets_and_says_so(tmp_path):
+    out, _, _ = two_probe_sets(tmp_path)
+    db = tmp_path / "index.duckdb"
+    output = cli("index", out, "--db", db, "--mixed-probes")
+    assert "2 probe sets" in output
+    rows = images(db)
+    assert rows["/p/a.jpg"]["probe_set_hash"] == "2" * 64 and rows["/p/b.jpg"]["probe_set_hash"] == "1" * 64
+
+
+def test_an_output_without_a_captioner_adds_to_any_probe_set(tmp_path):
+    # Embeddings-only output asks no probes: nothing to mix (see the first test of this file).
+    out, _, probed = two_probe_sets(tmp_path)
+    probed.unlink()
+    write(out / "part-2.parquet", make_rows(URIS, run=EMBED_ONLY, at=T0 + timedelta(days=1)))
+    output = cli("index", out, "--db", tmp_path / "index.duckdb")
+    assert "probe sets" not in output

@@ -1,15 +1,20 @@
-"""The rows an export writes: read from a search index or from captioner Parquet.
+"""The rows an export writes: read from a search index, or from captioner Parquet through one.
 
-Both sources go through the same SQL over the same names (``image_rows``,
-the ``images`` view, the ``probe_answer`` / ``probe_bool`` macros), so
-``--where`` and ``--probe`` mean exactly what they mean for ``captioner
-search`` (pipeline.search.filters builds the condition for both).
+Both sources are an index, opened read-only through ImageIndex, so they share
+the index's names (``image_rows``, the ``images`` view, the ``probe_answer`` /
+``probe_bool`` macros: pipeline.search.contract), its current-row rule
+(pipeline.rows, as the index builder applies it) and its lockdown; ``--where``
+and ``--probe`` mean exactly what they mean for ``captioner search``
+(pipeline.search.filters builds the condition).
 
-  * ``--index index.duckdb``: the index, opened read-only through ImageIndex.
+  * ``--index index.duckdb``: that index.
   * ``--from captions.parquet`` (a file, a part-file folder, local or on a
-    bucket): the output's data files as pipeline.output lists them, each
-    checked against the schema, newest row per uri kept, in an in-memory
-    DuckDB (without the embedding column, which no export needs).
+    bucket): the output's data files as pipeline.output lists them, built by
+    the index builder into a rows-only index (no embeddings, BM25 or HNSW,
+    which no export needs) in a temporary folder that is removed when the
+    rows are closed. DuckDB reads local files in place, column by column;
+    files on a bucket are first copied there one row group at a time, without
+    their embeddings.
 
 Rows come back in uri order, in pages, so an export never holds every row.
 """
@@ -155,13 +160,17 @@ def open_rows(*, index=None, parquet=None, selection: Selection = Selection(), s
     return source
 
 
-def _open_index(path) -> RowSource:
+def _open_index(path, *, description: str | None = None, cleanup: Callable[[], None] | None = None) -> RowSource:
     from pipeline.search import ImageIndex, SearchError
 
     try:
         idx = ImageIndex.open(path)
-    except SearchError as exc:
-        raise ExportError(str(exc)) from exc
+    except BaseException as exc:
+        if cleanup:
+            cleanup()
+        if isinstance(exc, SearchError):
+            raise ExportError(str(exc)) from exc
+        raise
 
     def query(sql: str, params: list) -> list[tuple]:
         try:
@@ -169,25 +178,29 @@ def _open_index(path) -> RowSource:
         except SearchError as exc:
             raise ExportError(str(exc)) from exc
 
-    return RowSource(f"index {path}", tuple(idx.info.probes), query, idx.close, has_yes_prob=_index_has_yes_prob(idx))
+    def close() -> None:
+        try:
+            idx.close()
+        finally:
+            if cleanup:
+                cleanup()
 
-
-def _index_has_yes_prob(idx) -> bool:
-    result = idx.sql(
-        "SELECT data_type FROM information_schema.columns WHERE table_name = 'image_rows' AND column_name = 'probes'"
-    )
-    return bool(result.rows) and "yes_prob" in str(result.rows[0][0]).lower()
+    try:
+        has_yes_prob = idx.has_yes_prob()
+    except BaseException:
+        close()
+        raise
+    return RowSource(description or f"index {path}", tuple(idx.info.probes), query, close, has_yes_prob=has_yes_prob)
 
 
 def _open_parquet(output: str, storage_options) -> RowSource:
-    import duckdb
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """A rows-only index of ``output`` in a temporary folder, opened as ``--index`` opens one."""
+    import shutil
+    import tempfile
 
-    from pipeline import rows as row_rule
     from pipeline.output import OutputStore
-    from pipeline.search.index import PROBE_MACROS
-    from schemas import SchemaMismatch, check_schema, upgrade_table
+    from pipeline.search import SearchError
+    from pipeline.search.index import build_index
 
     output = str(output)
     try:
@@ -197,54 +210,65 @@ def _open_parquet(output: str, storage_options) -> RowSource:
         raise ExportError(f"cannot read {output}: {exc}; pass a captions.parquet file or part-file folder written by `captioner run`") from exc
     if not files:
         raise ExportError(f"no captioner Parquet at {output}; pass the --out of `captioner run` (a .parquet file or its folder)")
-    tables, questions = [], {}
-    ranks = row_rule.rank_files(files)
-    for path in files:
-        where = path if store.is_local else store.fs.unstrip_protocol(path)
+    folder = tempfile.mkdtemp(prefix="captioner-export-")
+
+    def cleanup() -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    try:
+        local = files if store.is_local else _local_copies(store, files, folder)
+        db = f"{folder}/rows.duckdb"
+        # The builder, not a reader of our own: one current-row rule and one
+        # layout for both sources. An output holds one probe set; mixed_probes
+        # leaves judging a hand-assembled folder to `captioner index`.
+        build_index(local, db, rows_only=True, fresh=True, mixed_probes=True)
+    except SearchError as exc:
+        cleanup()
+        raise ExportError(f"{exc}" if store.is_local else f"{output}: {exc}") from exc
+    except BaseException:
+        cleanup()
+        raise
+    return _open_index(db, description=f"Parquet {output}", cleanup=cleanup)
+
+
+def _local_copies(store, files: list[str], folder: str) -> list[str]:
+    """Copies of a bucket output's data files in ``folder``, without their embeddings, in the same path order.
+
+    Each file is checked against the schema first (errors name the bucket
+    file), then copied one row group at a time with the embedding column
+    written as nulls, so the copy still passes the check the index builder
+    makes. Names keep the files' path order, which the current-row rule
+    breaks ties on (pipeline.rows).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas import SchemaMismatch, check_schema
+    from schemas.base import EMBEDDING
+
+    copies = []
+    for rank, path in enumerate(sorted(files)):
+        where = store.fs.unstrip_protocol(path)
+        target = f"{folder}/{rank:08d}.parquet"
         try:
-            schema = pq.read_schema(path, filesystem=store.fs)
-            run = check_schema(schema, where=where)
+            with store.fs.open(path, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                schema = parquet.schema_arrow
+                check_schema(schema, where=where)
+                wanted = [name for name in schema.names if name != EMBEDDING]
+                embedding = schema.field(EMBEDDING)
+                with pq.ParquetWriter(target, schema) as writer:
+                    for group in range(parquet.num_row_groups):
+                        table = parquet.read_row_group(group, columns=wanted)
+                        nulls = pa.nulls(table.num_rows, embedding.type)
+                        columns = [nulls if name == EMBEDDING else table[name] for name in schema.names]
+                        writer.write_table(pa.Table.from_arrays(columns, schema=schema))
         except SchemaMismatch as exc:
             raise ExportError(f"{exc}; re-run `captioner run` to rewrite it") from exc
         except (pa.ArrowException, OSError) as exc:
             raise ExportError(f"{where} is not a readable Parquet file: {exc}") from exc
-        questions.update(dict.fromkeys(run.probes))
-        wanted = [name for name in schema.names if name != "embedding"]
-        # v1 files come up to the current schema here, the one place this reader normalises versions.
-        rows = upgrade_table(pq.read_table(path, columns=wanted, filesystem=store.fs))
-        keys = row_rule.key_table(rows[row_rule.URI], rows[row_rule.PROCESSED_AT], ranks[path])
-        tables.append(pa.Table.from_arrays(
-            [*rows.columns, keys[row_rule.FILE], keys[row_rule.ROW]],
-            names=[*rows.column_names, row_rule.FILE, row_rule.ROW],
-        ))  # fmt: skip
-    # The one newest-row rule (pipeline/rows.py), as resume, the merge and the index apply it.
-    table = row_rule.newest_rows(pa.concat_tables(tables, promote_options="permissive"))
-    table = table.drop_columns([row_rule.FILE, row_rule.ROW])
-
-    con = duckdb.connect(":memory:")
-    try:
-        con.register("parquet_rows", table)
-        con.execute("CREATE TABLE image_rows AS SELECT row_number() OVER (ORDER BY uri) - 1 AS id, * FROM parquet_rows")
-        con.unregister("parquet_rows")
-        con.execute("CREATE VIEW images AS SELECT * FROM image_rows")
-        for macro in PROBE_MACROS:
-            con.execute(macro)
-        # As on an index: --where cannot reach files.
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-    except BaseException:
-        con.close()
-        raise
-
-    def query(sql: str, params: list) -> list[tuple]:
-        try:
-            return con.execute(sql, params).fetchall()
-        except duckdb.Error as exc:
-            raise ExportError(f"query failed: {str(exc).strip().splitlines()[0]}") from exc
-
-    probe_type = table.schema.field("probes").type
-    has_yes_prob = "yes_prob" in str(probe_type)
-    return RowSource(f"Parquet {output}", tuple(questions), query, con.close, has_yes_prob=has_yes_prob)
+        copies.append(target)
+    return copies
 
 
 def _row(values: dict) -> ExportRow:

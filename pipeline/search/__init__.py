@@ -1,16 +1,19 @@
 """Search over captioner output with DuckDB: BM25, vectors, hybrid, SQL.
 
-  build_index(sources, db_path)      Parquet files/dirs -> index.duckdb
-  ImageIndex.open(db_path)           read-only queries (text, semantic, image, hybrid, sql, duplicates)
+  contract                           what an index is: format, tables, macros, lockdown, feature checks
+  build_index(sources, db_path)      build side (index.py): Parquet files/dirs -> index.duckdb
+  ImageIndex.open(db_path)           query side (image_index.py): read-only text, semantic, image,
+                                     hybrid, sql, duplicates
   commands.SEARCH_COMMANDS           the click commands index / search / sql / duplicates
 
 Nothing here imports torch or the model backends until a semantic query
 needs the embedder.
 """
 
+from pipeline.search.contract import IndexInfo
 from pipeline.search.errors import SearchError
 from pipeline.search.image_index import DuplicateMember, Hit, ImageIndex, SqlResult
-from pipeline.search.index import BuildReport, IndexInfo, build_index
+from pipeline.search.index import BuildReport, build_index
 
 __all__ = [
     "BuildReport",

@@ -79,14 +79,16 @@ def _echo_table(header: list[str], rows: list[list[str]], align_right=()) -> Non
 @click.option("--hnsw-m", default=None, type=click.IntRange(min=2), help="HNSW graph degree M [default: 16].")
 @click.option("--hnsw-ef-construction", default=None, type=click.IntRange(min=1), help="HNSW build beam width [default: 128].")
 @click.option("--fresh", is_flag=True, help="Forget the sources recorded in an existing --db and index only PARQUET.")
+@click.option("--mixed-probes", is_flag=True, help="Index outputs captioned with different probe sets together (refused otherwise).")
 @_user_errors
-def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction, fresh):
+def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction, fresh, mixed_probes):
     """Build or update a DuckDB search index over captioner Parquet output.
 
     PARQUET are files or directories (searched recursively). Sources already
     recorded in --db are re-scanned too, so `captioner index --db index.duckdb`
     alone picks up new files in indexed directories. All files must come from
-    one embedder. Nothing is rebuilt when no file changed.
+    one embedder and, when captioned, one probe set (see --mixed-probes).
+    Nothing is rebuilt when no file changed.
     """
     from pipeline.search import index as ix
 
@@ -98,6 +100,7 @@ def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction
         hnsw_m=hnsw_m or ix.DEFAULT_HNSW_M,
         hnsw_ef_construction=hnsw_ef_construction or ix.DEFAULT_HNSW_EF_CONSTRUCTION,
         fresh=fresh,
+        mixed_probes=mixed_probes,
     )
     info = report.info
     if not report.rebuilt:
@@ -112,6 +115,11 @@ def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction
         f"{info.searchable_rows} searchable (status ok), {info.embedded_rows} with embeddings\n"
         f"embedder: {embedder}\nHNSW: {hnsw_text}"
     )
+    if report.probe_sets > 1:
+        click.echo(
+            f"note: merged {report.probe_sets} probe sets (--mixed-probes); each image has the answers of its newest "
+            f"captioning run, so a --probe filter skips images asked other questions"
+        )
 
 
 SEARCH_EPILOG = """\b

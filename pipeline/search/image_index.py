@@ -1,7 +1,9 @@
-"""Query a search index: BM25, text-to-image, image-to-image, hybrid, SQL.
+"""Query a search index: BM25, text-to-image, image-to-image, hybrid, SQL: the query side.
 
 An ImageIndex holds one read-only DuckDB connection. It is not thread-safe;
 open one per thread (opening is cheap; the HNSW index loads on first use).
+The index's layout, its read-only lockdown and its feature checks are
+pipeline.search.contract's; pipeline.search.index builds it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Sequence
 import duckdb
 import numpy as np
 
+from pipeline.search import contract
+from pipeline.search.contract import IndexInfo
 from pipeline.search.errors import SearchError
-from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
 from pipeline.search.filters import filter_sql
 from pipeline.search.fusion import K_RRF, reciprocal_rank_fusion
-from pipeline.search.index import INDEX_FORMAT, IndexInfo, default_ef_search, read_info
+from pipeline.search.index import default_ef_search
 
 MODES = ("hybrid", "text", "semantic")
 # DuckDB statement types that only read; any other type is an attempt to write or reconfigure.
@@ -102,18 +105,13 @@ class ImageIndex:
         path = Path(os.path.expanduser(str(db_path)))
         if not path.is_file():
             raise SearchError(f"no index at {path}; build it with `captioner index PARQUET... --db {path}`")
-        # Each index gets its own in-memory DuckDB instance with the file
-        # ATTACHed read-only: settings below then apply to this index alone
-        # (DuckDB shares one instance per file path otherwise).
-        con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
         try:
-            load_extensions(con)  # before ATTACH, so the HNSW index binds
-            literal = "'" + str(path).replace("'", "''") + "'"  # ATTACH takes no parameters
-            con.execute(f"ATTACH {literal} AS idx (READ_ONLY)")
-            con.execute("USE idx")
-            con.execute("DETACH memory")  # nothing writable is left, apart from TEMP objects
-            info = read_info(con, where=str(path))
-            _check_versions(info, path)
+            con = contract.attach_read_only(path)
+        except duckdb.Error as exc:
+            raise SearchError(f"cannot open the index {path}: {exc}") from exc
+        try:
+            info = contract.read_info(con, where=str(path))
+            contract.check_versions(info, path)
             ef = int(ef_search) if ef_search else default_ef_search(info.embedded_rows)
             con.execute(f"SET hnsw_ef_search = {ef}")
             # DuckDB's top-N "late materialization" joins the k winners back
@@ -121,10 +119,7 @@ class ImageIndex:
             # that scan costs more than the lookup itself (measured: 2x at 50k
             # rows, growing with N), and our top-N queries fetch narrow rows.
             con.execute("SET late_materialization_max_rows = 0")
-            # From here on: no file access (COPY TO, ATTACH, read_csv ...) and
-            # no changing that back; user SQL runs on this connection.
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")
+            contract.lock_down(con)  # user SQL runs on this connection
         except duckdb.Error as exc:
             con.close()
             raise SearchError(f"cannot open the index {path}: {exc}") from exc
@@ -141,6 +136,23 @@ class ImageIndex:
 
     def __exit__(self, *exc):
         self.close()
+
+    # -- what the index carries (pipeline.search.contract's feature checks) ----
+
+    def has_yes_prob(self) -> bool:
+        """Whether probe answers have a yes_prob field (every schema v2 index; the values may all be null)."""
+        return contract.has_yes_prob(self._con)
+
+    def yes_prob_filled(self) -> bool:
+        """Whether any row has a yes_prob value."""
+        return contract.yes_prob_filled(self._con)
+
+    def _require_search_tables(self) -> None:
+        if self.info.rows_only:
+            raise SearchError(
+                f"{self.path} holds rows only (built for an export, without BM25 or embeddings); "
+                f"build a search index with `captioner index PARQUET... --db PATH`"
+            )
 
     # -- embedder ------------------------------------------------------------
 
@@ -213,6 +225,7 @@ class ImageIndex:
         )
 
     def _require_embeddings(self) -> str:
+        self._require_search_tables()
         if not self.info.embed_model or not self.info.embedding_dim:
             raise SearchError(
                 f"the index {self.path} has no embeddings (its Parquet was written without an embedder); "
@@ -320,6 +333,7 @@ class ImageIndex:
     def _text_ranked(self, query: str, k: int, where, probes) -> list[tuple[int, float]]:
         if not isinstance(query, str) or not query.strip():
             raise SearchError("the text query is empty")
+        self._require_search_tables()
         cond, params = filter_sql(where, probes, self.info.probes)
         # The query is a bound parameter; fts tokenises it, so quotes and SQL
         # keywords in it are just words.
@@ -507,21 +521,6 @@ def _saved_spec_matching(info: IndexInfo) -> str | None:
             if (ident.model, ident.revision) == (info.embed_model, info.embed_revision):
                 return spec
     return None
-
-
-def _check_versions(info: IndexInfo, path: Path) -> None:
-    from schemas import SCHEMA_VERSION
-
-    if info.index_format != INDEX_FORMAT:
-        raise SearchError(
-            f"{path} is an index of format {info.index_format}; this captioner reads format {INDEX_FORMAT}. "
-            f"Rebuild it with `captioner index --fresh --db {path} PARQUET...`"
-        )
-    if info.schema_version != SCHEMA_VERSION:
-        raise SearchError(
-            f"{path} holds schema v{info.schema_version} tables; this captioner searches v{SCHEMA_VERSION} indexes. "
-            f"Rebuild it (from v1 or v2 output alike) with `captioner index --fresh --db {path} PARQUET...`"
-        )
 
 
 def _positive(k) -> int:

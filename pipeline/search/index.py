@@ -1,40 +1,30 @@
-"""Build the DuckDB search index from captioner Parquet output.
+"""Build the DuckDB search index from captioner Parquet output: the build side.
 
-Layout of an index database (all names fixed, nothing derived from user text):
-
-  image_rows   one row per uri (all statuses), without the embedding: the
-               newest row (pipeline.rows) with, when it is ok, the newest
-               caption/probes and the newest embedding model columns of the
-               same bytes from any source file; ``id`` is ours,
-               ``source_file`` / ``source_row`` say where the row came from,
-               ``embedding_source_file`` / ``_row`` where its embedding did.
-  embeddings   (id, embedding FLOAT[D]) for status='ok' rows that have one;
-               the HNSW index, when built, lives on this table.
-  docs         (id, text) for status='ok' rows: caption + probe answers, with
-               a BM25 full-text index (schema ``fts_main_docs``).
-  images       a view: image_rows joined with embeddings, in schema column
-               order. This is what ``--where`` and ``captioner sql`` see.
-  index_meta   key -> JSON value: the facts in :class:`IndexInfo`.
+The index's layout (tables, view, macros, metadata) is its contract, written
+down in pipeline.search.contract, which the query side (ImageIndex, the web
+page, the exports) reads too; this module only fills it.
 
 Source files of every readable schema version are indexed together: rows of
 older versions are upgraded in the query that reads them (schemas.upgrade_sql),
 so the tables have the current version's columns (v1 rows: null yes_prob,
-probe ``truncated`` and ``caption_truncated``).
+probe ``truncated`` and ``caption_truncated``). Which row of a uri is current
+is pipeline.rows' rule (sql_is_newest).
 
 Searchable = status 'ok'; error rows stay in ``images`` for SQL. Re-indexing
 rebuilds everything into a temporary file that replaces the old one only once
 complete, so readers never see a half-built index and a failed build leaves
 the previous index intact. A rebuild is skipped when the source files are
 unchanged (same paths, sizes, mtimes) and the HNSW choice is the same.
+``rows_only`` builds just the rows (no embeddings, BM25 or HNSW): what
+``captioner export --from`` reads through.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,10 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.rows import sql_is_newest
+from pipeline.search import contract
+from pipeline.search.contract import INDEX_FORMAT, IndexInfo, read_info
 from pipeline.search.errors import SearchError
 from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
-
-INDEX_FORMAT = 1
 
 # Below this many searchable rows an exact scan is a few milliseconds, and an
 # HNSW index would only add build time and approximation. Measured with
@@ -56,15 +46,6 @@ DEFAULT_HNSW_MIN_ROWS = 100_000
 # is the slow step (bench, 2 cores: 152 s at 100k x 768, 27 min at 1M x 768).
 DEFAULT_HNSW_M = 16
 DEFAULT_HNSW_EF_CONSTRUCTION = 128
-
-
-# Helpers for --where / captioner sql: the answer to one probe question.
-# (Exports define them too, over Parquet read without an index.)
-PROBE_MACROS = (
-    "CREATE MACRO probe_answer(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer",
-    "CREATE MACRO probe_bool(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer_bool",
-    "CREATE MACRO probe_yes_prob(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].yes_prob",
-)
 
 
 def default_ef_search(rows: int) -> int:
@@ -79,61 +60,12 @@ def default_ef_search(rows: int) -> int:
 
 
 @dataclass(frozen=True)
-class IndexInfo:
-    """What an index was built from; stored in ``index_meta``."""
-
-    index_format: int
-    schema_version: int
-    embed_model: str | None
-    embed_revision: str | None
-    embedding_dim: int | None
-    probes: tuple[str, ...]
-    sources: tuple[str, ...]
-    files: tuple[tuple[str, int, int], ...]  # (path, size, mtime_ns): the rebuild fingerprint
-    rows: int
-    searchable_rows: int
-    embedded_rows: int
-    hnsw: bool
-    hnsw_m: int | None = None
-    hnsw_ef_construction: int | None = None
-    built_at: str = ""
-    duckdb_version: str = field(default=duckdb.__version__)
-
-    def to_meta_rows(self) -> list[tuple[str, str]]:
-        return [(key, json.dumps(value)) for key, value in asdict(self).items()]
-
-    @classmethod
-    def from_meta_rows(cls, rows) -> "IndexInfo":
-        data = {key: json.loads(value) for key, value in rows}
-        known = cls.__dataclass_fields__
-        missing = [
-            k for k, f in known.items() if k not in data and f.default is MISSING and f.default_factory is MISSING
-        ]
-        if missing:
-            raise SearchError(f"the index metadata lacks {missing}; rebuild it with `captioner index --fresh`")
-        data["probes"] = tuple(data.get("probes", ()))
-        data["sources"] = tuple(data.get("sources", ()))
-        data["files"] = tuple(tuple(f) for f in data.get("files", ()))
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass(frozen=True)
 class BuildReport:
     info: IndexInfo
     rebuilt: bool  # False when the sources were unchanged and the index was kept
     seconds: float
     timings: dict = field(default_factory=dict)  # seconds per build step (load, embeddings, fts, hnsw)
-
-
-def read_info(con: duckdb.DuckDBPyConnection, where: str = "the index") -> IndexInfo:
-    try:
-        rows = con.execute("SELECT key, value FROM index_meta").fetchall()
-    except duckdb.CatalogException as exc:
-        raise SearchError(
-            f"{where} is not a captioner search index (no index_meta table); "
-            f"build one with `captioner index PARQUET... --db PATH`"
-        ) from exc
-    return IndexInfo.from_meta_rows(rows)
+    probe_sets: int = 1  # distinct probe sets among the captioned files (more than 1 only with mixed_probes)
 
 
 def expand_sources(sources) -> list[Path]:
@@ -191,6 +123,40 @@ def check_files(files: list[Path]):
     return runs
 
 
+def check_probe_sets(files: list[Path], runs, *, allow: bool = False) -> int:
+    """How many probe sets the captioned files were asked; more than one is refused unless ``allow``.
+
+    Only files whose rows came from a captioner count (an embeddings-only
+    output asks no questions and adds to any index). The order of the
+    questions does not matter: answers are looked up by question.
+    """
+    sets: dict[frozenset, list] = {}
+    for path, run in zip(files, runs):
+        if run.caption_model is not None:
+            sets.setdefault(frozenset(run.probes), []).append((path, run))
+    if len(sets) > 1 and not allow:
+        described = "; ".join(
+            f"{_files_named([p for p, _ in members])} asked {_questions(members[0][1].probes)}"
+            for members in sets.values()
+        )
+        raise SearchError(
+            f"these files were captioned with {len(sets)} different probe sets: {described}. Indexed together, "
+            f"each image would keep the answers of whichever run was newest and --probe filters would miss the "
+            f"others. Index each output into its own --db (`captioner index OUTPUT --db OTHER.duckdb`), pass "
+            f"only one output, or pass --mixed-probes to merge them anyway"
+        )
+    return max(len(sets), 1)
+
+
+def _files_named(paths: list[Path], shown: int = 3) -> str:
+    names = ", ".join(str(p) for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more files" if len(paths) > shown else "")
+
+
+def _questions(probes) -> str:
+    return "no probe questions" if not probes else "[" + ", ".join(repr(q) for q in probes) + "]"
+
+
 def _describe(model, revision, dim) -> str:
     if model is None:
         return "no embedder"
@@ -214,13 +180,18 @@ def build_index(
     hnsw_m: int = DEFAULT_HNSW_M,
     hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
     fresh: bool = False,
+    mixed_probes: bool = False,
+    rows_only: bool = False,
 ) -> BuildReport:
     """Build (or rebuild) the index at ``db_path`` over ``sources``.
 
     Sources stored in an existing index are kept (and re-scanned, so files
     added to an indexed directory are picked up) unless ``fresh``. ``hnsw``:
     True/False forces the HNSW index on/off; None builds it when there are at
-    least ``hnsw_min_rows`` searchable embeddings.
+    least ``hnsw_min_rows`` searchable embeddings. Files captioned with
+    different probe sets are refused unless ``mixed_probes``
+    (:func:`check_probe_sets`). ``rows_only`` leaves out what only
+    searches need (embeddings, BM25, HNSW); see pipeline.search.contract.
     """
     started = time.perf_counter()
     db_path = Path(os.path.expanduser(str(db_path)))
@@ -241,9 +212,15 @@ def build_index(
             f"pass --fresh with the PARQUET to index to forget them"
         ) from exc
     runs = check_files(files)
+    probe_sets = check_probe_sets(files, runs, allow=mixed_probes)
     fingerprint = _fingerprint(files)
     settings = (hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction)
-    if previous and previous.files == fingerprint and _same_hnsw_choice(previous, settings):
+    if (
+        previous
+        and previous.files == fingerprint
+        and previous.rows_only == rows_only
+        and _same_hnsw_choice(previous, settings)
+    ):
         return BuildReport(previous, rebuilt=False, seconds=time.perf_counter() - started)
 
     tmp = db_path.with_name(f"{db_path.name}.building-{os.getpid()}")
@@ -253,7 +230,7 @@ def build_index(
         try:
             load_extensions(con)
             timings: dict[str, float] = {}
-            info = _build(con, files, runs, all_sources, fingerprint, settings, timings)
+            info = _build(con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only)
             with _timed(timings, "checkpoint"):
                 con.execute("CHECKPOINT")
         finally:
@@ -264,7 +241,7 @@ def build_index(
     except BaseException:
         _remove_db_files(tmp)
         raise
-    return BuildReport(info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings)
+    return BuildReport(info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings, probe_sets=probe_sets)
 
 
 def _source_key(source) -> str:
@@ -315,7 +292,8 @@ def _timed(timings: dict, step: str):
         timings[step] = timings.get(step, 0.0) + time.perf_counter() - t0
 
 
-def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexInfo:
+def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_only=False) -> IndexInfo:
+    """Fill an empty database with the layout pipeline.search.contract describes."""
     from schemas import COLUMN_NAMES, SCHEMA_VERSION
 
     hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction = settings
@@ -349,7 +327,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
     with _timed(timings, "load"):
         con.execute(
             f"""
-            CREATE TABLE image_rows AS
+            CREATE TABLE {contract.IMAGE_ROWS} AS
             WITH src AS ({_sources_sql(versions, plain)}),
             base AS (SELECT * FROM src QUALIFY {newest}),
             same_bytes AS (
@@ -370,7 +348,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
         )
     _check_row_models(con, run)
 
-    if dim:
+    if dim and not rows_only:
         con.execute(f"CREATE TABLE embeddings (id BIGINT NOT NULL, embedding FLOAT[{dim}] NOT NULL)")
         # Second pass over the files joins on (file, row) so the wide embedding
         # column never goes through the dedup window above.
@@ -389,44 +367,30 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
         emb_select = "e.embedding"
         emb_join = "LEFT JOIN embeddings AS e ON e.id = r.id"
     else:
-        emb_select = "CAST(NULL AS FLOAT[]) AS embedding"
+        emb_select = f"CAST(NULL AS FLOAT[{dim}]) AS embedding" if dim else "CAST(NULL AS FLOAT[]) AS embedding"
         emb_join = ""
 
     select_list = ", ".join(emb_select if c == "embedding" else f"r.{c}" for c in COLUMN_NAMES)
+    view_extra = ", ".join(f"r.{c}" for c in contract.VIEW_COLUMNS)
     con.execute(
-        f"CREATE VIEW images AS SELECT {select_list}, r.id, r.source_file, r.source_row FROM image_rows AS r {emb_join}"
+        f"CREATE VIEW {contract.IMAGES} AS SELECT {select_list}, {view_extra} "
+        f"FROM {contract.IMAGE_ROWS} AS r {emb_join}"
     )
 
-    # BM25 text: the caption and every probe answer of searchable rows.
-    with _timed(timings, "fts"):
-        con.execute(
-            """
-            CREATE TABLE docs AS
-            SELECT id, concat_ws(' ', caption, array_to_string(list_transform(probes, lambda p: p.answer), ' ')) AS text
-            FROM image_rows WHERE status = 'ok'
-            """
-        )
-        con.execute("PRAGMA create_fts_index('docs', 'id', 'text', overwrite = 1)")
+    if not rows_only:
+        with _timed(timings, "fts"):
+            _build_docs(con)
 
     # Helpers for --where / captioner sql: the answer to one probe question.
-    for macro in PROBE_MACROS:
-        con.execute(macro)
+    contract.add_macros(con)
 
     rows = con.execute("SELECT count(*) FROM image_rows").fetchone()[0]
     searchable = con.execute("SELECT count(*) FROM image_rows WHERE status = 'ok'").fetchone()[0]
-    embedded = con.execute("SELECT count(*) FROM embeddings").fetchone()[0] if dim else 0
+    embedded = con.execute("SELECT count(*) FROM embeddings").fetchone()[0] if dim and not rows_only else 0
 
-    want_hnsw = bool(dim) and (hnsw if hnsw is not None else embedded >= hnsw_min_rows)
+    want_hnsw = bool(dim) and not rows_only and (hnsw if hnsw is not None else embedded >= hnsw_min_rows)
     if want_hnsw:
-        # Persisting an HNSW index is flagged experimental in vss because WAL
-        # replay after a crash can corrupt it; we build into a fresh file and
-        # CHECKPOINT before it replaces the live index, so no WAL is replayed.
-        con.execute("SET hnsw_enable_experimental_persistence = true")
-        with _timed(timings, "hnsw"):
-            con.execute(
-                f"CREATE INDEX embeddings_hnsw ON embeddings USING HNSW (embedding) "
-                f"WITH (metric = 'cosine', M = {int(hnsw_m)}, ef_construction = {int(hnsw_ef_construction)})"
-            )
+        _build_hnsw(con, hnsw_m, hnsw_ef_construction, timings)
 
     probes: dict[str, None] = {}
     for r in runs:
@@ -447,10 +411,34 @@ def _build(con, files, runs, sources, fingerprint, settings, timings) -> IndexIn
         hnsw_m=int(hnsw_m) if want_hnsw else None,
         hnsw_ef_construction=int(hnsw_ef_construction) if want_hnsw else None,
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        rows_only=rows_only,
     )
-    con.execute("CREATE TABLE index_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
-    con.executemany("INSERT INTO index_meta VALUES (?, ?)", info.to_meta_rows())
+    contract.write_info(con, info)
     return info
+
+
+def _build_docs(con) -> None:
+    """BM25 text: the caption and every probe answer of searchable rows."""
+    con.execute(
+        """
+        CREATE TABLE docs AS
+        SELECT id, concat_ws(' ', caption, array_to_string(list_transform(probes, lambda p: p.answer), ' ')) AS text
+        FROM image_rows WHERE status = 'ok'
+        """
+    )
+    con.execute("PRAGMA create_fts_index('docs', 'id', 'text', overwrite = 1)")
+
+
+def _build_hnsw(con, hnsw_m, hnsw_ef_construction, timings) -> None:
+    # Persisting an HNSW index is flagged experimental in vss because WAL
+    # replay after a crash can corrupt it; we build into a fresh file and
+    # CHECKPOINT before it replaces the live index, so no WAL is replayed.
+    con.execute("SET hnsw_enable_experimental_persistence = true")
+    with _timed(timings, "hnsw"):
+        con.execute(
+            f"CREATE INDEX embeddings_hnsw ON embeddings USING HNSW (embedding) "
+            f"WITH (metric = 'cosine', M = {int(hnsw_m)}, ef_construction = {int(hnsw_ef_construction)})"
+        )
 
 
 def _sources_sql(versions: dict[int, list[str]], columns: list[str]) -> str:

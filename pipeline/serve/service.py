@@ -13,11 +13,11 @@ lock.
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass
 
 from pipeline.search import Hit, ImageIndex, SearchError
+from pipeline.search.contract import probes_type_has_yes_prob as has_yes_prob  # noqa: F401 - the page's old name
 from pipeline.search.filters import ProbeFilter
 
 # Deepest result a page may reach by "load more" (offset + limit).
@@ -28,9 +28,6 @@ _BOOL_SHARE = 0.5
 # Distinct answers offered as filter choices for an open (non yes/no) question
 # (answers holding '=' are left out: a probe filter reads "QUESTION=ANSWER").
 _CHOICES = 12
-# yes_prob: the probability of "yes" a schema may carry per probe answer. Only
-# a floating-point field counts; any other type is ignored.
-_YES_PROB = re.compile(r'(?:^|[(,]\s*)"?yes_prob"?\s+(FLOAT|DOUBLE|REAL|FLOAT4|FLOAT8)\b', re.IGNORECASE)
 
 
 class NotFound(LookupError):
@@ -60,11 +57,6 @@ class Filters:
 
     probes: tuple[str, ...] = ()  # "Question?=answer", as --probe takes them
     min_confidence: float | None = None  # applies to yes/no filters, when the index has yes_prob
-
-
-def has_yes_prob(probes_type: str) -> bool:
-    """Whether a DuckDB type string for ``probes`` has a floating-point ``yes_prob`` field."""
-    return bool(_YES_PROB.search(probes_type or ""))
 
 
 def sql_string(text: str) -> str:
@@ -109,7 +101,8 @@ class IndexService:
                 self.semantic_error = f"semantic search is unavailable: {exc}"
         # The field exists in every schema v2 index; offer the slider only when
         # the captioner filled it (Moondream does, other backends leave it null).
-        self.has_confidence = has_yes_prob(self._probes_type()) and self._any_yes_prob()
+        with self._lock:
+            self.has_confidence = index.yes_prob_filled()
         self.facets = self._facets()
         self._load_vector_index()
 
@@ -143,16 +136,6 @@ class IndexService:
             "page_size": DEFAULT_PAGE,
             "max_results": MAX_RESULTS,
         }
-
-    def _probes_type(self) -> str:
-        rows = self._sql("SELECT column_type FROM (DESCRIBE image_rows) WHERE column_name = 'probes'").rows
-        return str(rows[0][0]) if rows else ""
-
-    def _any_yes_prob(self) -> bool:
-        rows = self._sql(
-            "SELECT EXISTS (SELECT 1 FROM image_rows WHERE len(list_filter(probes, p -> p.yes_prob IS NOT NULL)) > 0)"
-        ).rows
-        return bool(rows and rows[0][0])
 
     def _facets(self) -> list[ProbeFacet]:
         questions = self.index.info.probes

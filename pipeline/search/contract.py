@@ -1,0 +1,215 @@
+"""The search index's contract: what a captioner index database is.
+
+Two sides use it. ``pipeline.search.index`` *builds* an index (``captioner
+index``, and the temporary index behind ``captioner export --from``); the
+*query* side opens one read-only: ``pipeline.search.image_index.ImageIndex``
+(``captioner search / sql / duplicates``), through it the web page
+(``pipeline.serve.service``) and the exports (``pipeline.export.rows``).
+Everything both sides must agree on lives here and nowhere else:
+
+  INDEX_FORMAT        bumped when the layout below changes; a reader refuses other formats
+  table/view names    IMAGE_ROWS, EMBEDDINGS, DOCS (+ FTS_SCHEMA), IMAGES, INDEX_META
+  ROW_COLUMNS         what image_rows has besides the schema's columns (minus the embedding)
+  PROBE_MACROS        probe_answer / probe_bool / probe_yes_prob, for --where and SQL
+  IndexInfo           the facts stored in index_meta (write_info / read_info)
+  check_versions      refuse an index of another format or schema version
+  attach_read_only    a connection that cannot write the file
+  lock_down           no file access, configuration locked: user SQL may run after it
+  has_yes_prob / yes_prob_filled / probes_type_has_yes_prob
+                      feature checks: what this index's rows carry
+
+Layout of an index database (all names fixed, nothing derived from user text):
+
+  image_rows   one row per uri (all statuses), without the embedding: the
+               current row (pipeline.rows) with, when it is ok, the newest
+               caption/probes and the newest embedding model columns of the
+               same bytes from any source file; ``id`` is ours,
+               ``source_file`` / ``source_row`` say where the row came from,
+               ``embedding_source_file`` / ``_row`` where its embedding did.
+  embeddings   (id, embedding FLOAT[D]) for status='ok' rows that have one;
+               the HNSW index, when built, lives on this table.
+  docs         (id, text) for status='ok' rows: caption + probe answers, with
+               a BM25 full-text index (schema ``fts_main_docs``).
+  images       a view: image_rows joined with embeddings, in schema column
+               order, plus id / source_file / source_row. This is what
+               ``--where`` and ``captioner sql`` see.
+  index_meta   key -> JSON value: the facts in :class:`IndexInfo`.
+
+A *rows-only* index (``IndexInfo.rows_only``, what ``export --from`` builds)
+has image_rows, images (with a null embedding), the macros and index_meta,
+but no embeddings, docs or HNSW: it answers SQL, not searches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import MISSING, asdict, dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from pipeline.search.errors import SearchError
+from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
+
+INDEX_FORMAT = 1
+
+IMAGE_ROWS = "image_rows"
+EMBEDDINGS = "embeddings"
+DOCS = "docs"
+FTS_SCHEMA = "fts_main_docs"
+IMAGES = "images"
+INDEX_META = "index_meta"
+
+# image_rows: the schema's columns but the embedding, then these.
+ROW_COLUMNS = ("id", "source_file", "source_row", "embedding_source_file", "embedding_source_row")
+# The images view: the schema's columns (embedding included), then these.
+VIEW_COLUMNS = ("id", "source_file", "source_row")
+
+# Helpers for --where / captioner sql: the answer to one probe question.
+PROBE_MACROS = (
+    "CREATE MACRO probe_answer(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer",
+    "CREATE MACRO probe_bool(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].answer_bool",
+    "CREATE MACRO probe_yes_prob(probes, q) AS list_filter(probes, lambda p: p.question = q)[1].yes_prob",
+)
+
+# yes_prob: the probability of "yes" a schema may carry per probe answer. Only
+# a floating-point field counts; any other type is ignored.
+_YES_PROB = re.compile(r'(?:^|[(,]\s*)"?yes_prob"?\s+(FLOAT|DOUBLE|REAL|FLOAT4|FLOAT8)\b', re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What an index was built from; stored in ``index_meta``."""
+
+    index_format: int
+    schema_version: int
+    embed_model: str | None
+    embed_revision: str | None
+    embedding_dim: int | None
+    probes: tuple[str, ...]
+    sources: tuple[str, ...]
+    files: tuple[tuple[str, int, int], ...]  # (path, size, mtime_ns): the rebuild fingerprint
+    rows: int
+    searchable_rows: int
+    embedded_rows: int
+    hnsw: bool
+    hnsw_m: int | None = None
+    hnsw_ef_construction: int | None = None
+    built_at: str = ""
+    duckdb_version: str = field(default=duckdb.__version__)
+    rows_only: bool = False  # built without embeddings, docs and HNSW (export --from)
+
+    def to_meta_rows(self) -> list[tuple[str, str]]:
+        return [(key, json.dumps(value)) for key, value in asdict(self).items()]
+
+    @classmethod
+    def from_meta_rows(cls, rows) -> "IndexInfo":
+        data = {key: json.loads(value) for key, value in rows}
+        known = cls.__dataclass_fields__
+        missing = [
+            k for k, f in known.items() if k not in data and f.default is MISSING and f.default_factory is MISSING
+        ]
+        if missing:
+            raise SearchError(f"the index metadata lacks {missing}; rebuild it with `captioner index --fresh`")
+        data["probes"] = tuple(data.get("probes", ()))
+        data["sources"] = tuple(data.get("sources", ()))
+        data["files"] = tuple(tuple(f) for f in data.get("files", ()))
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_info(con: duckdb.DuckDBPyConnection, info: IndexInfo) -> None:
+    con.execute(f"CREATE TABLE {INDEX_META} (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+    con.executemany(f"INSERT INTO {INDEX_META} VALUES (?, ?)", info.to_meta_rows())
+
+
+def read_info(con: duckdb.DuckDBPyConnection, where: str = "the index") -> IndexInfo:
+    try:
+        rows = con.execute(f"SELECT key, value FROM {INDEX_META}").fetchall()
+    except duckdb.CatalogException as exc:
+        raise SearchError(
+            f"{where} is not a captioner search index (no {INDEX_META} table); "
+            f"build one with `captioner index PARQUET... --db PATH`"
+        ) from exc
+    return IndexInfo.from_meta_rows(rows)
+
+
+def check_versions(info: IndexInfo, path) -> None:
+    """Refuse an index this captioner cannot read: another index format or schema version."""
+    from schemas import SCHEMA_VERSION
+
+    if info.index_format != INDEX_FORMAT:
+        raise SearchError(
+            f"{path} is an index of format {info.index_format}; this captioner reads format {INDEX_FORMAT}. "
+            f"Rebuild it with `captioner index --fresh --db {path} PARQUET...`"
+        )
+    if info.schema_version != SCHEMA_VERSION:
+        raise SearchError(
+            f"{path} holds schema v{info.schema_version} tables; this captioner searches v{SCHEMA_VERSION} indexes. "
+            f"Rebuild it (from v1 or v2 output alike) with `captioner index --fresh --db {path} PARQUET...`"
+        )
+
+
+def add_macros(con: duckdb.DuckDBPyConnection) -> None:
+    for macro in PROBE_MACROS:
+        con.execute(macro)
+
+
+def attach_read_only(path: Path) -> duckdb.DuckDBPyConnection:
+    """A connection to the index at ``path`` that cannot write it; call :func:`lock_down` before user SQL.
+
+    Each index gets its own in-memory DuckDB instance with the file ATTACHed
+    read-only: settings then apply to this index alone (DuckDB shares one
+    instance per file path otherwise). The fts and vss extensions are loaded
+    first, so the BM25 macros and the HNSW index bind.
+    """
+    con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
+    try:
+        load_extensions(con)  # before ATTACH, so the HNSW index binds
+        literal = "'" + str(path).replace("'", "''") + "'"  # ATTACH takes no parameters
+        con.execute(f"ATTACH {literal} AS idx (READ_ONLY)")
+        con.execute("USE idx")
+        con.execute("DETACH memory")  # nothing writable is left, apart from TEMP objects
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def lock_down(con: duckdb.DuckDBPyConnection) -> None:
+    """From here on: no file access (COPY TO, ATTACH, read_csv ...) and no changing that back.
+
+    The last step before a connection runs SQL a user wrote (--where,
+    ``captioner sql``); settings the reader needs go before it.
+    """
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+# -- feature checks: what this index's rows carry ------------------------------
+
+
+def probes_type_has_yes_prob(probes_type: str) -> bool:
+    """Whether a DuckDB type string for ``probes`` has a floating-point ``yes_prob`` field."""
+    return bool(_YES_PROB.search(probes_type or ""))
+
+
+def probes_type(con: duckdb.DuckDBPyConnection) -> str:
+    """The DuckDB type of image_rows.probes, as text ('' when there is no such column)."""
+    rows = con.execute(f"SELECT column_type FROM (DESCRIBE {IMAGE_ROWS}) WHERE column_name = 'probes'").fetchall()
+    return str(rows[0][0]) if rows else ""
+
+
+def has_yes_prob(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the index's probe answers have a yes_prob field (every schema v2 index; may be all null)."""
+    return probes_type_has_yes_prob(probes_type(con))
+
+
+def yes_prob_filled(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether any row has a yes_prob value (Moondream fills it; other backends leave it null)."""
+    if not has_yes_prob(con):
+        return False
+    row = con.execute(
+        f"SELECT EXISTS (SELECT 1 FROM {IMAGE_ROWS} WHERE len(list_filter(probes, p -> p.yes_prob IS NOT NULL)) > 0)"
+    ).fetchone()
+    return bool(row and row[0])
