@@ -10,7 +10,16 @@ import ipaddress
 
 import click
 
-from pipeline.search.commands import DEFAULT_DB, _user_errors
+from pipeline.options import (
+    QUERY_DEVICE_HELP,
+    QUERY_EMBED_MODEL_HELP,
+    device_option,
+    embed_model_option,
+    index_option,
+    query_device,
+    storage_option,
+)
+from pipeline.search.commands import _user_errors
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -47,28 +56,28 @@ def allowed_hosts_for(host: str) -> list[str] | None:
 
 
 @click.command("serve", epilog=SERVE_EPILOG)
-@click.option("--index", "index_path", default=DEFAULT_DB, show_default=True, type=click.Path(dir_okay=False), help="Index database built by `captioner index`.")
+@index_option
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on; 0.0.0.0 makes the page reachable from other machines.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@click.option("--device", default="auto", show_default=True, help="Where to run the query embedder: auto, cpu, cuda.")
+@device_option(QUERY_DEVICE_HELP)
+@embed_model_option(QUERY_EMBED_MODEL_HELP)
 @click.option("--thumb-cache", type=click.Path(file_okay=False), help="Thumbnail cache folder. [default: INDEX.thumbs beside the index]")
 @click.option("--thumb-cache-mb", default=512, show_default=True, type=click.IntRange(min=0), help="Size bound of the thumbnail cache; least recently used thumbnails go first. 0: no disk cache.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for reading images from a bucket (repeatable), as for `captioner run`.")
+@storage_option("fsspec option for reading images from a bucket (repeatable), as for `captioner run`.")
 @_user_errors
-def serve(index_path, host, port, device, thumb_cache, thumb_cache_mb, storage_options):
+def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_mb, storage_options):
     """Serve a search page for an index at http://HOST:PORT/."""
     from pathlib import Path
 
     import uvicorn
 
-    from pipeline.cli import _parse_storage_options
     from pipeline.search import ImageIndex
     from pipeline.serve.app import create_app
     from pipeline.serve.service import IndexService
     from pipeline.serve.thumbs import ThumbnailCache, default_cache_dir
 
-    options = dict(_parse_storage_options(storage_options) or ())
-    index = ImageIndex.open(index_path, device=device)
+    options = dict(storage_options or ())
+    index = ImageIndex.open(index_path, device=query_device(device), embed_model=embed_model)
     try:
         if index.info.embedding_dim:
             click.echo(f"loading the query embedder {index.info.embed_model} ...", err=True)
