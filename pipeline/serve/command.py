@@ -6,7 +6,9 @@ loads, so ``captioner --help`` stays quick.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 
 import click
 
@@ -55,6 +57,32 @@ def allowed_hosts_for(host: str) -> list[str] | None:
     return list(LOOPBACK_NAMES) if is_loopback(host) else None
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line ClickException naming --port / --host.
+
+    Bound before anything slow loads, so a busy port fails at once rather
+    than after the models load and the address was announced.
+    """
+    try:
+        family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on --host {host}: {exc.strerror}; pass an address of this machine") from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise click.ClickException(
+                f"port {port} on {host} is already in use (another `captioner serve`?); pass --port N for another "
+                f"port, or stop what listens there"
+            ) from exc
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port") from exc
+    return sock
+
+
 @click.command("serve", epilog=SERVE_EPILOG)
 @index_option
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on; 0.0.0.0 makes the page reachable from other machines.")
@@ -78,7 +106,11 @@ def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_
 
     options = dict(storage_options or ())
     index = ImageIndex.open(index_path, device=query_device(device), embed_model=embed_model)
+    listening = None
     try:
+        # Hold the port while the models load; uvicorn binds it again the moment it is released.
+        listening = bind(host, port)
+        port = listening.getsockname()[1]
         if index.info.embedding_dim:
             click.echo(f"loading the query embedder {index.info.embed_model} ...", err=True)
         service = IndexService(index)
@@ -103,6 +135,9 @@ def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_
                 err=True,
                 fg="yellow",
             )
+        listening.close()
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     finally:
+        if listening is not None:
+            listening.close()
         index.close()
