@@ -50,22 +50,27 @@ def preflight(config: "RunConfig") -> None:
     learns all three from one try.
     """
     problems = [p for p in (source_problem(config.source), device_problem(config.device, config.ray.address)) if p]
-    for ref, check in (
-        (config.caption.model if config.caption.runs_model else None, check_caption_weights),
-        (config.embed.model if config.embed.enabled else None, check_embed_weights),
+    for check, ref in (
+        (check_caption_weights, config.caption.model if config.caption.runs_model else None),
+        (check_embed_weights, config.embed.model if config.embed.enabled else None),
     ):
-        if ref is None:
-            continue
-        try:
-            check(ref)
-        except ConfigError as exc:  # WeightsMissing, or a spec model_identity cannot resolve
-            problems.append(str(exc))
+        if ref is not None:
+            problems.append(_weights_problem(check, ref))
+    problems = [p for p in problems if p]
     if len(problems) == 1:
         raise PreflightFailed(problems[0])
     if problems:
         raise PreflightFailed(
             f"this run cannot start; fix these {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
         )
+
+
+def _weights_problem(check, ref) -> str | None:
+    try:
+        check(ref)
+    except ConfigError as exc:  # WeightsMissing, or a spec model_identity cannot resolve
+        return str(exc)
+    return None
 
 
 def source_problem(source: str) -> str | None:
@@ -192,10 +197,10 @@ def _cannot_download(repo_id: str, revision: str | None) -> str | None:
     """Why ``repo_id`` cannot be downloaded from here, or None when it can."""
     if hub_offline():
         return "HF_HUB_OFFLINE is set"
-    from huggingface_hub import model_info
+    from pipeline.models.hf_cache import hub_model_info
 
     try:
-        model_info(repo_id, revision=revision, timeout=10)
+        hub_model_info(repo_id, revision)
         return None
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot download from here"
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]

@@ -77,3 +77,32 @@ def test_cuda_on_a_remote_cluster_is_left_to_the_cluster(monkeypatch):
     assert device_problem("cuda", "10.0.0.5:6379") is None
     assert device_problem("cpu", None) is None and device_problem("auto", None) is None
     assert "no GPU" in device_problem("cuda", None)
+
+
+def test_an_unreachable_hub_is_waited_for_once_per_run(tmp_path, monkeypatch):
+    """Offline flag unset but no network: the first timeout is remembered, the next model does not wait again."""
+    import huggingface_hub
+    import requests
+
+    import pipeline.models.hf_cache
+    from pipeline.preflight import PreflightFailed, preflight
+    from pipeline.config import RunConfig
+
+    use_hf_cache(monkeypatch, tmp_path / "hf", offline=False)
+    monkeypatch.setattr(pipeline.models.hf_cache, "_unreachable", None)
+    asked = []
+
+    def unreachable(repo_id, **kwargs):
+        asked.append(repo_id)
+        raise requests.exceptions.ConnectTimeout(f"timed out reaching huggingface.co for {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    make_jpegs(tmp_path / "photos", 1)
+    config = RunConfig.from_dict({
+        "source": str(tmp_path / "photos"), "output": str(tmp_path / "out.parquet"),
+        "caption": {"model": "transformers:org/caption-test"}, "embed": {"model": "open_clip:hf-hub:org/clip-test"},
+    })
+    with pytest.raises(PreflightFailed) as caught:
+        preflight(config)
+    assert "org/caption-test" in str(caught.value) and "org/clip-test" in str(caught.value)
+    assert str(caught.value).count("ConnectTimeout") == 2 and len(asked) == 1
