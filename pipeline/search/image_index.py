@@ -274,7 +274,7 @@ class ImageIndex:
             self._rollback()
             shown = f"--where {where!r}" if where is not None else "--probe"
             raise SearchError(
-                f"{shown} does not run on this index: {_first_line(exc)}. The columns are listed by "
+                f"{shown} does not run on this index: {_first_line(exc).rstrip('!.')}. The columns are listed by "
                 f"`captioner sql \"DESCRIBE images\" --index {self.path}`"
             ) from exc
 
