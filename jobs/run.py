@@ -22,7 +22,7 @@ from jobs.ray_plan import build_dataset, current_plan, ray_session
 from pipeline.config import RunConfig
 from pipeline.output import OutputStore, PartWriter
 from pipeline.models.identity import identity_for_run
-from pipeline.preflight import check_weights
+from pipeline.preflight import preflight
 from pipeline.sources import list_images, stored_uri
 from pipeline.stages import StageConfig
 from schemas import STATUS_OK, RunMetadata
@@ -95,12 +95,9 @@ def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummar
     echo = echo or (lambda message: print(message, file=sys.stderr))
     started = time.monotonic()
     config = config.validate()
+    # A missing source, GPU or weights fail here, all at once, in seconds, not on a worker after Ray started.
+    preflight(config)
     identity = run_identity(config)
-    # Missing weights fail here, in seconds, not on a worker after Ray started.
-    check_weights(
-        config.caption.model if config.caption.runs_model else None,
-        config.embed.model if config.embed.enabled else None,
-    )
 
     store = OutputStore(config.output, config.storage_options_dict())
     store.check_writable()

@@ -15,15 +15,13 @@ from pipeline import __version__
 from pipeline.config import (
     CAPTION_DTYPES,
     CAPTION_LENGTHS,
-    DEFAULT_CAPTION_MODEL,
-    DEFAULT_EMBED_MODEL,
-    DEVICES,
     ConfigError,
     RunConfig,
     load_config_file,
     load_run_config,
     with_overrides,
 )
+from pipeline.options import default_note, device_option, storage_option
 
 RUN_EXAMPLES = """
 \b
@@ -68,40 +66,28 @@ def main() -> None:
     """
 
 
-def _parse_storage_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
-    if not values:
-        return None
-    pairs = []
-    for value in values:
-        key, sep, val = value.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--storage-option")
-        pairs.append((key.strip(), val))
-    return tuple(sorted(pairs))
-
-
 @main.command(epilog=RUN_EXAMPLES)
 @click.argument("source", required=False)
 @click.option("--out", "output", help="Output: a .parquet file, or a directory (local or bucket URL) for part files. [required unless --config has it]")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON config file; flags override it.")
-@click.option("--caption-model", help=f"Caption backend: moondream2[@REV], transformers:HUB_ID[@REV], or a local model directory PATH. [default: {DEFAULT_CAPTION_MODEL}]")
-@click.option("--embed-model", help=f"Embedder: open_clip:NAME[@PRETRAINED], open_clip:NAME@/path/ckpt.pt, or a local open_clip directory. [default: {DEFAULT_EMBED_MODEL}]")
+@click.option("--caption-model", help=f"Caption backend: moondream2[@REV], transformers:HUB_ID[@REV], or a local model directory PATH. {default_note('caption.model')}")
+@click.option("--embed-model", help=f"Embedder: open_clip:NAME[@PRETRAINED], open_clip:NAME@/path/ckpt.pt, or a local open_clip directory. {default_note('embed.model')}")
 @click.option("--probes", "probes_file", type=click.Path(dir_okay=False), help="YAML/JSON list of probe questions asked of every image. [default: the built-in set]")
-@click.option("--caption-length", type=click.Choice(CAPTION_LENGTHS), help="Caption length. [default: normal]")
-@click.option("--batch-size", type=int, help="Images per captioning batch. [default: 8]")
-@click.option("--max-crops", type=click.IntRange(1, 12), help="Moondream: local crops per image, fewer is faster on large images. [default: 12, the reference's]")
-@click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help="Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. [default: auto]")
+@click.option("--caption-length", type=click.Choice(CAPTION_LENGTHS), help=f"Caption length. {default_note('caption.length')}")
+@click.option("--batch-size", type=int, help=f"Images per captioning batch. {default_note('caption.batch_size')}")
+@click.option("--max-crops", type=click.IntRange(1, 12), help=f"Moondream: local crops per image, fewer is faster on large images. {default_note('caption.max_crops', ', the reference' + chr(39) + 's')}")
+@click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help=f"Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. {default_note('caption.dtype')}")
 @click.option("--compile", "compile_model", is_flag=True, default=None, help="Moondream: torch.compile the decoder (slower start, faster on long GPU runs).")
-@click.option("--embed-batch-size", type=int, help="Images per embedding batch. [default: 32]")
-@click.option("--device", type=click.Choice(DEVICES), help="Where models run; auto picks CUDA when the cluster has GPUs. [default: auto]")
+@click.option("--embed-batch-size", type=int, help=f"Images per embedding batch. {default_note('embed.batch_size')}")
+@device_option("Where models run; auto picks CUDA when the cluster has GPUs.")
 @click.option("--address", help="Address of a running Ray cluster (ray start --head). [default: start an embedded local Ray]")
 @click.option("--limit", type=int, help="Process only the first N images of the sorted listing.")
 @click.option("--no-caption", is_flag=True, help="Write no caption; the probes are still asked (add --no-probes to skip the caption model).")
 @click.option("--no-probes", is_flag=True, help="Ask no probe questions.")
 @click.option("--no-embed", is_flag=True, help="Skip the image embedding; captions and probes only.")
 @click.option("--retry-errors", is_flag=True, help="Also retry images that failed for a permanent reason (not an image, truncated, too large). Missing, unreadable, model errors and changed files are always retried.")
-@click.option("--max-pixels", type=int, help="Refuse images larger than this many pixels (decompression-bomb guard). [default: 100000000]")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for bucket sources/outputs (repeatable), e.g. endpoint_url=..., anon=true.")
+@click.option("--max-pixels", type=int, help=f"Refuse images larger than this many pixels (decompression-bomb guard). {default_note('decode.max_pixels')}")
+@storage_option("fsspec option for bucket sources/outputs (repeatable), e.g. endpoint_url=..., anon=true.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output made with other models or probes instead of refusing.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 def run(source, output, config_file, probes_file, storage_options, no_caption, no_probes, no_embed, no_progress, **flags) -> None:
@@ -162,7 +148,7 @@ def _run_config(source, output, config_file, probes_file, storage_options, no_ca
             "limit": flags["limit"],
             "overwrite": True if flags["overwrite"] else None,
             "retry_errors": True if flags["retry_errors"] else None,
-            "storage_options": _parse_storage_options(storage_options),
+            "storage_options": storage_options,
             "caption.model": flags["caption_model"],
             "caption.length": flags["caption_length"],
             "caption.batch_size": flags["batch_size"],

@@ -13,6 +13,10 @@ Local weights (a directory, a checkpoint file) are checked by
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
+from pipeline.config import ConfigError
 from pipeline.models.identity import (
     CAPTION,
     EMBED,
@@ -24,7 +28,92 @@ from pipeline.models.identity import (
 )
 from pipeline.models.registry import ModelRef
 
-__all__ = ["WeightsMissing", "check_weights", "check_caption_weights", "check_embed_weights", "hub_offline"]
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+__all__ = [
+    "PreflightFailed", "WeightsMissing", "check_weights", "check_caption_weights", "check_embed_weights",
+    "device_problem", "hub_offline", "preflight",
+]
+
+
+class PreflightFailed(ConfigError):
+    """The run cannot start; the message lists every problem found and each one's fix."""
+
+
+def preflight(config: "RunConfig") -> None:
+    """Every check that needs no Ray, cheapest first; raise one PreflightFailed listing all problems.
+
+    The source folder and the device are checked before the weights (which
+    import the model libraries and may ask the hub), and every problem is
+    reported at once: a user with a missing folder and two missing models
+    learns all three from one try.
+    """
+    problems = [p for p in (source_problem(config.source), device_problem(config.device, config.ray.address)) if p]
+    for check, ref in (
+        (check_caption_weights, config.caption.model if config.caption.runs_model else None),
+        (check_embed_weights, config.embed.model if config.embed.enabled else None),
+    ):
+        if ref is not None:
+            problems.append(_weights_problem(check, ref))
+    problems = [p for p in problems if p]
+    if len(problems) == 1:
+        raise PreflightFailed(problems[0])
+    if problems:
+        raise PreflightFailed(
+            f"this run cannot start; fix these {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def _weights_problem(check, ref) -> str | None:
+    try:
+        check(ref)
+    except ConfigError as exc:  # WeightsMissing, or a spec model_identity cannot resolve
+        return str(exc)
+    return None
+
+
+def source_problem(source: str) -> str | None:
+    """A local SOURCE that does not exist (bucket URLs are listed later, by pipeline.sources)."""
+    if "://" in source or os.path.exists(source):
+        return None
+    return f"source {source} does not exist; check the path (relative paths are from {os.getcwd()})"
+
+
+def device_problem(device: str, address: str | None) -> str | None:
+    """--device cuda on a local run where this machine has no GPU; None when fine or not knowable here.
+
+    A run on a cluster (--address, RAY_ADDRESS) uses the cluster's GPUs,
+    which Ray counts once it connects, so only a local run is checked.
+    """
+    if device != "cuda" or address or os.environ.get("RAY_ADDRESS"):
+        return None
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else local_gpu_count()
+    if gpus > 0:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = f" (CUDA_VISIBLE_DEVICES={visible!r} hides them)" if visible is not None else ""
+    return (
+        f"--device cuda: no GPU was found on this machine{hidden}. Pass --device cpu to run on the CPU, "
+        "--device auto to use a GPU only when there is one, or --address HOST:PORT of a Ray cluster with GPUs"
+    )
+
+
+def local_gpu_count() -> int:
+    """GPUs a local Ray would see on this machine, counted as Ray counts them (no torch import)."""
+    try:
+        from ray._private.accelerators import NvidiaGPUAcceleratorManager
+
+        return int(NvidiaGPUAcceleratorManager.get_current_node_num_accelerators())
+    except Exception:  # noqa: BLE001 - Ray's internals moved: ask torch instead
+        try:
+            import torch
+
+            return torch.cuda.device_count()
+        except Exception:  # noqa: BLE001
+            return 0
 
 _COPY_CACHE = "and copy the cache (HF_HOME) here"
 
@@ -108,10 +197,10 @@ def _cannot_download(repo_id: str, revision: str | None) -> str | None:
     """Why ``repo_id`` cannot be downloaded from here, or None when it can."""
     if hub_offline():
         return "HF_HUB_OFFLINE is set"
-    from huggingface_hub import model_info
+    from pipeline.models.hf_cache import hub_model_info
 
     try:
-        model_info(repo_id, revision=revision, timeout=10)
+        hub_model_info(repo_id, revision)
         return None
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot download from here"
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]

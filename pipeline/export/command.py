@@ -14,11 +14,11 @@ import click
 from pipeline.export.alt_text import DEFAULT_MAX_CHARS
 from pipeline.export.errors import ExportError
 from pipeline.export.rows import STATUSES
+from pipeline.options import DEFAULT_INDEX, index_option, probe_option, storage_option
 
 SIDECAR_FORMATS = ("xmp", "txt")
 TREE_FORMATS = ("imagefolder", "coco", "hf-dataset")
 FORMATS = ("alt-text", *SIDECAR_FORMATS, *TREE_FORMATS)
-DEFAULT_INDEX = "index.duckdb"
 
 EXPORT_EPILOG = """\b
 Formats:
@@ -46,12 +46,12 @@ Examples:
 
 @click.command("export", epilog=EXPORT_EPILOG)
 @click.argument("format", type=click.Choice(FORMATS))
-@click.option("--index", "index_path", type=click.Path(dir_okay=False), help=f"Index built by `captioner index`. [default: {DEFAULT_INDEX}, unless --from is given]")
+@index_option(default=None, help=f"Index built by `captioner index`. [default: {DEFAULT_INDEX}, unless --from is given]")
 @click.option("--from", "parquet", metavar="PARQUET", help="Read `captioner run` output instead of an index: a .parquet file or part-file folder, local or a bucket URL.")
 @click.option("--out", help="alt-text: a .csv or .jsonl file. xmp/txt: a folder mirroring the image folders. imagefolder/coco/hf-dataset: a folder. Local or a bucket URL.")
 @click.option("--in-place", is_flag=True, help="xmp/txt: write each sidecar beside its image (also on a bucket) instead of into --out.")
 @click.option("--where", help="SQL boolean expression over the images view, as in `captioner search`.")
-@click.option("--probe", "probes", multiple=True, metavar='"QUESTION=ANSWER"', help='Keep images whose probe answer matches, e.g. "Is there a person in the image?=yes". Repeatable.')
+@probe_option
 @click.option("--status", type=click.Choice(STATUSES), default="ok", show_default=True, help="Rows to export by status; rows without a caption (or image) are skipped by formats that need one.")
 @click.option("--max-chars", type=click.IntRange(min=20), default=DEFAULT_MAX_CHARS, show_default=True, help="alt-text/xmp: longest alt text, cut on a word boundary.")
 @click.option("--sidecar-name", type=click.Choice(["full", "stem"]), default="full", show_default=True, help="xmp: photo.jpg.xmp (full) or photo.xmp (stem).")
@@ -59,15 +59,14 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="xmp/txt: replace existing text not written by captioner (a hand-edited .txt, someone's dc:description).")
 @click.option("--link", is_flag=True, help="imagefolder/coco: symlink the images instead of copying them (local images and --out only).")
 @click.option("--root", help="Folder (or bucket prefix) whose tree --out mirrors. [default: the deepest folder holding every image of the index or Parquet, selected or not]")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for bucket images, Parquet and --out (repeatable), e.g. endpoint_url=...")
+@storage_option("fsspec option for bucket images, Parquet and --out (repeatable), e.g. endpoint_url=...")
 def export_command(format, index_path, parquet, out, in_place, where, probes, status, max_chars, sidecar_name, dry_run, overwrite, link, root, storage_options):
     """Write the captions of an index (or Parquet) as FORMAT files for other tools."""
-    from pipeline.cli import _parse_storage_options
     from pipeline.export.rows import Selection, open_rows
     from pipeline.export.storage import Storage
 
     _check_flags(format, out=out, in_place=in_place, dry_run=dry_run, link=link, overwrite=overwrite, index_path=index_path, parquet=parquet)
-    options = dict(_parse_storage_options(storage_options) or ())
+    options = dict(storage_options or ())
     storage = Storage(options)
     skipped: Counter = Counter()
     try:

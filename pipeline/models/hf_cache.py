@@ -32,3 +32,34 @@ def hf_hub_cache() -> str:
             return os.path.expanduser(os.environ[name])
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return os.path.join(os.path.expanduser(home), "hub")
+
+
+# Once the hub did not answer, it is not asked again for a while: a driver
+# checking two models waits for one timeout, not one per question.
+HUB_TIMEOUT_S = 10
+_UNREACHABLE_FOR_S = 60.0
+_unreachable: tuple[float, BaseException] | None = None
+
+
+def hub_model_info(repo_id: str, revision: str | None = None):
+    """``huggingface_hub.model_info`` with a timeout; raises at once while the hub was recently unreachable."""
+    global _unreachable
+    import time
+
+    if _unreachable is not None and time.monotonic() - _unreachable[0] < _UNREACHABLE_FOR_S:
+        raise _unreachable[1]
+    from huggingface_hub import model_info
+
+    try:
+        return model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+    except Exception as exc:
+        if _is_network_failure(exc):
+            _unreachable = (time.monotonic(), exc)
+        raise
+
+
+def _is_network_failure(exc: BaseException) -> bool:
+    """A connection or timeout failure (the hub did not answer), not an answer about one repo."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"ConnectionError", "ConnectError", "Timeout", "TimeoutError", "ConnectTimeout", "ReadTimeout",
+                         "TimeoutException"})

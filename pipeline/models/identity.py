@@ -281,9 +281,9 @@ def hub_commit(repo_id: str, revision: str) -> str | None:
     if hub_offline():
         return None
     try:
-        from huggingface_hub import model_info
+        from pipeline.models.hf_cache import hub_model_info
 
-        return model_info(repo_id, revision=revision, timeout=10).sha
+        return hub_model_info(repo_id, revision).sha
     except Exception:  # noqa: BLE001 - unreachable, unknown or gated: no commit to record
         return None
 

@@ -12,9 +12,25 @@ import json
 
 import click
 
+from pipeline.options import (
+    DEFAULT_INDEX,
+    QUERY_DEVICE_HELP,
+    QUERY_EMBED_MODEL_HELP,
+    device_option,
+    embed_model_option,
+    index_option,
+    probe_option,
+    query_device,
+)
 from pipeline.search.errors import SearchError
+from pipeline.search.index import (
+    DEFAULT_HNSW_EF_CONSTRUCTION,
+    DEFAULT_HNSW_M,
+    DEFAULT_HNSW_MIN_ROWS,
+    default_ef_search,
+)
 
-DEFAULT_DB = "index.duckdb"
+DEFAULT_DB = DEFAULT_INDEX
 
 
 def _user_errors(fn):
@@ -26,17 +42,6 @@ def _user_errors(fn):
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
-
-
-def _index_option(fn):
-    return click.option(
-        "--index",
-        "index_path",
-        default=DEFAULT_DB,
-        show_default=True,
-        type=click.Path(dir_okay=False),
-        help="Index database built by `captioner index`.",
-    )(fn)
 
 
 def _json_option(fn):
@@ -75,9 +80,9 @@ def _echo_table(header: list[str], rows: list[list[str]], align_right=()) -> Non
     default=None,
     help="Force the HNSW vector index on or off. Default: built when there are at least --hnsw-min-rows embeddings.",
 )
-@click.option("--hnsw-min-rows", default=None, type=click.IntRange(min=0), help="Row count from which HNSW is built automatically [default: 100000].")
-@click.option("--hnsw-m", default=None, type=click.IntRange(min=2), help="HNSW graph degree M [default: 16].")
-@click.option("--hnsw-ef-construction", default=None, type=click.IntRange(min=1), help="HNSW build beam width [default: 128].")
+@click.option("--hnsw-min-rows", default=None, type=click.IntRange(min=0), help=f"Row count from which HNSW is built automatically [default: {DEFAULT_HNSW_MIN_ROWS}].")
+@click.option("--hnsw-m", default=None, type=click.IntRange(min=2), help=f"HNSW graph degree M [default: {DEFAULT_HNSW_M}].")
+@click.option("--hnsw-ef-construction", default=None, type=click.IntRange(min=1), help=f"HNSW build beam width [default: {DEFAULT_HNSW_EF_CONSTRUCTION}].")
 @click.option("--fresh", is_flag=True, help="Forget the sources recorded in an existing --db and index only PARQUET.")
 @click.option("--mixed-probes", is_flag=True, help="Index outputs captioned with different probe sets together (refused otherwise).")
 @_user_errors
@@ -141,7 +146,7 @@ Examples:
 
 @click.command("search", epilog=SEARCH_EPILOG)
 @click.argument("query", required=False)
-@_index_option
+@index_option
 @click.option(
     "--mode",
     type=click.Choice(["hybrid", "text", "semantic"]),
@@ -151,22 +156,24 @@ Examples:
 )
 @click.option("--image", type=click.Path(dir_okay=False), help="Find images similar to this image (with QUERY and hybrid mode: fused with BM25 of QUERY).")
 @click.option("--where", help="SQL boolean expression over the images view (see below).")
-@click.option("--probe", "probes", multiple=True, metavar='"QUESTION=ANSWER|QUESTION>P"', help='Keep images whose probe answer matches, e.g. "Is there a person?=yes" (yes/no compare the parsed boolean; other answers case-insensitively), or whose probability of "yes" passes a threshold: "Is there text in the image?>0.8" (also >=, <, <=; P from 0 to 1). Rows without a probability (files from schema v1, questions that are not yes/no) never pass a threshold. Repeatable; all must hold.')
+@probe_option
 @click.option("--limit", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Number of results.")
 @_json_option
-@click.option("--device", default="auto", show_default=True, help="Where to run the query embedder: auto, cpu, cuda.")
+@device_option(QUERY_DEVICE_HELP)
+@embed_model_option(QUERY_EMBED_MODEL_HELP)
 @click.option(
-    "--embed-model",
-    help="Load the query embedder from here (same forms as `captioner run --embed-model`), e.g. after moving a "
-    "local model. It must be the model that built the index. [default: the model recorded in the index]",
+    "--ef-search",
+    default=None,
+    type=click.IntRange(min=1),
+    help="HNSW search beam width (higher: better recall, slower) "
+    f"[default: by index size, {default_ef_search(0)} for small indexes, {default_ef_search(10**9)} for the largest].",
 )
-@click.option("--ef-search", default=None, type=click.IntRange(min=1), help="HNSW search beam width (higher: better recall, slower) [default: 64 up to 300k images, else 256].")
 @_user_errors
 def search_command(query, index_path, mode, image, where, probes, limit, as_json, device, embed_model, ef_search):
     """Search the index for QUERY (or --image) and print the best matches."""
     from pipeline.search.image_index import ImageIndex
 
-    with ImageIndex.open(index_path, device=device, ef_search=ef_search, embed_model=embed_model) as idx:
+    with ImageIndex.open(index_path, device=query_device(device), ef_search=ef_search, embed_model=embed_model) as idx:
         hits = idx.search(query, mode=mode, image=image, k=limit, where=where, probes=probes)
     if as_json:
         _echo_json([h.to_dict() for h in hits])
@@ -180,7 +187,7 @@ def search_command(query, index_path, mode, image, where, probes, limit, as_json
 
 @click.command("sql")
 @click.argument("statement")
-@_index_option
+@index_option
 @_json_option
 @_user_errors
 def sql_command(statement, index_path, as_json):
@@ -205,7 +212,7 @@ def sql_command(statement, index_path, as_json):
 
 
 @click.command("duplicates")
-@_index_option
+@index_option
 @click.option("--threshold", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Minimum cosine similarity between embeddings.")
 @_json_option
 @_user_errors

@@ -261,16 +261,35 @@ class ImageIndex:
                 raise SearchError("--image searches by image similarity; it cannot be combined with --mode text")
             if mode == "semantic" and query:
                 raise SearchError("--mode semantic takes QUERY or --image, not both (hybrid fuses BM25 of QUERY with --image)")
+        elif not query:
+            raise SearchError("give a QUERY to search for, or --image PATH")
+        # Everything cheap is checked before the embedder (seconds of imports) loads.
+        self.check_filters(where, probes)
+        if image is not None:
+            image = query_image(image)
             if not query:
                 return self.search_image(image, k, where=where, probes=probes)
             return self.search_hybrid(query, k, where=where, probes=probes, image=image)
-        if not query:
-            raise SearchError("give a QUERY to search for, or --image PATH")
         if mode == "text":
             return self.search_text(query, k, where=where, probes=probes)
         if mode == "semantic":
             return self.search_semantic(query, k, where=where, probes=probes)
         return self.search_hybrid(query, k, where=where, probes=probes)
+
+    def check_filters(self, where=None, probes=()) -> None:
+        """Raise SearchError now for a --where or --probe that cannot run on this index (reads no rows)."""
+        cond, params = filter_sql(where, probes, self.info.probes)
+        if cond == "TRUE":
+            return
+        try:
+            self._con.execute(f"SELECT id FROM image_rows WHERE {cond} LIMIT 0", params).fetchall()
+        except duckdb.Error as exc:
+            self._rollback()
+            shown = f"--where {where!r}" if where is not None else "--probe"
+            raise SearchError(
+                f"{shown} does not run on this index: {_first_line(exc).rstrip('!.')}. The columns are listed by "
+                f"`captioner sql \"DESCRIBE images\" --index {self.path}`"
+            ) from exc
 
     def search_text(self, query: str, k: int = 10, *, where=None, probes=()) -> list[Hit]:
         """BM25 over caption + probe answers."""
@@ -404,20 +423,9 @@ class ImageIndex:
             raise SearchError("the query text is empty")
         return self._query_vector(self.embedder.embed_texts([text])[0])
 
-    def _embed_image(self, path) -> np.ndarray:
-        """``path``: an image file, or an already decoded PIL image (e.g. an upload)."""
-        from PIL import Image, ImageOps, UnidentifiedImageError
-
-        if isinstance(path, Image.Image):
-            return self._query_vector(self.embedder.embed_images([path.convert("RGB")])[0])
-        try:
-            with Image.open(os.path.expanduser(str(path))) as im:
-                image = ImageOps.exif_transpose(im).convert("RGB")
-        except FileNotFoundError as exc:
-            raise SearchError(f"--image {path}: no such file") from exc
-        except (UnidentifiedImageError, OSError) as exc:
-            raise SearchError(f"--image {path} is not a readable image: {exc}") from exc
-        return self._query_vector(self.embedder.embed_images([image])[0])
+    def _embed_image(self, image) -> np.ndarray:
+        """``image``: an image file, or a PIL image (see ``query_image``)."""
+        return self._query_vector(self.embedder.embed_images([query_image(image)])[0])
 
     def _query_vector(self, vector) -> np.ndarray:
         dim = self._require_dim()
@@ -494,6 +502,39 @@ class ImageIndex:
             self._con.execute("ROLLBACK")
         except duckdb.Error:
             pass
+
+
+def query_image(image):
+    """A query image exactly as the pipeline's decode stage would give it to the embedder.
+
+    ``image`` is a path (or URL), or a PIL image. Paths and PIL images that
+    are not RGB go through ``pipeline.decode`` (EXIF orientation, transparency
+    composited on white, size guard, downscale), the decoder every indexed
+    image went through; an RGB PIL image is taken as already decoded (the
+    page decodes uploads with ``pipeline.decode.decode_bytes``).
+    """
+    import io
+
+    from PIL import Image
+
+    from pipeline.config import DecodeConfig
+    from pipeline.decode import decode_bytes, load_image
+
+    if isinstance(image, Image.Image):
+        if image.mode == "RGB":
+            return image
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        decoded = decode_bytes("query image", buffer.getvalue(), DecodeConfig())
+        shown = "the query image"
+    else:
+        shown = f"--image {image}"
+        decoded = load_image(os.path.expanduser(str(image)), DecodeConfig())
+    if decoded.error_kind == "missing":
+        raise SearchError(f"{shown}: no such file")
+    if not decoded.ok:
+        raise SearchError(f"{shown} is not a usable image: {decoded.error}")
+    return decoded.image
 
 
 def _saved_spec_matching(info: IndexInfo) -> str | None:

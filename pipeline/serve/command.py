@@ -6,11 +6,22 @@ loads, so ``captioner --help`` stays quick.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 
 import click
 
-from pipeline.search.commands import DEFAULT_DB, _user_errors
+from pipeline.options import (
+    QUERY_DEVICE_HELP,
+    QUERY_EMBED_MODEL_HELP,
+    device_option,
+    embed_model_option,
+    index_option,
+    query_device,
+    storage_option,
+)
+from pipeline.search.commands import _user_errors
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -46,30 +57,60 @@ def allowed_hosts_for(host: str) -> list[str] | None:
     return list(LOOPBACK_NAMES) if is_loopback(host) else None
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line ClickException naming --port / --host.
+
+    Bound before anything slow loads, so a busy port fails at once rather
+    than after the models load and the address was announced.
+    """
+    try:
+        family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on --host {host}: {exc.strerror}; pass an address of this machine") from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise click.ClickException(
+                f"port {port} on {host} is already in use (another `captioner serve`?); pass --port N for another "
+                f"port, or stop what listens there"
+            ) from exc
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port") from exc
+    return sock
+
+
 @click.command("serve", epilog=SERVE_EPILOG)
-@click.option("--index", "index_path", default=DEFAULT_DB, show_default=True, type=click.Path(dir_okay=False), help="Index database built by `captioner index`.")
+@index_option
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on; 0.0.0.0 makes the page reachable from other machines.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@click.option("--device", default="auto", show_default=True, help="Where to run the query embedder: auto, cpu, cuda.")
+@device_option(QUERY_DEVICE_HELP)
+@embed_model_option(QUERY_EMBED_MODEL_HELP)
 @click.option("--thumb-cache", type=click.Path(file_okay=False), help="Thumbnail cache folder. [default: INDEX.thumbs beside the index]")
 @click.option("--thumb-cache-mb", default=512, show_default=True, type=click.IntRange(min=0), help="Size bound of the thumbnail cache; least recently used thumbnails go first. 0: no disk cache.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", help="fsspec option for reading images from a bucket (repeatable), as for `captioner run`.")
+@storage_option("fsspec option for reading images from a bucket (repeatable), as for `captioner run`.")
 @_user_errors
-def serve(index_path, host, port, device, thumb_cache, thumb_cache_mb, storage_options):
+def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_mb, storage_options):
     """Serve a search page for an index at http://HOST:PORT/."""
     from pathlib import Path
 
     import uvicorn
 
-    from pipeline.cli import _parse_storage_options
     from pipeline.search import ImageIndex
     from pipeline.serve.app import create_app
     from pipeline.serve.service import IndexService
     from pipeline.serve.thumbs import ThumbnailCache, default_cache_dir
 
-    options = dict(_parse_storage_options(storage_options) or ())
-    index = ImageIndex.open(index_path, device=device)
+    options = dict(storage_options or ())
+    index = ImageIndex.open(index_path, device=query_device(device), embed_model=embed_model)
+    listening = None
     try:
+        # Hold the port while the models load; uvicorn binds it again the moment it is released.
+        listening = bind(host, port)
+        port = listening.getsockname()[1]
         if index.info.embedding_dim:
             click.echo(f"loading the query embedder {index.info.embed_model} ...", err=True)
         service = IndexService(index)
@@ -94,6 +135,9 @@ def serve(index_path, host, port, device, thumb_cache, thumb_cache_mb, storage_o
                 err=True,
                 fg="yellow",
             )
+        listening.close()
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     finally:
+        if listening is not None:
+            listening.close()
         index.close()

@@ -1,0 +1,81 @@
+"""`captioner serve` on first contact: a busy port fails at once, --embed-model is accepted."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.search import ImageIndex, build_index
+from tests import search_doubles
+from tests.serve_support import crafted_images_index
+
+search_doubles.register()
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve_cli")
+    parquet, _ = crafted_images_index(folder)
+    build_index([parquet], folder / "index.duckdb")
+    return folder / "index.duckdb"
+
+
+@pytest.fixture()
+def uvicorn_runs(monkeypatch):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    return calls
+
+
+@pytest.fixture()
+def busy_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
+def test_a_busy_port_fails_at_once_naming_port_before_anything_loads(db, busy_port, uvicorn_runs, monkeypatch, tmp_path):
+    def build(self):
+        raise AssertionError("the embedder was loaded before the port was bound")
+
+    monkeypatch.setattr(ImageIndex, "_build_embedder", build)
+    result = CliRunner().invoke(main, ["serve", "--index", str(db), "--port", str(busy_port),
+                                       "--thumb-cache", str(tmp_path / "t")])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert f"port {busy_port}" in result.output and "already in use" in result.output and "--port" in result.output
+    assert "serving" not in result.output and "loading" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not uvicorn_runs
+
+
+def test_the_port_is_announced_after_it_is_bound(db, uvicorn_runs, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = CliRunner().invoke(main, ["serve", "--index", str(db), "--port", str(port), "--thumb-cache", str(tmp_path / "t")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"http://127.0.0.1:{port}/" in result.output
+    assert [(c["host"], c["port"]) for c in uvicorn_runs] == [("127.0.0.1", port)]
+
+
+def test_port_zero_announces_the_port_it_got(db, uvicorn_runs, tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--index", str(db), "--port", "0", "--thumb-cache", str(tmp_path / "t")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    (call,) = uvicorn_runs
+    assert call["port"] != 0 and f"http://127.0.0.1:{call['port']}/" in result.output
+
+
+def test_serve_accepts_embed_model_like_search(db, uvicorn_runs, tmp_path):
+    """The message that tells the user to pass --embed-model can be followed on serve too."""
+    missing = tmp_path / "moved_model"
+    args = ["serve", "--index", str(db), "--port", "0", "--thumb-cache", str(tmp_path / "t")]
+    result = CliRunner().invoke(main, [*args, "--embed-model", f"open_clip:{missing}"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert str(missing) in result.output  # the given model was the one tried (and is reported missing)
+    result = CliRunner().invoke(main, [*args, "--embed-model", search_doubles.SPEC])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
