@@ -22,9 +22,9 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
-# The pinned Moondream 2 release: hub tags of vikhyatk/moondream2 are dates.
-MOONDREAM_REPO = "vikhyatk/moondream2"
-MOONDREAM_REVISION = "2025-06-21"
+from pipeline.models.moondream.hub import MOONDREAM_REVISION
+
+# Pinned, so that a saved config reruns the same release; the release is hub.py's to name.
 DEFAULT_CAPTION_MODEL = f"moondream2@{MOONDREAM_REVISION}"
 DEFAULT_EMBED_MODEL = "open_clip:ViT-SO400M-14-SigLIP-384"
 

@@ -1,12 +1,14 @@
-"""Where Moondream 2's files come from: the HF cache/hub, or a local directory.
+"""Moondream 2's hub identity, and where its files come from: the HF cache/hub, or a local directory.
 
-Two hub repos make up the model:
+Two hub repos make up the model, both pinned here (the one place that names them; pipeline.config
+asks this module for the default spec's revision):
 - ``vikhyatk/moondream2`` at a pinned revision (tag ``2025-06-21``): model.safetensors, config.json;
 - ``moondream/starmie-v1``: tokenizer.json (the reference loads its tokenizer from there, not from
   moondream2, whose tokenizer files are a stale legacy set). Pinned to the commit that public
   projects pinning this release record (``STARMIE_REVISION``); not verifiable offline here.
 
-Nothing here imports torch, so the driver can call ``check_moondream_files`` before Ray starts.
+Nothing here imports torch, so the driver can call ``check_moondream_files`` before Ray starts, nor
+pipeline.config or the registry at import time, so pipeline.config can import the identity.
 The cache location and offline switch are read from the environment at call time (HF_HUB_CACHE,
 HF_HOME, XDG_CACHE_HOME, HF_HUB_OFFLINE), so workers and tests that set them late are honoured.
 """
@@ -15,12 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION
 from pipeline.models.base import ModelUnavailable
 from pipeline.models.hf_cache import hf_hub_cache, hub_offline
-from pipeline.models.registry import ModelRef
 
+if TYPE_CHECKING:  # the registry imports pipeline.config, which imports this module
+    from pipeline.models.registry import ModelRef
+
+# The pinned Moondream 2 release: hub tags of vikhyatk/moondream2 are dates.
+MOONDREAM_REPO = "vikhyatk/moondream2"
+MOONDREAM_REVISION = "2025-06-21"
 STARMIE_REPO = "moondream/starmie-v1"
 STARMIE_REVISION = "35192e10a54e36eabe0a7cc57a2c1aab371cafc5"
 WEIGHTS_FILE = "model.safetensors"
