@@ -89,7 +89,7 @@ def _parse_storage_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ..
 @click.option("--probes", "probes_file", type=click.Path(dir_okay=False), help="YAML/JSON list of probe questions asked of every image. [default: the built-in set]")
 @click.option("--caption-length", type=click.Choice(CAPTION_LENGTHS), help="Caption length. [default: normal]")
 @click.option("--batch-size", type=int, help="Images per captioning batch. [default: 8]")
-@click.option("--max-crops", type=click.IntRange(1, 12), help="Moondream: local crops per image, fewer is faster on large images. [default: 12, the reference's]")
+@click.option("--max-crops", type=click.IntRange(1, 12), help="Moondream: local crops per image, fewer is faster on large images. [default: the checkpoint's config.json, 12 for the official weights]")
 @click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help="Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. [default: auto]")
 @click.option("--compile", "compile_model", is_flag=True, default=None, help="Moondream: torch.compile the decoder (slower start, faster on long GPU runs).")
 @click.option("--embed-batch-size", type=int, help="Images per embedding batch. [default: 32]")

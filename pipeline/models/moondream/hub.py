@@ -119,24 +119,31 @@ def resolve_files(ref: ModelRef) -> MoondreamFiles:
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise _missing(ref, f"{weights}")
-        config = directory / CONFIG_FILE
         tokenizer = _local_tokenizer(directory)
         if tokenizer is not None:
             tokenizer_revision = "local"
         else:
             tokenizer, tokenizer_revision = _hub_tokenizer(ref)
-        return MoondreamFiles(weights, config if config.is_file() else None, tokenizer, "local", tokenizer_revision)
+        return MoondreamFiles(weights, config_file(ref), tokenizer, "local", tokenizer_revision)
     revision = ref.revision or MOONDREAM_REVISION
     try:
         weights = _download(ref.source, WEIGHTS_FILE, revision)
     except Exception as exc:  # noqa: BLE001
         raise _missing(ref, f"{ref.source}@{revision} ({WEIGHTS_FILE})", exc) from exc
-    try:
-        config = Path(_download(ref.source, CONFIG_FILE, revision))
-    except Exception:  # noqa: BLE001 - optional: official sizes apply
-        config = None
     tokenizer, tokenizer_revision = _hub_tokenizer(ref)
-    return MoondreamFiles(Path(weights), config, tokenizer, _commit_of(weights), tokenizer_revision)
+    return MoondreamFiles(Path(weights), config_file(ref), tokenizer, _commit_of(weights), tokenizer_revision)
+
+
+def config_file(ref: ModelRef) -> Path | None:
+    """The checkpoint's config.json (sizes and crop geometry), or None where it has none: the official
+    sizes apply. Only this small file is fetched, so the CPU preprocess stage can read the geometry."""
+    if ref.is_local:
+        path = Path(ref.source) / CONFIG_FILE
+        return path if path.is_file() else None
+    try:
+        return Path(_download(ref.source, CONFIG_FILE, ref.revision or MOONDREAM_REVISION))
+    except Exception:  # noqa: BLE001 - optional: official sizes apply
+        return None
 
 
 def missing_repos(ref: ModelRef) -> list[str]:
