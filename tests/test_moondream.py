@@ -222,8 +222,12 @@ BF16_MEDIAN_LOGIT_DEVIATION = 3.0
 def _bf16_attention_runs() -> bool:
     """torch 2.13's bf16 CPU attention raises "pack_vnni2 is only supported when avx512 is supported"
     when ATEN_CPU_CAPABILITY is lowered below AVX512 on a CPU whose AMX oneDNN still uses; a real CPU
-    without AVX512 has neither (ONEDNN_MAX_CPU_ISA=AVX2 together with it runs)."""
-    q = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    without AVX512 has neither (ONEDNN_MAX_CPU_ISA=AVX2 together with it runs). Probed with the vision
+    tower's own attention shape: short sequences take a kernel that does not raise."""
+    from pipeline.models.moondream.config import read_config
+
+    vision = read_config(CHECKPOINT_DIR / "config.json").vision
+    q = torch.zeros(1, vision.enc_n_heads, vision.grid**2, vision.enc_dim // vision.enc_n_heads, dtype=torch.bfloat16)
     try:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     except RuntimeError as exc:
