@@ -44,6 +44,16 @@ exit code is non-zero only when the run itself fails (Ray, storage, missing
 weights). Ctrl-C keeps every committed row; the same command resumes.
 """
 
+def _max_crops_default_note() -> str:
+    """``--max-crops`` defaults to the checkpoint's own bound unless the config sets one."""
+    from pipeline.config import CaptionConfig
+    from pipeline.models.moondream.config import VisionConfig
+
+    if CaptionConfig.model_fields["max_crops"].default is not None:
+        return default_note("caption.max_crops")
+    return f"[default: the checkpoint's config.json, {VisionConfig().max_crops} for the official weights]"
+
+
 PROBE_FILE_FIX = (
     "A probe file is a YAML (or JSON) list of distinct questions, one per item, e.g.\n"
     "  - Is there a person in the image?\n"
@@ -75,7 +85,7 @@ def main() -> None:
 @click.option("--probes", "probes_file", type=click.Path(dir_okay=False), help="YAML/JSON list of probe questions asked of every image. [default: the built-in set]")
 @click.option("--caption-length", type=click.Choice(CAPTION_LENGTHS), help=f"Caption length. {default_note('caption.length')}")
 @click.option("--batch-size", type=int, help=f"Images per captioning batch. {default_note('caption.batch_size')}")
-@click.option("--max-crops", type=click.IntRange(1, 12), help=f"Moondream: local crops per image, fewer is faster on large images. {default_note('caption.max_crops', ', the reference' + chr(39) + 's')}")
+@click.option("--max-crops", type=click.IntRange(1, 12), help=f"Moondream: local crops per image, fewer is faster on large images. {_max_crops_default_note()}")
 @click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help=f"Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. {default_note('caption.dtype')}")
 @click.option("--compile", "compile_model", is_flag=True, default=None, help="Moondream: torch.compile the decoder (slower start, faster on long GPU runs).")
 @click.option("--embed-batch-size", type=int, help=f"Images per embedding batch. {default_note('embed.batch_size')}")

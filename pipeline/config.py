@@ -22,9 +22,9 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
-# The pinned Moondream 2 release: hub tags of vikhyatk/moondream2 are dates.
-MOONDREAM_REPO = "vikhyatk/moondream2"
-MOONDREAM_REVISION = "2025-06-21"
+from pipeline.models.moondream.hub import MOONDREAM_REVISION
+
+# Pinned, so that a saved config reruns the same release; the release is hub.py's to name.
 DEFAULT_CAPTION_MODEL = f"moondream2@{MOONDREAM_REVISION}"
 DEFAULT_EMBED_MODEL = "open_clip:ViT-SO400M-14-SigLIP-384"
 
@@ -95,9 +95,10 @@ class CaptionConfig(_Section):
     # 768 for normal/long), so captions end at end-of-sequence, not at a cut.
     max_new_tokens: PositiveInt | None = None
     answer_max_new_tokens: PositiveInt = 16
-    # Moondream: local crops per image (the reference's 12) and the weights'
-    # dtype (auto: bfloat16 on a GPU, float32 on CPU, where parity is checked).
-    max_crops: Annotated[StrictInt, Field(ge=1, le=12)] = 12
+    # Moondream: local crops per image (None: the checkpoint's config.json, else
+    # the reference's 12) and the weights' dtype (auto: bfloat16 on a GPU,
+    # float32 on CPU, where parity is checked).
+    max_crops: Annotated[StrictInt, Field(ge=1, le=12)] | None = None
     dtype: Annotated[StrictStr, _one_of(CAPTION_DTYPES)] = "auto"
     # Moondream: sequences (caption + probes of all images) decoded at once; a
     # cap on the engine's per-step memory. None: the engine's default.

@@ -121,7 +121,7 @@ def help_of(command_name: str, option: str) -> str:
     [
         ("--caption-length", CaptionConfig().length),
         ("--batch-size", CaptionConfig().batch_size),
-        ("--max-crops", CaptionConfig().max_crops),
+        ("--max-crops", CaptionConfig().max_crops or "the checkpoint's config.json, 12"),
         ("--dtype", CaptionConfig().dtype),
         ("--embed-batch-size", EmbedConfig().batch_size),
         ("--max-pixels", DecodeConfig().max_pixels),

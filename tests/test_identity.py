@@ -122,9 +122,9 @@ def test_missing_local_weights_are_a_config_error_naming_the_path(tmp_path, hf_c
 
 
 def test_moondream_default_records_the_cached_commit_of_its_pinned_revision(hf_cache):
-    from pipeline.config import DEFAULT_CAPTION_MODEL, MOONDREAM_REPO, MOONDREAM_REVISION
+    from pipeline.config import DEFAULT_CAPTION_MODEL
 
-    from pipeline.models.moondream.hub import STARMIE_REPO, STARMIE_REVISION
+    from pipeline.models.moondream.hub import MOONDREAM_REPO, MOONDREAM_REVISION, STARMIE_REPO, STARMIE_REVISION
 
     commit = add_snapshot(hf_cache, MOONDREAM_REPO, {"config.json": b"{}"}, revision=MOONDREAM_REVISION)
     ident = model_identity(DEFAULT_CAPTION_MODEL, "caption")

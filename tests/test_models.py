@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION, CaptionConfig
+from pipeline.config import CaptionConfig
+from pipeline.models.moondream.hub import MOONDREAM_REPO, MOONDREAM_REVISION
 from pipeline.models.identity import model_identity
 from pipeline.models.base import Description, ModelUnavailable
 from pipeline.models.registry import (

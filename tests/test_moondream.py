@@ -97,68 +97,188 @@ def test_tiling_choices(size, max_crops, tiling):
 
 
 # ---------------------------------------------------------------- fp32: intermediates and exact ids
+#
+# What the reference's own outputs do when only the CPU kernels change. The reference
+# (make_parity_fixture.py on checkpoint/) was rerun on a Xeon with AVX512-BF16 and AMX, torch 2.13.0+cpu,
+# under 9 kernel configurations: 1 and 2 threads, ATEN_CPU_CAPABILITY=default and avx2,
+# MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2 / AVX512_CORE / AVX512_CORE_BF16, and all of
+# these lowered at once. Against the committed fixtures (made on another machine) the largest
+# differences were, in fp32:
+#   vision features   max |d| 1.5e-3 (values up to 4.0), ||d||/||ref|| 4.7e-5
+#   image embeddings  max |d| 4.9e-4 (values up to 2.2), ||d||/||ref|| 5.7e-5
+#   K/V prefix        max |d| 2.0e-2,                    ||d||/||ref|| 1.5e-4
+#   top-5 logits      max |d| 6.8e-3 (values 15..30)
+#   greedy token ids  always equal; the one near-tie is step 14 of the short caption, whose top-1/top-2
+#                     margin moved between 0.0015 and 0.0035 (committed: 0.0023); the next smallest is 0.021.
+# Elementwise differences follow the largest values and the kernel, so tensors are compared by a
+# scale-relative norm. The bounds are about 7-20x the measured variation and still far below what a
+# wrong computation gives (>= 1e-2 relative for every mutation tried: see test docstrings).
+FP32_REL_NORM = 1e-3
+FP32_LOGIT_ATOL = 0.05
+FP32_NEAR_TIE = 0.01  # 5x the measured spread of the smallest margin; only short step 14 is below it
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||: the size of a difference relative to the tensor's own scale."""
+    got, expected = got.float(), expected.float()
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    return float((got - expected).norm() / expected.norm())
+
+
+@pytest.fixture(autouse=True)
+def fixed_torch_threads():
+    """The same thread count for every test here, whatever ran before (a model stage sets its own);
+    the assertions do not depend on it (1 and 2 threads gave bit-identical reference outputs), but
+    a fixed count keeps the self-consistency checks below comparing like with like."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_fp32_vision_embeddings_and_kv_prefix_match_reference(fp32_model, parity_crops):
+    """Vision features, image embeddings and every layer's K/V of the image prefix within FP32_REL_NORM.
+
+    Mutations that fail here (checked by hand): no post-encoder layer norm (features 9.9 relative off),
+    local crops laid out column by column (embeddings 0.67), rotary over 16 dims instead of 32 (K 0.97)."""
     ref, tensors = _reference("fp32")
     engine = MoondreamEngine(fp32_model)
     with torch.inference_mode():
         features = fp32_model.vision.encode(normalise_crops(torch.from_numpy(parity_crops.crops), torch.float32))
-        torch.testing.assert_close(features[ref["vision_features_crops"]], tensors["vision_features"],
-                                   rtol=1e-5, atol=1e-5)
+        assert _relative_error(features[ref["vision_features_crops"]], tensors["vision_features"]) < FP32_REL_NORM
         embeddings = fp32_model.vision.project(features, [parity_crops.tiling])
-        torch.testing.assert_close(embeddings[0], tensors["image_embeddings"], rtol=1e-5, atol=1e-5)
+        assert _relative_error(embeddings[0], tensors["image_embeddings"]) < FP32_REL_NORM
         assert torch.equal(engine.embed_images([parity_crops]), embeddings)
         caches = engine.prefix_caches(embeddings)
     assert len(caches) == fp32_model.config.text.n_layers
     for layer, (k, v) in enumerate(caches):
         assert k.shape == (1, 1, ref["prefix_len"], 64)
-        torch.testing.assert_close(k, tensors[f"kv.{layer}.k"], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(v, tensors[f"kv.{layer}.v"], rtol=1e-4, atol=1e-4)
+        assert _relative_error(k, tensors[f"kv.{layer}.k"]) < FP32_REL_NORM, ("k", layer)
+        assert _relative_error(v, tensors[f"kv.{layer}.v"]) < FP32_REL_NORM, ("v", layer)
+
+
+def _first_difference(got, expected) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                None if len(got) == len(expected) else min(len(got), len(expected)))
 
 
 def test_fp32_greedy_ids_equal_reference(fp32_model, parity_crops, tokenizer):
+    """Greedy ids equal the reference's exactly, a near-tie excepted; with the reference's ids fed back,
+    every step's top-5 logits are within FP32_LOGIT_ATOL and our best token is the reference's.
+
+    Mutations that fail here (checked by hand): each of those listed for the test above, no final text
+    layer norm, rope theta 1000. The fp32 ids were equal under every kernel configuration measured. A step whose reference margin
+    is below FP32_NEAR_TIE may flip on some CPU, after which the free run cannot be compared; the
+    fed-back run still checks every step of that sequence."""
     ref, _ = _reference("fp32")
     pairs = _reference_requests(ref, tokenizer)
+    forced = [Request(r.prompt, r.max_tokens, forced_ids=tuple(e["ids"]), record_logits=True) for e, r in pairs]
     # All five prompts of the image in one call: shared prefix, one decode loop.
-    (generations,) = MoondreamEngine(fp32_model).generate([parity_crops], [[r for _, r in pairs]])
-    for (expected, _), got in zip(pairs, generations):
-        assert list(got.ids) == expected["ids"]
-        assert tokenizer.decode(got.ids) == expected["text"]
+    (generations,) = MoondreamEngine(fp32_model).generate([parity_crops], [[r for _, r in pairs] + forced])
+    free, fed_back = generations[: len(pairs)], generations[len(pairs):]
+    for (expected, _), got, fed in zip(pairs, free, fed_back):
+        where = expected.get("question", "caption")
         # The tiny model never says EOS: every sequence runs to its cap, which is reported.
         assert got.hit_cap
+        flip = _first_difference(list(got.ids), expected["ids"])
+        if flip is None:
+            assert tokenizer.decode(got.ids) == expected["text"]
+        else:
+            ref_logits = expected["top5_per_step"][flip]["logits"]
+            assert ref_logits[0] - ref_logits[1] < FP32_NEAR_TIE, (where, "ids differ at step", flip)
+        for step, top5 in enumerate(expected["top5_per_step"]):
+            logits = fed.logits[step]
+            torch.testing.assert_close(logits[top5["ids"]], torch.tensor(top5["logits"]),
+                                       rtol=0, atol=FP32_LOGIT_ATOL, msg=f"{where} step {step}")
+            if step:
+                logits = logits.clone()
+                logits[ANSWER_ID] = float("-inf")
+            if int(logits.argmax()) != top5["ids"][0]:
+                assert top5["logits"][0] - top5["logits"][1] < FP32_NEAR_TIE, (where, step)
+
+
+# ---------------------------------------------------------------- bf16: within the reference's own bf16 noise
+#
+# In bf16 this tiny random model is chaotic: 27 vision layers with sharp attention amplify a one-ulp
+# change into a visible one. Measured as above (6 kernel configurations that change bf16 kernels; the
+# 3 that only lower ATEN_CPU_CAPABILITY crash in torch's bf16 CPU attention, see _bf16_attention_runs):
+#   image embeddings  ||d||/||ref|| 0.09..0.18 against the committed bf16 fixture (max |d| up to 0.70),
+#                     while the reference's own bf16-vs-fp32 gap is 0.38
+#   fed back the fixture's tokens, the reference itself picks the fixture's top-1 at 116..126 of 229
+#   steps; it disagrees at steps whose fixture margin is up to 2.9; the median over steps of the
+#   largest top-5 logit difference is 1.25..1.38 (raw) and 1.38..1.50 (relative to the step's top-1).
+# On the fixture's own machine the engine equals the reference bit for bit in the vision tower and to
+# one bf16 step (0.125) in the logits, so what these tests allow is kernel noise, not engine slack.
+# Bounds: the bf16 embeddings must be closer to the reference's bf16 than its bf16 is to its fp32
+# (a 2x margin over the measured 0.18; a tower run in fp32 would sit right at the gap, so the dtype
+# is asserted as well);
+# at least half the measured agreement (58 of 229; a wrong text model agrees on almost none); mismatches
+# only below 1.5x the largest margin the reference itself flipped; median deviations below 2x measured.
+BF16_MIN_AGREEMENT = 58
+BF16_FLIP_MARGIN = 1.5 * 2.875
+BF16_MEDIAN_LOGIT_DEVIATION = 3.0
+
+
+def _bf16_attention_runs() -> bool:
+    """torch 2.13's bf16 CPU attention raises "pack_vnni2 is only supported when avx512 is supported"
+    when ATEN_CPU_CAPABILITY is lowered below AVX512 on a CPU whose AMX oneDNN still uses; a real CPU
+    without AVX512 has neither (ONEDNN_MAX_CPU_ISA=AVX2 together with it runs). Probed with the vision
+    tower's own attention shape: short sequences take a kernel that does not raise."""
+    from pipeline.models.moondream.config import read_config
+
+    vision = read_config(CHECKPOINT_DIR / "config.json").vision
+    q = torch.zeros(1, vision.enc_n_heads, vision.grid**2, vision.enc_dim // vision.enc_n_heads, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as exc:
+        if "pack_vnni2" in str(exc):
+            return False
+        raise
+    return True
 
 
 def test_bf16_step_by_step_with_reference_tokens_fed_back(parity_crops, tokenizer):
+    """The bf16 engine runs in bf16 and stays within the reference's own bf16 variation (above).
+
+    Mutations that fail here (checked by hand): no post-encoder layer norm (embeddings 10.7 relative
+    off), local crops laid out column by column (0.68), rotary over 16 dims or rope theta 1000 (a flip
+    where the reference's margin is 4.6), no final text layer norm (median logit deviation 37.9).
+    One that passes: the text softmax taken in bf16 instead of fp32; its effect is below what
+    changing the CPU kernels does to the reference, so no fixture from another machine can see it."""
+    if not _bf16_attention_runs():
+        pytest.skip("this torch cannot run bf16 attention with ATEN_CPU_CAPABILITY below what oneDNN uses; "
+                    "also set ONEDNN_MAX_CPU_ISA=AVX2")
     ref, tensors = _reference("bf16")
+    _, fp32_tensors = _reference("fp32")
     model = _model(torch.bfloat16)
     pairs = _reference_requests(ref, tokenizer)
     forced = [Request(r.prompt, r.max_tokens, forced_ids=tuple(e["ids"]), record_logits=True) for e, r in pairs]
     (generations,) = MoondreamEngine(model).generate([parity_crops], [forced])
     with torch.inference_mode():
         embeddings = MoondreamEngine(model).embed_images([parity_crops])
-    torch.testing.assert_close(embeddings[0].float(), tensors["image_embeddings"], rtol=0.02, atol=0.02)
-    steps = ties = 0
+    assert embeddings.dtype == torch.bfloat16
+    bf16_vs_fp32_gap = _relative_error(tensors["image_embeddings"], fp32_tensors["image_embeddings"])
+    assert _relative_error(embeddings[0], tensors["image_embeddings"]) < bf16_vs_fp32_gap
+    steps = agreed = 0
+    raw, centred = [], []
     for (expected, _), got in zip(pairs, generations):
         assert got.logits.shape[0] == len(expected["ids"]) + 1  # prefill + one per fed token
         for step, top5 in enumerate(expected["top5_per_step"]):
             logits = got.logits[step].clone()
             if step:
                 logits[ANSWER_ID] = float("-inf")
-            ours, best = int(logits.argmax()), logits.max()
-            ref_ids, ref_logits = top5["ids"], top5["logits"]
+            ref_ids, ref_logits = top5["ids"], torch.tensor(top5["logits"])
+            ours = got.logits[step][ref_ids]
+            raw.append(float((ours - ref_logits).abs().max()))
+            centred.append(float(((ours - ours[0]) - (ref_logits - ref_logits[0])).abs().max()))
             steps += 1
-            # Logits of the reference's top 5 agree to about one bf16 step at this magnitude.
-            torch.testing.assert_close(got.logits[step][ref_ids], torch.tensor(ref_logits), rtol=0, atol=0.13)
-            if ours == ref_ids[0]:
-                continue
-            # A tie on either side is accepted: the reference's best also scores our best, or ours
-            # is among the reference's exactly-tied best.
-            tied_ref = [i for i, v in zip(ref_ids, ref_logits) if v == ref_logits[0]]
-            assert logits[ref_ids[0]] == best or ours in tied_ref, (expected.get("question"), step)
-            assert ref_logits[0] - ref_logits[1] <= 0.125  # only where the reference itself is (near) tied
-            ties += 1
-    assert steps == 3 * 65 + 2 * 17 and ties < steps // 10
+            if int(logits.argmax()) == ref_ids[0]:
+                agreed += 1
+            else:  # only where the reference's own choice is within its bf16 noise
+                assert top5["logits"][0] - top5["logits"][1] < BF16_FLIP_MARGIN, (expected.get("question"), step)
+    assert steps == 3 * 65 + 2 * 17
+    assert agreed >= BF16_MIN_AGREEMENT, agreed
+    assert float(np.median(raw)) < BF16_MEDIAN_LOGIT_DEVIATION and float(np.median(centred)) < BF16_MEDIAN_LOGIT_DEVIATION
 
 
 # ---------------------------------------------------------------- batching

@@ -11,9 +11,11 @@ from tests.fixtures.hf_cache import use_hf_cache
 import torch
 from PIL import Image
 
-from pipeline.config import RunConfig, MOONDREAM_REPO, MOONDREAM_REVISION, CaptionConfig, ConfigError
+from pipeline.config import RunConfig, CaptionConfig, ConfigError
 from pipeline.models.base import ModelUnavailable
 from pipeline.models.moondream.hub import (
+    MOONDREAM_REPO,
+    MOONDREAM_REVISION,
     STARMIE_REPO,
     STARMIE_REVISION,
     check_moondream_files,

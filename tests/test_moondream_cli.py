@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION
+from pipeline.models.moondream.hub import MOONDREAM_REPO, MOONDREAM_REVISION
 from schemas import STATUS_ERROR, STATUS_OK, check_schema
 from tests.fixtures.images import make_jpegs
 

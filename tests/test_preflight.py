@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION
+from pipeline.models.moondream.hub import MOONDREAM_REPO, MOONDREAM_REVISION
 from pipeline.models.registry import resolve_captioner, resolve_embedder
 from pipeline.preflight import WeightsMissing, check_caption_weights, check_embed_weights
 from tests.fixtures.hf_cache import add_snapshot, use_hf_cache

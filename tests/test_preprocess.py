@@ -9,7 +9,9 @@ from PIL import Image
 
 from pipeline.config import CaptionConfig
 from pipeline.models.base import pack_array, unpack_array
+from pipeline.models.moondream.config import CropGeometry
 from pipeline.models.moondream.preprocess import (
+    OFFICIAL_GEOMETRY,
     MoondreamPreprocessor,
     crops_from_bytes,
     crops_to_bytes,
@@ -49,12 +51,14 @@ def test_pack_round_trip_and_rejects_what_is_not_a_prepared_input():
 
 def test_moondream_crops_round_trip_and_shape_check():
     crops = prepare_image(noise_image((900, 500)), max_crops=4)
-    back = crops_from_bytes(crops_to_bytes(crops))
+    back = crops_from_bytes(crops_to_bytes(crops), OFFICIAL_GEOMETRY.crop_size)
     assert back.tiling == crops.tiling and back.n_crops == 1 + crops.tiling[0] * crops.tiling[1]
     np.testing.assert_array_equal(back.crops, crops.crops)
     with pytest.raises(ValueError, match="not Moondream crops"):
-        crops_from_bytes(pack_array(crops.crops, (crops.tiling[0] + 1, crops.tiling[1])))
-    assert MoondreamPreprocessor(4).prepare(noise_image((900, 500))) == crops_to_bytes(crops)
+        crops_from_bytes(pack_array(crops.crops, (crops.tiling[0] + 1, crops.tiling[1])), OFFICIAL_GEOMETRY.crop_size)
+    with pytest.raises(ValueError, match="not Moondream crops"):  # cut for another model's crop size
+        crops_from_bytes(crops_to_bytes(crops), 280)
+    assert MoondreamPreprocessor(OFFICIAL_GEOMETRY, 4).prepare(noise_image((900, 500))) == crops_to_bytes(crops)
 
 
 @pytest.fixture
@@ -66,11 +70,37 @@ def test_moondream_prepared_inputs_give_the_same_descriptions(tmp_path, offline)
     config = CaptionConfig(max_new_tokens=6, answer_max_new_tokens=3, max_crops=3)
     ref = resolve_captioner(str(local_moondream_dir(tmp_path / "md")))
     prep = build_caption_preprocessor(ref, config)
-    assert prep == MoondreamPreprocessor(3)  # max_crops comes from the config, without loading weights
+    # max_crops comes from the run's config, the geometry from the checkpoint's, without loading weights
+    assert prep == MoondreamPreprocessor(OFFICIAL_GEOMETRY, 3)
     md = build_captioner(ref, config, "cpu")
     images = [noise_image((900, 500), seed=1), noise_image((200, 300), seed=2)]  # different crop counts
     questions = ["Is there a dog?"]
     assert md.describe_prepared([prep.prepare(im) for im in images], questions) == md.describe(images, questions)
+
+
+def test_moondream_crop_geometry_comes_from_the_checkpoint_config(tmp_path, offline):
+    """config.json's vision crop size, overlap margin and max crops are what the decode stage cuts with."""
+    import json
+
+    image = noise_image((900, 1300), seed=5)  # 900 wide, 1300 high
+    ref = resolve_captioner(str(local_moondream_dir(tmp_path / "md")))
+    official = crops_from_bytes(build_caption_preprocessor(ref, CaptionConfig()).prepare(image), 378)
+    assert official.crops.shape == (1 + 8, 378, 378, 3) and official.tiling == (4, 2)
+
+    config_path = tmp_path / "md" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["config"]["vision"].update(crop_size=280, overlap_margin=2, max_crops=4)  # 20x20 patches of 14 px
+    config_path.write_text(json.dumps(config))
+    prep = build_caption_preprocessor(ref, CaptionConfig())
+    assert prep.geometry == CropGeometry(crop_size=280, patch_size=14, overlap_margin=2, max_crops=4)
+    assert prep.max_crops == 4
+    smaller = crops_from_bytes(prep.prepare(image), 280)
+    # 280 px crops, 16 patches (224 px) apart, at most 4: the 6x4 minimum grid shrinks to 2x1.
+    assert smaller.crops.shape == (1 + 2, 280, 280, 3) and smaller.tiling == (2, 1)
+    expected_global = np.asarray(image.convert("RGB").resize((280, 280), resample=Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(smaller.crops[0], expected_global)
+    # The run's max_crops still lowers the checkpoint's default.
+    assert build_caption_preprocessor(ref, CaptionConfig(max_crops=2)).max_crops == 2
 
 
 def test_open_clip_prepared_inputs_give_the_same_embeddings(tiny_clip_dir):

@@ -16,10 +16,12 @@ from __future__ import annotations
 import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:  # annotations only: pipeline.config imports this module (via the Moondream hub identity)
+    from PIL import Image
 
 
 class ModelUnavailable(RuntimeError):

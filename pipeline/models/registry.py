@@ -29,7 +29,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION, CaptionConfig, ConfigError
+from pipeline.config import CaptionConfig, ConfigError
+from pipeline.models.moondream.hub import MOONDREAM_REPO, MOONDREAM_REVISION
 
 # backend name -> "module:Class"; tests may add entries through register_*.
 _CAPTIONERS: dict[str, str] = {

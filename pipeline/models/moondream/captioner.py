@@ -15,10 +15,11 @@ from pipeline.models.moondream.config import (
     QUERY_PREFIX,
     QUERY_SUFFIX,
     CheckpointMismatch,
+    CropGeometry,
+    read_config,
 )
-from pipeline.models.moondream.hub import MoondreamFiles, resolve_files
+from pipeline.models.moondream.hub import MoondreamFiles, config_file, resolve_files
 from pipeline.models.moondream.preprocess import (
-    DEFAULT_MAX_CROPS,
     MoondreamCrops,
     MoondreamPreprocessor,
     crops_from_bytes,
@@ -38,6 +39,11 @@ def resolve_dtype(name: str, device: str):
     if name == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return getattr(torch, name)
+
+
+def crop_count(config: CaptionConfig, geometry: CropGeometry) -> int:
+    """config.max_crops when set, else the model's own default (the reference's 12)."""
+    return int(getattr(config, "max_crops", None) or geometry.max_crops)
 
 
 def caption_budget(config: CaptionConfig) -> int:
@@ -69,7 +75,6 @@ class Moondream2Captioner(Captioner):
         identity = model_identity(ref, "caption")
         self.model_id, self.revision = identity.model, identity.revision
         self.device = resolve_device(device)
-        self.max_crops = int(max_crops or getattr(config, "max_crops", DEFAULT_MAX_CROPS))
         self.dtype = resolve_dtype(dtype or getattr(config, "dtype", "auto"), self.device)
         self.files: MoondreamFiles = resolve_files(ref)
         self.model_commit = self.files.model_revision
@@ -79,6 +84,9 @@ class Moondream2Captioner(Captioner):
             model = load_model(self.files.weights, self.files.config, self.device, self.dtype)
         except (CheckpointMismatch, NotStarmieTokenizer, OSError) as exc:
             raise ModelUnavailable(f"caption model {ref.spec} could not be loaded: {exc}") from exc
+        # The crop geometry is the loaded model's (its config.json), as in cpu_preprocessor.
+        self.geometry: CropGeometry = model.config.vision.crop_geometry
+        self.max_crops = int(max_crops or crop_count(config, self.geometry))
         self.engine = MoondreamEngine(
             model,
             max_sequences=max_sequences or getattr(config, "max_sequences", None) or DEFAULT_MAX_SEQUENCES,
@@ -94,16 +102,19 @@ class Moondream2Captioner(Captioner):
         """Crops and tiling made in the decode stage; a subclass that overrides describe sees images instead."""
         if overrides(cls, Moondream2Captioner, "describe"):
             return None
-        return MoondreamPreprocessor(int(getattr(config, "max_crops", None) or DEFAULT_MAX_CROPS))
+        # config.json only (no weights): the geometry the caption stage's model will have.
+        geometry = read_config(config_file(ref)).vision.crop_geometry
+        return MoondreamPreprocessor(geometry, crop_count(config, geometry))
 
     # CPU side, for callers outside the pipeline; the pipeline uses cpu_preprocessor in its decode stage.
     def prepare(self, image: Image.Image) -> MoondreamCrops:
-        return prepare_image(image, max_crops=self.max_crops)
+        return prepare_image(image, self.geometry, max_crops=self.max_crops)
 
     def describe_prepared(
         self, inputs: Sequence[bytes], questions: Sequence[str], *, caption: bool = True
     ) -> list[Description]:
-        return self.describe([crops_from_bytes(data) for data in inputs], questions, caption=caption)
+        crop_size = self.geometry.crop_size
+        return self.describe([crops_from_bytes(data, crop_size) for data in inputs], questions, caption=caption)
 
     def requests(self, questions: Sequence[str], caption: bool):
         from pipeline.models.moondream.engine import Request

@@ -11,7 +11,9 @@ rather than a shape failure deep inside a matmul.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 # Fixed by the architecture (not configurable upstream either).
@@ -44,6 +46,19 @@ class CheckpointMismatch(ValueError):
     """The checkpoint's tensors do not match the configured sizes."""
 
 
+def read_config(config_path: Path | None) -> "MoondreamConfig":
+    """Official sizes, overridden by config.json's ``config`` field when there is one (json only, no
+    torch: the CPU preprocess stage reads the crop geometry from here without loading weights)."""
+    if config_path is None or not Path(config_path).is_file():
+        return MoondreamConfig()
+    try:
+        data = json.loads(Path(config_path).read_text())
+    except ValueError as exc:
+        raise CheckpointMismatch(f"{config_path} is not valid JSON: {exc}") from exc
+    overrides = data.get("config") if isinstance(data, dict) else None
+    return MoondreamConfig.from_dict(overrides if isinstance(overrides, dict) else None)
+
+
 @dataclass(frozen=True)
 class TextConfig:
     dim: int = 2048
@@ -60,6 +75,16 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class CropGeometry:
+    """How an image is cut into crops for the vision encoder (what the CPU preprocess stage needs)."""
+
+    crop_size: int  # pixels per crop side
+    patch_size: int  # pixels per patch side
+    overlap_margin: int  # patches each local crop shares with its neighbours, per side
+    max_crops: int  # default bound on local crops; CaptionConfig.max_crops may lower it
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     enc_dim: int = 1152
     enc_patch_size: int = 14
@@ -67,6 +92,7 @@ class VisionConfig:
     enc_ff_dim: int = 4304
     enc_n_heads: int = 16
     proj_out_dim: int = 2048
+    # Crop geometry (with enc_patch_size): see CropGeometry.
     crop_size: int = 378
     in_channels: int = 3
     max_crops: int = 12
@@ -77,6 +103,10 @@ class VisionConfig:
     def grid(self) -> int:
         """Patches per crop side (27)."""
         return self.crop_size // self.enc_patch_size
+
+    @property
+    def crop_geometry(self) -> CropGeometry:
+        return CropGeometry(self.crop_size, self.enc_patch_size, self.overlap_margin, self.max_crops)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
-"""Where Moondream 2's files come from: the HF cache/hub, or a local directory.
+"""Moondream 2's hub identity, and where its files come from: the HF cache/hub, or a local directory.
 
-Two hub repos make up the model:
+Two hub repos make up the model, both pinned here (the one place that names them; pipeline.config
+asks this module for the default spec's revision):
 - ``vikhyatk/moondream2`` at a pinned revision (tag ``2025-06-21``): model.safetensors, config.json;
 - ``moondream/starmie-v1``: tokenizer.json (the reference loads its tokenizer from there, not from
   moondream2, whose tokenizer files are a stale legacy set). Pinned to the commit that public
   projects pinning this release record (``STARMIE_REVISION``); not verifiable offline here.
 
-Nothing here imports torch, so the driver can call ``check_moondream_files`` before Ray starts.
+Nothing here imports torch, so the driver can call ``check_moondream_files`` before Ray starts, nor
+pipeline.config or the registry at import time, so pipeline.config can import the identity.
 The cache location and offline switch are read from the environment at call time (HF_HUB_CACHE,
 HF_HOME, XDG_CACHE_HOME, HF_HUB_OFFLINE), so workers and tests that set them late are honoured.
 """
@@ -15,12 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION
 from pipeline.models.base import ModelUnavailable
 from pipeline.models.hf_cache import hf_hub_cache, hub_offline
-from pipeline.models.registry import ModelRef
 
+if TYPE_CHECKING:  # the registry imports pipeline.config, which imports this module
+    from pipeline.models.registry import ModelRef
+
+# The pinned Moondream 2 release: hub tags of vikhyatk/moondream2 are dates.
+MOONDREAM_REPO = "vikhyatk/moondream2"
+MOONDREAM_REVISION = "2025-06-21"
 STARMIE_REPO = "moondream/starmie-v1"
 STARMIE_REVISION = "35192e10a54e36eabe0a7cc57a2c1aab371cafc5"
 WEIGHTS_FILE = "model.safetensors"
@@ -112,24 +119,31 @@ def resolve_files(ref: ModelRef) -> MoondreamFiles:
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise _missing(ref, f"{weights}")
-        config = directory / CONFIG_FILE
         tokenizer = _local_tokenizer(directory)
         if tokenizer is not None:
             tokenizer_revision = "local"
         else:
             tokenizer, tokenizer_revision = _hub_tokenizer(ref)
-        return MoondreamFiles(weights, config if config.is_file() else None, tokenizer, "local", tokenizer_revision)
+        return MoondreamFiles(weights, config_file(ref), tokenizer, "local", tokenizer_revision)
     revision = ref.revision or MOONDREAM_REVISION
     try:
         weights = _download(ref.source, WEIGHTS_FILE, revision)
     except Exception as exc:  # noqa: BLE001
         raise _missing(ref, f"{ref.source}@{revision} ({WEIGHTS_FILE})", exc) from exc
-    try:
-        config = Path(_download(ref.source, CONFIG_FILE, revision))
-    except Exception:  # noqa: BLE001 - optional: official sizes apply
-        config = None
     tokenizer, tokenizer_revision = _hub_tokenizer(ref)
-    return MoondreamFiles(Path(weights), config, tokenizer, _commit_of(weights), tokenizer_revision)
+    return MoondreamFiles(Path(weights), config_file(ref), tokenizer, _commit_of(weights), tokenizer_revision)
+
+
+def config_file(ref: ModelRef) -> Path | None:
+    """The checkpoint's config.json (sizes and crop geometry), or None where it has none: the official
+    sizes apply. Only this small file is fetched, so the CPU preprocess stage can read the geometry."""
+    if ref.is_local:
+        path = Path(ref.source) / CONFIG_FILE
+        return path if path.is_file() else None
+    try:
+        return Path(_download(ref.source, CONFIG_FILE, ref.revision or MOONDREAM_REVISION))
+    except Exception:  # noqa: BLE001 - optional: official sizes apply
+        return None
 
 
 def missing_repos(ref: ModelRef) -> list[str]:

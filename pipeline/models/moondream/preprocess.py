@@ -4,12 +4,15 @@ This is the part of the model that belongs in the pipeline's CPU decode stage:
 ``prepare_image`` turns one RGB image into uint8 crops plus the tiling, and
 the GPU actor only normalises and encodes them (``normalise_crops``).
 
-The reference (moondream/torch/image_crops.py) does this:
+The reference (moondream/torch/image_crops.py) does this, with the official geometry
+(crop 378 px, patch 14 px, overlap margin 4 patches, up to 12 local crops):
 - one global crop: the whole image resized to 378x378 (aspect ratio not kept);
 - a grid of ``tiling = (rows, cols)`` local crops: the image resized to
   ``rows*266+112`` x ``cols*266+112`` and cut into 378x378 crops at a stride
   of 266, so neighbouring crops overlap by a 4-patch (56 px) margin each side;
 - the grid is chosen from the image size minus the margins and ``max_crops``.
+The geometry is the model's (``VisionConfig.crop_geometry``: official values, or the checkpoint's config.json),
+handed to ``prepare_image`` and ``MoondreamPreprocessor`` by whoever read that config.
 Resizing is Lanczos through PIL (the reference uses pyvips when it is importable;
 PIL is what it uses without it, and what the parity fixtures were made with).
 """
@@ -23,18 +26,16 @@ import numpy as np
 from PIL import Image
 
 from pipeline.models.base import Preprocessor, pack_array, unpack_array
+from pipeline.models.moondream.config import CropGeometry, VisionConfig
 
-CROP_SIZE = 378
-PATCH_SIZE = 14
-OVERLAP_MARGIN = 4  # patches
-DEFAULT_MAX_CROPS = 12
+OFFICIAL_GEOMETRY = VisionConfig().crop_geometry
 
 
 @dataclass(frozen=True)
 class MoondreamCrops:
     """Model-ready input for one image: crops[0] is the global view, crops[1:] the tiles row by row."""
 
-    crops: np.ndarray  # (1 + rows*cols, 378, 378, 3) uint8
+    crops: np.ndarray  # (1 + rows*cols, crop_size, crop_size, 3) uint8
     tiling: tuple[int, int]  # (rows, cols)
 
     @property
@@ -64,12 +65,14 @@ def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple
 
 def prepare_image(
     image: Image.Image | np.ndarray,
-    max_crops: int = DEFAULT_MAX_CROPS,
-    overlap_margin: int = OVERLAP_MARGIN,
-    crop_size: int = CROP_SIZE,
-    patch_size: int = PATCH_SIZE,
+    geometry: CropGeometry = OFFICIAL_GEOMETRY,
+    *,
+    max_crops: int | None = None,
 ) -> MoondreamCrops:
-    """Global crop + overlapping local crops of one image (RGB; other modes are converted)."""
+    """Global crop + overlapping local crops of one image (RGB; other modes are converted), cut with the
+    model's ``geometry``; ``max_crops`` (default: the geometry's) bounds the local crops."""
+    max_crops = geometry.max_crops if max_crops is None else max_crops
+    crop_size, patch_size, overlap_margin = geometry.crop_size, geometry.patch_size, geometry.overlap_margin
     if max_crops < 1:
         raise ValueError(f"max_crops must be at least 1, got {max_crops}")
     if isinstance(image, Image.Image):
@@ -102,16 +105,17 @@ def prepare_image(
 
 
 def crops_to_bytes(prepared: MoondreamCrops) -> bytes:
-    """The crops (N, 378, 378, 3) uint8 and the tiling, in the pipeline's prepared-input format."""
+    """The crops (N, crop_size, crop_size, 3) uint8 and the tiling, in the pipeline's prepared-input format."""
     return pack_array(prepared.crops, prepared.tiling)
 
 
-def crops_from_bytes(data: bytes | memoryview) -> MoondreamCrops:
-    """Inverse of :func:`crops_to_bytes` (no copy); checks the shape against the tiling."""
+def crops_from_bytes(data: bytes | memoryview, crop_size: int) -> MoondreamCrops:
+    """Inverse of :func:`crops_to_bytes` (no copy); checks the shape against the tiling and the
+    model's ``crop_size`` (crops cut for another geometry are refused, not mis-encoded)."""
     crops, meta = unpack_array(data)
     if (
         len(meta) != 2 or crops.dtype != np.uint8 or crops.ndim != 4
-        or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.shape[0] != 1 + meta[0] * meta[1]
+        or crops.shape[1:] != (crop_size, crop_size, 3) or crops.shape[0] != 1 + meta[0] * meta[1]
     ):  # fmt: skip
         raise ValueError(f"not Moondream crops: array {crops.dtype}{crops.shape}, tiling {meta}")
     return MoondreamCrops(crops, (int(meta[0]), int(meta[1])))
@@ -119,9 +123,11 @@ def crops_from_bytes(data: bytes | memoryview) -> MoondreamCrops:
 
 @dataclass(frozen=True)
 class MoondreamPreprocessor(Preprocessor):
-    """``prepare_image`` in the decode stage: image -> serialised crops + tiling."""
+    """``prepare_image`` in the decode stage: image -> serialised crops + tiling, with the geometry of
+    the model the caption stage loads (read from its config.json by ``Moondream2Captioner.cpu_preprocessor``)."""
 
-    max_crops: int = DEFAULT_MAX_CROPS
+    geometry: CropGeometry
+    max_crops: int
 
     def prepare(self, image: Image.Image) -> bytes:
-        return crops_to_bytes(prepare_image(image, max_crops=self.max_crops))
+        return crops_to_bytes(prepare_image(image, self.geometry, max_crops=self.max_crops))

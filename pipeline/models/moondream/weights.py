@@ -8,27 +8,14 @@ random initialisation or extra copy happens).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from pipeline.models.moondream.config import CheckpointMismatch, MoondreamConfig
+from pipeline.models.moondream.config import read_config
 from pipeline.models.moondream.model import MoondreamModel
 
 KEY_PREFIX = "model."
-
-
-def read_config(config_path: Path | None) -> MoondreamConfig:
-    """Official sizes, overridden by config.json's ``config`` field when there is one."""
-    if config_path is None or not Path(config_path).is_file():
-        return MoondreamConfig()
-    try:
-        data = json.loads(Path(config_path).read_text())
-    except ValueError as exc:
-        raise CheckpointMismatch(f"{config_path} is not valid JSON: {exc}") from exc
-    overrides = data.get("config") if isinstance(data, dict) else None
-    return MoondreamConfig.from_dict(overrides if isinstance(overrides, dict) else None)
 
 
 def read_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
