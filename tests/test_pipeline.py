@@ -119,8 +119,7 @@ def test_rerun_redoes_a_file_replaced_by_same_size_bytes_with_an_older_mtime(
     args = ["--out", out, *model_args(tiny_vlm_dir, tiny_clip_dir, probes_file), "--no-embed"]
     run_cli(photos, *args)
     _, first = read_rows(out)
-    target = sorted(photos.glob("*.jpg"))[0]
-    other = next(p for p in sorted(photos.glob("*.jpg"))[1:] if p.name not in ("broken.jpg", "notes.jpg"))
+    target, other = [p for p in sorted(photos.glob("*.jpg")) if p.name not in ("broken.jpg", "notes.jpg")][:2]
     before = next(r for r in first if r["uri"] == str(target))
     assert before["status"] == STATUS_OK
 
