@@ -93,6 +93,7 @@ def _listed(paths: list[Path]) -> pa.Table:
         "uri": [str(p) for p in paths],
         "location": [str(p).encode() for p in paths],
         "size": [p.stat().st_size for p in paths],
+        "source_mtime": [round(p.stat().st_mtime * 1e6) for p in paths],
     })  # fmt: skip
 
 

@@ -89,6 +89,7 @@ def decode_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
             "uri": batch.column("uri"),
             "image_id": [d.image_id for d in decoded],
             "bytes": [d.bytes for d in decoded],
+            "source_mtime": batch.column("source_mtime"),
             "format": [d.format for d in decoded],
             "width": [d.width for d in decoded],
             "height": [d.height for d in decoded],
