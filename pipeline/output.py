@@ -49,9 +49,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import rows as row_rule
-from pipeline.decode import PERMANENT_ERROR_KINDS
 from pipeline.sources import mtime_micros
 from pipeline.storage import OutputError, explain, open_filesystem
+from schemas.errors import PERMANENT_ERROR_KINDS
 from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema, output_schema, upgrade_schema, upgrade_table
 
 __all__ = ["OutputError", "OutputStore", "PartWriter", "ResumeState", "RowState"]
@@ -69,7 +69,7 @@ class RowState:
     """What resume needs of an image's current row."""
 
     ok: bool
-    permanent: bool  # an error that the same bytes would give again (see decode.PERMANENT_ERROR_KINDS)
+    permanent: bool  # an error that the same bytes would give again (see schemas.errors)
     size: int | None
     processed_at: float  # epoch seconds
     mtime_us: int | None = None  # the source's mtime as listed for this row (source_mtime); None: not recorded

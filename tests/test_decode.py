@@ -13,7 +13,8 @@ from PIL import Image, ImageFile
 
 from pipeline import decode
 from pipeline.config import DecodeConfig
-from pipeline.decode import ERROR_KINDS, decode_bytes, load_image
+from pipeline.decode import decode_bytes, load_image
+from schemas.errors import ERROR_KINDS
 from pipeline.sources import list_images
 from tests.fixtures.images import (
     CORPUS_EXPECTED,
