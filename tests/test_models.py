@@ -124,7 +124,7 @@ def clip(tiny_clip_dir):
 
 
 def test_clip_image_and_text_embeddings(clip, tiny_clip_dir):
-    from pipeline.models.tiny import TINY_CLIP_DIM
+    from examples.tiny_models import TINY_CLIP_DIM
 
     images = _images(5)
     x = clip.embed_images(images + [images[0]])
@@ -150,7 +150,7 @@ def test_clip_named_architecture_with_local_checkpoint(tiny_clip_dir, monkeypatc
     # user's fine-tuned checkpoint of a built-in architecture would be loaded.
     import open_clip
 
-    from pipeline.models.tiny import tiny_open_clip_config
+    from examples.tiny_models import tiny_open_clip_config
 
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-test", tiny_open_clip_config())
     ckpt = tiny_clip_dir / "open_clip_model.safetensors"

@@ -72,7 +72,7 @@ def hub(tmp_path_factory):
     import ray
     from huggingface_hub import constants
 
-    from pipeline.models.tiny import build_tiny_open_clip
+    from examples.tiny_models import build_tiny_open_clip
     from tests.fixtures.hf_cache import TINY_HUB_REPO, add_snapshot, register_tiny_hub_arch, use_hf_cache
 
     root = tmp_path_factory.mktemp("hub")
@@ -179,7 +179,7 @@ def test_a_checkpoint_and_a_directory_with_the_same_weights_differ_from_the_hub_
 
 
 def test_a_different_embedder_is_refused(indexed, hub, tmp_path):
-    from pipeline.models.tiny import build_tiny_open_clip
+    from examples.tiny_models import build_tiny_open_clip
 
     other = build_tiny_open_clip(tmp_path / "other", seed=11)
     for form in FORMS:

@@ -88,7 +88,7 @@ def test_real_embedder_from_another_model_is_refused(e2e_index, tiny_clip_dir, t
     (A copy of the same weights elsewhere is the same model: identity is by content.)
     """
     from pipeline.models import build_embedder, resolve_embedder
-    from pipeline.models.tiny import build_tiny_open_clip
+    from examples.tiny_models import build_tiny_open_clip
 
     other_dir = build_tiny_open_clip(tmp_path / "other_clip", seed=1)
     other = build_embedder(resolve_embedder(f"open_clip:{other_dir}"), "cpu")
