@@ -368,19 +368,6 @@ def test_minimized_heif_and_avif_are_unsupported_images_not_videos(data):
     assert "video" not in result.error and "HEIF" in result.error
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """Joins the session's Ray when one runs (tests/fixtures/ray.py); else starts one for this module."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_run_records_turned_near_square_size_and_mif3_as_unsupported(ray_local, tmp_path, tiny_clip_dir):
     """Items 7 and 8 as a user meets them: the rows `captioner run` writes."""
     import pyarrow.parquet as pq

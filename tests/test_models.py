@@ -101,7 +101,7 @@ def test_vlm_caption_prompt_follows_length(tiny_vlm_dir):
 def test_tiny_models_are_deterministic_per_seed(tmp_path, kind):
     from safetensors.numpy import load_file
 
-    from pipeline.models import tiny
+    from examples import tiny_models as tiny
 
     build, weights = {
         "vlm": (tiny.build_tiny_vlm, "model.safetensors"),
@@ -200,6 +200,7 @@ def test_moondream_directory_resolves_to_moondream_backend(tmp_path):
 # and tests/test_moondream_backend.py (default spec through an offline HF cache, local directories).
 
 
+@pytest.mark.subprocess
 def test_offline_empty_cache_errors_name_the_flag(tmp_path):
     # The hub reads HF_HUB_OFFLINE/HF_HOME at import time, so a fresh process
     # is the only faithful way to start from an empty cache.

@@ -16,6 +16,7 @@ from pipeline.cli import main
 from pipeline.models.identity import model_identity
 from schemas import STATUS_ERROR, STATUS_OK, check_schema
 from tests.fixtures.images import make_jpegs
+from tests.cli import run_cli
 
 PROBES = ["Is there text in the image?", "What colour is the sky?"]
 
@@ -37,12 +38,6 @@ def probes_file(tmp_path):
     path = tmp_path / "probes.yaml"
     path.write_text("\n".join(f"- {q}" for q in PROBES))
     return path
-
-
-def run_cli(*args, expect_exit=0):
-    result = CliRunner().invoke(main, ["run", *map(str, args), "--no-progress"])
-    assert result.exit_code == expect_exit, (result.output, result.exception)
-    return result
 
 
 def model_args(tiny_vlm_dir, tiny_clip_dir, probes_file):

@@ -14,19 +14,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from tests import search_doubles
 from tests.search_data import crafted_rows, run_metadata, write_rows
+from tests.cli import cli as invoke
 
 search_doubles.register()
-
-
-def invoke(*args, exit_code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == exit_code, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ FORMS = ["name", "name@tag", "name@checkpoint", "directory"]
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(tmp_path_factory, starts_ray):
     """HF cache + hub-backed tiny architecture, visible to this process and to a Ray of this module's own."""
     import ray
     from huggingface_hub import constants

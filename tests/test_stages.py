@@ -39,16 +39,6 @@ def moondream_dir(tmp_path_factory) -> Path:
     return local_moondream_dir(tmp_path_factory.mktemp("md") / "model")
 
 
-@pytest.fixture(autouse=True)
-def torch_threads_restored():
-    """Model stages set torch's thread count for their actor; here they run in the test process."""
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     use_hf_cache(monkeypatch, tmp_path / "empty_cache")
