@@ -64,7 +64,7 @@ def write_files(folder: Path, count: int, size: tuple[int, int]) -> float:
 
 def build_clip(folder: Path) -> Path:
     # In a child process, so torch and the model never count against the driver's memory.
-    code = "import sys; from pipeline.models.tiny import build_tiny_open_clip as b; b(sys.argv[1])"
+    code = "import sys; from examples.tiny_models import build_tiny_open_clip as b; b(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True, cwd=Path(__file__).resolve().parents[1])
     return folder
 

@@ -28,9 +28,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.config import CaptionConfig, DecodeConfig, EmbedConfig, RunConfig  # noqa: E402
 from pipeline.models import build_captioner, build_embedder, resolve_captioner, resolve_embedder  # noqa: E402
-from pipeline.models.tiny import build_tiny_open_clip, build_tiny_vlm  # noqa: E402
+from examples.tiny_models import build_tiny_open_clip, build_tiny_vlm  # noqa: E402
 from pipeline.probes import default_probes  # noqa: E402
-from tests.fixtures.images import make_jpegs  # noqa: E402
+from examples.synthetic_photos import make_jpegs  # noqa: E402
 
 
 def plain_loop(photos: Path, out: Path, config: RunConfig) -> float:

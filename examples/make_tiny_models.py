@@ -16,7 +16,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.models.tiny import build_tiny_open_clip, build_tiny_vlm
+# The builders live beside this script (examples/tiny_models.py), not in the installed library.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import build_tiny_open_clip, build_tiny_vlm  # noqa: E402
 
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else ".tiny-models")

@@ -185,7 +185,7 @@ def input_blocks(pending, batch_size: int, max_blocks: int = 2000) -> list[pa.Ta
     Many small blocks let decode tasks run in parallel from the first image;
     the cap keeps a million-image run from creating a million tiny objects.
     """
-    from pipeline.sources import stored_uri
+    from pipeline.sources import mtime_micros, stored_uri
 
     rows = max(batch_size, -(-len(pending) // max_blocks))
     return [
@@ -194,6 +194,7 @@ def input_blocks(pending, batch_size: int, max_blocks: int = 2000) -> list[pa.Ta
                 "uri": [stored_uri(i.uri) for i in chunk],
                 "location": [i.uri.encode("utf-8", "surrogateescape") for i in chunk],
                 "size": [i.size for i in chunk],
+                "source_mtime": [mtime_micros(i.mtime) for i in chunk],
             }
         )
         for chunk in (pending[start : start + rows] for start in range(0, len(pending), rows))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import hashlib
 import logging
 import sys
 import time
@@ -23,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.output import OutputStore, PartWriter
 from pipeline.models.identity import identity_for_run
 from pipeline.preflight import preflight
-from pipeline.sources import list_images, stored_uri
+from pipeline.sources import list_images, read_bytes, stored_uri
 from pipeline.stages import StageConfig
 from schemas import STATUS_OK, RunMetadata
 
@@ -110,7 +112,8 @@ def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummar
     state = store.load_state(identity, overwrite=config.overwrite)
     pending = [
         item for item in items
-        if not state.is_done(stored_uri(item.uri), item.size, item.mtime, retry_errors=config.retry_errors)
+        if not state.is_done(stored_uri(item.uri), item.size, item.mtime, retry_errors=config.retry_errors,
+                             digest=functools.partial(_sha256_of, item.uri, config.storage_options_dict()))
     ]
     store.save_config(config.to_json())
     summary = RunSummary(output=config.output, listed=len(items), skipped=len(items) - len(pending))
@@ -160,6 +163,14 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
         bar.close()
     summary.error_kinds = dict(kinds)
     return writer.schema
+
+
+def _sha256_of(uri: str, storage_options: dict | None) -> str | None:
+    """The sha256 of a listed file's bytes now (resume's check when size and mtime cannot tell); None if unreadable."""
+    try:
+        return hashlib.sha256(read_bytes(uri, storage_options)).hexdigest()
+    except Exception:  # noqa: BLE001 - unreadable now: not done; the run makes its error row
+        return None
 
 
 def summary_json(summary: RunSummary) -> dict:

@@ -1,7 +1,7 @@
 """Safe image decoding: bytes in, an RGB image sized for the models (or an error) out.
 
 Bad input never raises here: every failure becomes a ``DecodedImage`` with an
-``error_kind`` from ``ERROR_KINDS`` and a one-line message, which the pipeline
+``error_kind`` from ``schemas.errors.ERROR_KINDS`` and a one-line message, which the pipeline
 writes as an error row. The size guard reads the pixel size from the header and
 refuses oversized images before any pixel is decoded.
 """
@@ -19,23 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from pipeline.config import DecodeConfig
 from pipeline.storage import read_bytes
+from schemas.errors import error_text
 
-ERROR_KINDS = (
-    "missing",  # the file was listed but is gone when read
-    "unreadable",  # the bytes could not be read (permission, I/O or network error)
-    "empty",  # zero bytes
-    "not_image",  # the bytes are something else (text, HTML, PDF, unknown binary)
-    "unsupported_format",  # an image format this install cannot decode (e.g. HEIC without pillow-heif)
-    "too_large",  # more pixels than decode.max_pixels
-    "truncated",  # the file ends before the image data does
-    "corrupt",  # any other decoding failure
-)
-
-# Kinds that say the file itself is bad: the same bytes fail the same way on a
-# rerun, so resume skips them unless the file changes or --retry-errors asks.
-# Every other kind (missing, unreadable, model errors, kinds added later) is
-# retried: it may go away by itself.
-PERMANENT_ERROR_KINDS = frozenset({"empty", "not_image", "unsupported_format", "too_large", "truncated", "corrupt"})
+# Every error_kind, its permanence and the error-text cap live beside the schema (schemas/errors.py).
 
 HEIF_HINT = "pip install pillow-heif (or pip install 'captioner[heif]')"
 
@@ -139,7 +125,7 @@ def _failed(result: DecodedImage, kind: str, message: str) -> DecodedImage:
     # Messages embed exception text, which can span lines; rows want one line.
     result.image = None
     result.error_kind = kind
-    result.error = " ".join(message.split())
+    result.error = error_text(message)
     return result
 
 

@@ -13,8 +13,9 @@ Layout
 Which row is current for an image is decided in one place, pipeline.rows;
 resume (``load_state``), both merges and the search index ask it. Files of an
 older schema version (v1) stay valid: resume reads only key columns, which
-every version has, and the single-file merge upgrades their rows
-(schemas.upgrade_table) as it streams them, so the merged file is v2.
+every version has (source_mtime, new in v3, is read as null from older
+files), and the single-file merge upgrades their rows
+(schemas.upgrade_table) as it streams them, so the merged file is current.
 
 Part files are written under a temporary dot-name and renamed into place: a
 crash leaves whole parts or none, never half a file. Object stores (s3://,
@@ -41,21 +42,24 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import rows as row_rule
-from pipeline.decode import PERMANENT_ERROR_KINDS
+from pipeline.sources import mtime_micros
 from pipeline.storage import OutputError, explain, open_filesystem
+from schemas.errors import PERMANENT_ERROR_KINDS
 from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema, output_schema, upgrade_schema, upgrade_table
 
 __all__ = ["OutputError", "OutputStore", "PartWriter", "ResumeState", "RowState"]
 
 PART_GLOB = "part-*.parquet"
 # Columns that decide resume; reading only these keeps a rerun's start cheap.
-_STATE_COLUMNS = ["uri", "status", "error_kind", "bytes", "processed_at"]
+# source_mtime is null in rows upgraded from v1/v2 files, which lack it.
+_STATE_COLUMNS = ["uri", "status", "error_kind", "image_id", "bytes", "source_mtime", "processed_at"]
 # Columns the merge reads to pick each image's current row.
 _KEY_COLUMNS = [row_rule.URI, row_rule.PROCESSED_AT]
 
@@ -65,9 +69,11 @@ class RowState:
     """What resume needs of an image's current row."""
 
     ok: bool
-    permanent: bool  # an error that the same bytes would give again (see decode.PERMANENT_ERROR_KINDS)
+    permanent: bool  # an error that the same bytes would give again (see schemas.errors)
     size: int | None
     processed_at: float  # epoch seconds
+    mtime_us: int | None = None  # the source's mtime as listed for this row (source_mtime); None: not recorded
+    image_id: str | None = None  # sha256 of the bytes the row was made from
 
 
 @dataclass
@@ -85,13 +91,26 @@ class ResumeState:
     def errors(self) -> int:
         return sum(not row.ok for row in self.current.values())
 
-    def is_done(self, uri: str, size: int | None, mtime: float | None = None, retry_errors: bool = False) -> bool:
+    def is_done(
+        self,
+        uri: str,
+        size: int | None,
+        mtime: float | None = None,
+        retry_errors: bool = False,
+        digest: Callable[[], str | None] | None = None,
+    ) -> bool:
         """True when ``uri`` needs no new row.
 
         Done: its current row is ok, or failed for a permanent reason (the file
-        itself is bad) and ``retry_errors`` is off; and the file has not
-        changed since: same size, and not modified after the row was written.
-        Missing, unreadable and model errors are always retried.
+        itself is bad) and ``retry_errors`` is off; and the file is the one the
+        row was made from: the listed ``size`` and ``mtime`` (epoch seconds)
+        equal the row's ``bytes`` and ``source_mtime``. Any other mtime, older
+        or newer, means new bytes may be there (``cp -p``, ``rsync -a``, a
+        restore): redone. When that cannot be told (a v1/v2 row, which records
+        no mtime, or a listing without size or mtime), ``digest()`` (the sha256
+        of the file's bytes now, None if unreadable) is compared with the row's
+        ``image_id``; without ``digest`` the file is redone. Missing,
+        unreadable and model errors are always retried.
         """
         row = self.current.get(uri)
         if row is None:
@@ -100,7 +119,13 @@ class ResumeState:
             return False
         if size is not None and row.size is not None and size != row.size:
             return False
-        return mtime is None or mtime <= row.processed_at
+        if mtime is not None and row.mtime_us is not None:
+            if mtime_micros(mtime) != row.mtime_us:
+                return False
+            if size is not None and row.size is not None:
+                return True
+        # In doubt: hash the bytes.
+        return digest is not None and row.image_id is not None and digest() == row.image_id
 
 
 class OutputStore:
@@ -192,21 +217,31 @@ class OutputStore:
         tables = []
         for path in files:
             state.run = self._check_file(path, run)
-            table = pq.read_table(path, columns=_STATE_COLUMNS, filesystem=self.fs)
+            table = self._read_state_columns(path)
             keys = row_rule.key_table(table["uri"], table["processed_at"], ranks[path])
-            tables.append(keys.append_column("status", table["status"]).append_column("error_kind", table["error_kind"])
-                          .append_column("bytes", table["bytes"]))
+            for name in ("status", "error_kind", "image_id", "bytes", "source_mtime"):
+                keys = keys.append_column(name, table[name])
+            tables.append(keys)
         if not tables:
             return state
         current = row_rule.newest_rows(pa.concat_tables(tables))
         seconds = current["processed_at"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy() / 1e6
-        for uri, status, kind, size, when in zip(
+        mtimes = current["source_mtime"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
+        for uri, status, kind, image_id, size, when, mtime_us in zip(
             current["uri"].to_pylist(), current["status"].to_pylist(), current["error_kind"].to_pylist(),
-            current["bytes"].to_pylist(), seconds.tolist(),
+            current["image_id"].to_pylist(), current["bytes"].to_pylist(), seconds.tolist(), mtimes,
         ):
             ok = status == STATUS_OK
-            state.current[uri] = RowState(ok, not ok and kind in PERMANENT_ERROR_KINDS, size, when)
+            state.current[uri] = RowState(ok, not ok and kind in PERMANENT_ERROR_KINDS, size, when, mtime_us, image_id)
         return state
+
+    def _read_state_columns(self, path: str) -> pa.Table:
+        """The resume columns of one file, as current-version rows (source_mtime null where the file predates it)."""
+        with self.fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            table = parquet.read(columns=[name for name in _STATE_COLUMNS if name in names])
+        return upgrade_table(table)
 
     def _check_file(self, path: str, run: RunMetadata) -> RunMetadata:
         try:

@@ -23,7 +23,9 @@ from pipeline.storage import SourceError, explain, is_local, local_path, open_fi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SourceError", "SourceItem", "is_local", "list_images", "local_path", "read_bytes", "stored_uri"]
+__all__ = [
+    "SourceError", "SourceItem", "is_local", "list_images", "local_path", "mtime_micros", "read_bytes", "stored_uri",
+]
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,15 @@ class SourceItem:
     uri: str
     size: int | None
     # Seconds since the epoch, when the listing has it (local files, S3, GCS);
-    # resume retries a file modified after its row was written. Not part of
-    # equality: two listings of the same files are the same listing.
+    # rows record it (source_mtime) and resume redoes a file whose size or
+    # mtime differs from its row's. Not part of equality: two listings of the
+    # same files are the same listing.
     mtime: float | None = field(default=None, compare=False)
+
+
+def mtime_micros(mtime: float | None) -> int | None:
+    """A listed mtime (epoch seconds) as whole microseconds: how ``source_mtime`` stores it and resume compares it."""
+    return None if mtime is None else round(mtime * 1_000_000)
 
 
 def stored_uri(uri: str) -> str:

@@ -1,15 +1,15 @@
 """The Parquet contract between the captioning job and every reader.
 
 Writers build their Arrow schema with :func:`output_schema` (the current
-version, v2). Readers call :func:`check_schema` before trusting a file (it
-accepts every version this captioner reads: v1 and v2) and normalise what they
+version, v3). Readers call :func:`check_schema` before trusting a file (it
+accepts every version this captioner reads: v1, v2 and v3) and normalise what they
 read with :func:`upgrade_table` (Arrow) or :func:`upgrade_sql` (DuckDB). Bump
 ``SCHEMA_VERSION`` (and add a module derived from the previous one) for any
 change an older reader could misread; keep the old module as its frozen
 definition and its golden file under tests/golden/.
 """
 
-from schemas import v1, v2
+from schemas import v1, v2, v3
 from schemas.base import (
     META_PREFIX,
     STATUS_ERROR,
@@ -20,14 +20,14 @@ from schemas.base import (
 )
 from schemas.upgrade import readable, upgrade_schema, upgrade_sql, upgrade_table
 
-SCHEMA_VERSION = v2.SCHEMA_VERSION
-PROBE_TYPE = v2.PROBE_TYPE
-COLUMN_NAMES = v2.COLUMN_NAMES
-output_schema = v2.output_schema
-describe = v2.describe
+SCHEMA_VERSION = v3.SCHEMA_VERSION
+PROBE_TYPE = v3.PROBE_TYPE
+COLUMN_NAMES = v3.COLUMN_NAMES
+output_schema = v3.output_schema
+describe = v3.describe
 
 # Every version a reader accepts.
-VERSIONS = {v1.SCHEMA_VERSION: v1.V1, v2.SCHEMA_VERSION: v2.V2}
+VERSIONS = {v1.SCHEMA_VERSION: v1.V1, v2.SCHEMA_VERSION: v2.V2, v3.SCHEMA_VERSION: v3.V3}
 
 
 def check_schema(schema, *, where: str = "file") -> RunMetadata:

@@ -12,15 +12,20 @@ from __future__ import annotations
 import pyarrow as pa
 
 from schemas.base import SchemaMismatch, read_metadata
-from schemas import v2
+from schemas import v2, v3
 
-_CURRENT = v2.SCHEMA
+_CURRENT = v3.SCHEMA
 # Version N -> the module of version N+1, which declares what it added to N
 # (NEW_PROBE_FIELDS, NEW_COLUMNS) and its table (SCHEMA).
-_STEPS = {1: v2}
+_STEPS = {1: v2, 2: v3}
 
 # DuckDB spellings of the Arrow types an upgrade fills with nulls.
-_DUCKDB_TYPES = {pa.float32(): "FLOAT", pa.bool_(): "BOOLEAN", pa.string(): "VARCHAR"}
+_DUCKDB_TYPES = {
+    pa.float32(): "FLOAT",
+    pa.bool_(): "BOOLEAN",
+    pa.string(): "VARCHAR",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+}
 
 
 def _version_of(schema: pa.Schema, where: str) -> int:
@@ -106,16 +111,19 @@ def upgrade_sql(version: int) -> dict[str, str]:
         return {}
     if version not in _STEPS:
         raise SchemaMismatch(f"schema version {version}; this captioner reads {readable()}")
-    # One step today (v1 -> v2). A v3 would compose: v1's expressions, then v2's on top.
-    step = _STEPS[version]
-    assert step.SCHEMA is _CURRENT, "compose upgrade_sql steps when a version after v2 exists"
-    out = {}
-    for columns in step.NEW_COLUMNS.values():
-        for name, typ, _, _ in columns:
-            out[name] = f"CAST(NULL AS {_DUCKDB_TYPES[typ]})"
-    kept = [f.name for f in step.SCHEMA.probe_type if f not in step.NEW_PROBE_FIELDS]
-    packed = [f"{name} := p.{name}" for name in kept] + [
-        f"{f.name} := CAST(NULL AS {_DUCKDB_TYPES[f.type]})" for f in step.NEW_PROBE_FIELDS
-    ]
-    out["probes"] = f"list_transform(probes, lambda p: struct_pack({', '.join(packed)}))"
+    # Compose the steps from ``version`` up: every column and probe field they add is null.
+    columns, probe_fields = [], []
+    while version != _CURRENT.version:
+        step = _STEPS[version]
+        for added in step.NEW_COLUMNS.values():
+            columns.extend(added)
+        probe_fields.extend(step.NEW_PROBE_FIELDS)
+        version = step.SCHEMA_VERSION
+    out = {name: f"CAST(NULL AS {_DUCKDB_TYPES[typ]})" for name, typ, _, _ in columns}
+    if probe_fields:
+        kept = [f.name for f in _CURRENT.probe_type if f not in probe_fields]
+        packed = [f"{name} := p.{name}" for name in kept] + [
+            f"{f.name} := CAST(NULL AS {_DUCKDB_TYPES[f.type]})" for f in probe_fields
+        ]
+        out["probes"] = f"list_transform(probes, lambda p: struct_pack({', '.join(packed)}))"
     return out

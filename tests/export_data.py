@@ -1,6 +1,6 @@
 """A small photo library with known, realistic captions, for the export tests.
 
-Real image files (JPEG and PNG, in nested folders) and a schema-v1 Parquet
+Real image files (JPEG and PNG, in nested folders) and a captioner Parquet
 written exactly as the pipeline writes it (tests/search_data.py rows), with
 Moondream-style captions, so the alt-text rules and the filters have
 something real to work on. ``write_library(root, base_uri)`` puts the

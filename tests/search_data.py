@@ -1,7 +1,7 @@
 """Crafted captioner Parquet for the search tests: known captions, probe answers, vectors.
 
-Rows are written with schemas.output_schema + RunMetadata exactly as the
-pipeline writes them, so the index sees real schema-v1 files.
+Rows are built by tests/rows.py (the current schema, through
+schemas.output_schema + RunMetadata) as the pipeline writes them.
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.probes import answer_as_bool, probe_set_hash
-from schemas import RunMetadata, output_schema
-from tests import search_doubles
+from schemas import RunMetadata
+from tests import rows, search_doubles
 
 PERSON = "Is there a person?"
 CAR = "What color is the car?"
@@ -49,29 +47,11 @@ def run_metadata(embed_model=search_doubles.SPEC, revision=search_doubles.REVISI
 
 def ok_row(uri, caption, answers, embedding, *, run: RunMetadata, at=T0) -> dict:
     vec = None if embedding is None else (np.asarray(embedding, np.float32) / np.linalg.norm(embedding)).tolist()
-    return {
-        "schema_version": 1,
-        "image_id": f"{abs(hash(uri)):064x}"[:64],
-        "uri": uri,
-        "bytes": 1000,
-        "format": "JPEG",
-        "width": 640,
-        "height": 480,
-        "status": "ok",
-        "error_kind": None,
-        "error": None,
-        "caption": caption,
-        "probes": [
-            {"question": q, "answer": a, "answer_bool": answer_as_bool(q, a)} for q, a in zip(run.probes, answers)
-        ],
-        "embedding": vec,
-        "caption_model": run.caption_model,
-        "caption_revision": run.caption_revision,
-        "embed_model": run.embed_model,
-        "embed_revision": run.embed_revision,
-        "probe_set_hash": run.probe_set_hash,
-        "processed_at": at,
-    }
+    return rows.row(
+        uri, run=run, at=at, image_id=f"{abs(hash(uri)):064x}"[:64], bytes=1000, format="JPEG", width=640, height=480,
+        caption=caption, embedding=vec,
+        probes=[{"question": q, "answer": a, "answer_bool": answer_as_bool(q, a)} for q, a in zip(run.probes, answers)],
+    )  # fmt: skip
 
 
 def error_row(uri, *, run: RunMetadata, at=T0) -> dict:
@@ -80,9 +60,8 @@ def error_row(uri, *, run: RunMetadata, at=T0) -> dict:
     return row
 
 
-def write_rows(path, rows: list[dict], run: RunMetadata) -> None:
-    schema = output_schema(run.embedding_dim, run)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+def write_rows(path, written: list[dict], run: RunMetadata) -> None:
+    rows.write(path, written, run)
 
 
 def crafted_rows(run=None, at=T0) -> list[dict]:

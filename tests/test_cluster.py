@@ -21,7 +21,7 @@ import pytest
 from schemas import STATUS_OK, check_schema
 from tests.fixtures.images import make_jpegs
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.subprocess]
 
 
 def _free_port() -> int:

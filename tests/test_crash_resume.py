@@ -20,9 +20,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.models import registry
 from pipeline.sources import list_images
@@ -31,12 +29,13 @@ from tests.fixtures.ray import own_ray
 from schemas import STATUS_ERROR, STATUS_OK
 from tests import fault_doubles
 from tests.fixtures.images import make_jpegs
+from tests.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def fault_ray(tmp_path_factory):
+def fault_ray(tmp_path_factory, starts_ray):
     """A module Ray whose workers register the fault-injection backends; yields their fault folder."""
     import ray
 
@@ -58,12 +57,6 @@ def fault_ray(tmp_path_factory):
 
 def _pythonpath() -> str:
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-
-
-def run_cli(*args, expect_exit=0):
-    result = CliRunner().invoke(main, ["run", *map(str, args), "--no-progress"])
-    assert result.exit_code == expect_exit, (result.output, result.exception)
-    return result
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -205,6 +198,7 @@ def _reap(processes: list[psutil.Process], timeout_s: float = 90) -> list[str]:
     return stray
 
 
+@pytest.mark.subprocess
 def test_killed_driver_then_rerun_gives_every_image_exactly_once(fault_ray, tmp_path, tiny_clip_dir):
     src = tmp_path / "photos"
     images = make_jpegs(src, 200)

@@ -13,7 +13,8 @@ from PIL import Image, ImageFile
 
 from pipeline import decode
 from pipeline.config import DecodeConfig
-from pipeline.decode import ERROR_KINDS, decode_bytes, load_image
+from pipeline.decode import decode_bytes, load_image
+from schemas.errors import ERROR_KINDS
 from pipeline.sources import list_images
 from tests.fixtures.images import (
     CORPUS_EXPECTED,
@@ -365,19 +366,6 @@ def test_minimized_heif_and_avif_are_unsupported_images_not_videos(data):
     result = decode_bytes("new.heic", data, CONFIG)
     assert result.error_kind == "unsupported_format", result.error
     assert "video" not in result.error and "HEIF" in result.error
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """Joins the session's Ray when one runs (tests/fixtures/ray.py); else starts one for this module."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_run_records_turned_near_square_size_and_mif3_as_unsupported(ray_local, tmp_path, tiny_clip_dir):

@@ -152,6 +152,7 @@ def test_unreachable_ray_cluster_fails_in_seconds(photos, tmp_path, address, emb
     assert f"cannot reach the Ray cluster at {address}" in output and "drop --address" in output
 
 
+@pytest.mark.subprocess
 def test_unreachable_ray_cluster_from_a_real_process(photos, tmp_path, embed_only):
     # The real console script: exit status 1 and one error line, no traceback, no hang.
     command = [sys.executable, "-m", "pipeline.cli", "run", str(photos), "--out", str(tmp_path / "c.parquet")]

@@ -16,29 +16,21 @@ import datasets
 import pycocotools.coco as coco_module
 import pyexiv2
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.export.alt_text import alt_text
 from tests.fixtures.images import make_jpegs
+from tests.cli import cli
 
 
 PROBES = ["Is there a person in the image?", "What is the main object in the image?"]
 X = 'lang="x-default"'
 
 
-def cli(*args, exit_code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == exit_code, (result.output, result.exception)
-    return result
-
-
 @pytest.fixture(scope="module")
-def captioned(tmp_path_factory, tiny_vlm_dir):
-    """(photos folder, captions.parquet, index.duckdb, ok rows by uri) from the real pipeline."""
-    import ray
-
+def captioned(tmp_path_factory, tiny_vlm_dir, ray_module):
+    """(photos folder, captions.parquet, index.duckdb, ok rows by uri) from the real pipeline (the shared Ray)."""
     base = tmp_path_factory.mktemp("export_e2e")
     photos = base / "photos"
     make_jpegs(photos, 2, size=(64, 48))
@@ -47,12 +39,8 @@ def captioned(tmp_path_factory, tiny_vlm_dir):
     probes = base / "probes.yaml"
     probes.write_text("\n".join(f"- {q}" for q in PROBES))
     parquet, index = base / "out" / "captions.parquet", base / "out" / "index.duckdb"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        # No embedder: no export reads embeddings, and one model actor fewer keeps the module fast.
-        cli("run", photos, "--out", parquet, "--caption-model", tiny_vlm_dir, "--no-embed", "--probes", probes, "--no-progress")
-    finally:
-        ray.shutdown()
+    # No embedder: no export reads embeddings, and one model actor fewer keeps the module fast.
+    cli("run", photos, "--out", parquet, "--caption-model", tiny_vlm_dir, "--no-embed", "--probes", probes, "--no-progress")
     cli("index", parquet, "--db", index)
     import pyarrow.parquet as pq
 

@@ -12,20 +12,17 @@ from pathlib import Path
 
 import pyexiv2
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from pipeline.export.alt_text import alt_text
 from pipeline.search import build_index
 from tests.export_data import GENERATOR, LIBRARY, PERSON, PROBES, write_library
 from tests.search_data import later, ok_row, run_metadata, write_rows
+from tests.cli import cli
 
 
 
 def export(*args, exit_code=0):
-    result = CliRunner().invoke(main, ["export", *map(str, args)])
-    assert result.exit_code == exit_code, (result.output, result.exception)
-    return result
+    return cli("export", *args, exit_code=exit_code)
 
 
 @pytest.fixture(scope="module")

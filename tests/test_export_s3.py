@@ -11,19 +11,16 @@ import json
 import datasets
 import pyexiv2
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from tests.export_data import LIBRARY, PROBES, library_files, library_rows
 from tests.search_data import run_metadata, write_rows
+from tests.cli import cli
 
 X = 'lang="x-default"'
 
 
 def export(bucket, *args, exit_code=0):
-    result = CliRunner().invoke(main, ["export", *map(str, args), *bucket.cli_options])
-    assert result.exit_code == exit_code, (result.output, result.exception)
-    return result
+    return cli("export", *args, *bucket.cli_options, exit_code=exit_code)
 
 
 @pytest.fixture

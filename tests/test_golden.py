@@ -30,6 +30,7 @@ GOLDEN_DIR = Path(__file__).with_name("golden")
 GOLDEN = {
     "v1.parquet": ("2c9252a26489b1f073daaf75daf6871c050b100c0c4483396bf7bce577add707", 5, 4, ("kettle", "/photos/kitchen.jpg")),
     "v2.parquet": ("6f08bb88bac78e908038e2fe44cdc4cb0cc606a5acbac87a58ae3ca6927ed16e", 5, 4, ("bakery", "/photos/shopfront.png")),
+    "v3.parquet": ("19e0231949680af011ce19d381a93b68bd7fdf73f8afa20c3c7fe184d794711d", 5, 4, ("harbour", "/photos/harbour.png")),
 }
 
 
@@ -58,10 +59,23 @@ def test_golden_file_resumes_as_an_existing_output(golden, tmp_path):
     state = store.load_state(run, overwrite=False)
     assert state.rows == rows and state.errors == rows - ok
     table = pq.read_table(out)
-    for uri, size in zip(table["uri"].to_pylist(), table["bytes"].to_pylist()):
-        assert state.is_done(uri, size)  # ok rows, and the not_image row: a permanent failure
+    recorded = table["source_mtime"].to_pylist() if "source_mtime" in table.column_names else [None] * rows
+    for uri, size, image_id, mtime in zip(
+        table["uri"].to_pylist(), table["bytes"].to_pylist(), table["image_id"].to_pylist(), recorded
+    ):
+        # ok rows, and the error row: a permanent failure. Done while the file is the one the row was made from:
+        # the same size and recorded mtime, or (no mtime recorded, as in every v1/v2 row) the same bytes.
+        listed = mtime.timestamp() if mtime else 1.6e9
+        if mtime is not None:
+            assert state.is_done(uri, size, listed, digest=lambda: pytest.fail("size and mtime tell; no hash"))
+            assert not state.is_done(uri, size, listed - 86400)  # an older mtime: new bytes may be there
+        else:
+            assert not state.is_done(uri, size, listed)  # cannot tell without the bytes
+            assert state.is_done(uri, size, listed, digest=lambda: image_id)
+            assert not state.is_done(uri, size, listed, digest=lambda: "0" * 64)
     errors = table.filter(pc.equal(table["status"], "error"))
-    assert not state.is_done(errors["uri"][0].as_py(), errors["bytes"][0].as_py(), retry_errors=True)
+    assert not state.is_done(errors["uri"][0].as_py(), errors["bytes"][0].as_py(), retry_errors=True,
+                             digest=lambda: errors["image_id"][0].as_py())
 
     # A rerun (written as today's schema) that adds one image merges with the old file into one current-version file.
     store.write_part(make_rows(["/photos/new.jpg"], run=run, at=table["processed_at"][0].as_py() + timedelta(days=1)))
@@ -74,6 +88,7 @@ def test_golden_file_resumes_as_an_existing_output(golden, tmp_path):
         if row["uri"] in old:  # the old rows, unchanged apart from the fields their version lacks (null)
             expected = {**old[row["uri"]]}
             expected.setdefault("caption_truncated", None)
+            expected.setdefault("source_mtime", None)
             for probe in expected["probes"] or ():
                 probe.setdefault("yes_prob", None)
                 probe.setdefault("truncated", None)
@@ -102,7 +117,7 @@ def _search(db, *args) -> list[str]:
 def test_v1_and_v2_files_index_together_and_answer_searches(tmp_path):
     sources = tmp_path / "outputs"
     sources.mkdir()
-    for name in GOLDEN:
+    for name in ("v1.parquet", "v2.parquet"):
         shutil.copy(GOLDEN_DIR / name, sources / name)
     db = tmp_path / "index.duckdb"
     # The golden files were asked different probe sets (v2's adds a question),
@@ -130,3 +145,29 @@ def test_v1_and_v2_files_index_together_and_answer_searches(tmp_path):
     result = CliRunner().invoke(main, ["sql", sql, "--index", str(db), "--json"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert [r["uri"] for r in json.loads(result.output)] == ["/photos/poster.png"]
+
+
+def _sql(db, sql) -> list[dict]:
+    result = CliRunner().invoke(main, ["sql", sql, "--index", str(db), "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.output)
+
+
+def test_every_version_indexes_together_and_v3_keeps_its_source_mtime(tmp_path):
+    sources = tmp_path / "outputs"
+    sources.mkdir()
+    for name in GOLDEN:
+        shutil.copy(GOLDEN_DIR / name, sources / name)
+    db = tmp_path / "index.duckdb"
+    result = CliRunner().invoke(main, ["index", str(sources), "--db", str(db)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "15 rows, 12 searchable (status ok), 12 with embeddings" in result.output
+    assert _search(db, "harbour", "--mode", "text")[0] == "/photos/harbour.png"  # a v3 row
+    assert _search(db, "kettle", "--mode", "text")[0] == "/photos/kitchen.jpg"  # a v1 row beside it
+    # source_mtime is in the images view: v3's as written, null in v1/v2 rows (unknown) and where v3 had none.
+    dated = _sql(db, "SELECT uri, epoch_ms(source_mtime) AS ms FROM images WHERE source_mtime IS NOT NULL ORDER BY uri")
+    assert [(r["uri"], r["ms"]) for r in dated] == [
+        ("/photos/half.png", 1763627405000), ("/photos/harbour.png", 1763627401250),
+        ("/photos/menu.png", 1763627403750), ("/photos/terrier.png", 1763627402500),
+    ]  # fmt: skip
+    assert _sql(db, "SELECT count(*) AS n FROM images WHERE source_mtime IS NULL")[0]["n"] == 11

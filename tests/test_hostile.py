@@ -125,7 +125,7 @@ def test_20000_files_list_sorted_and_schedule_as_few_small_blocks(tmp_path):
     blocks = ray_plan.input_blocks(items, batch_size=16)
     assert len(blocks) == 1250 and {b.num_rows for b in blocks} == {16}
     # The driver schedules names and sizes, never pixels: a few dozen bytes a file.
-    assert set(blocks[0].column_names) == {"uri", "location", "size"}
+    assert set(blocks[0].column_names) == {"uri", "location", "size", "source_mtime"}
     assert sum(b.nbytes for b in blocks) < 200 * len(items)
     assert [u for b in blocks for u in b["uri"].to_pylist()] == [item.uri for item in items]
 

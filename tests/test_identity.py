@@ -107,7 +107,7 @@ def test_local_directory_identity_survives_moving_and_copying(tmp_path, tiny_cli
 
 
 def test_local_directories_with_other_weights_differ(tmp_path, tiny_clip_dir):
-    from pipeline.models.tiny import build_tiny_open_clip
+    from examples.tiny_models import build_tiny_open_clip
 
     other = build_tiny_open_clip(tmp_path / "other", seed=1)
     assert model_identity(str(other), "embed").revision != model_identity(str(tiny_clip_dir), "embed").revision

@@ -102,7 +102,7 @@ def test_vlm_caption_prompt_follows_length(tiny_vlm_dir):
 def test_tiny_models_are_deterministic_per_seed(tmp_path, kind):
     from safetensors.numpy import load_file
 
-    from pipeline.models import tiny
+    from examples import tiny_models as tiny
 
     build, weights = {
         "vlm": (tiny.build_tiny_vlm, "model.safetensors"),
@@ -125,7 +125,7 @@ def clip(tiny_clip_dir):
 
 
 def test_clip_image_and_text_embeddings(clip, tiny_clip_dir):
-    from pipeline.models.tiny import TINY_CLIP_DIM
+    from examples.tiny_models import TINY_CLIP_DIM
 
     images = _images(5)
     x = clip.embed_images(images + [images[0]])
@@ -151,7 +151,7 @@ def test_clip_named_architecture_with_local_checkpoint(tiny_clip_dir, monkeypatc
     # user's fine-tuned checkpoint of a built-in architecture would be loaded.
     import open_clip
 
-    from pipeline.models.tiny import tiny_open_clip_config
+    from examples.tiny_models import tiny_open_clip_config
 
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-test", tiny_open_clip_config())
     ckpt = tiny_clip_dir / "open_clip_model.safetensors"
@@ -201,6 +201,7 @@ def test_moondream_directory_resolves_to_moondream_backend(tmp_path):
 # and tests/test_moondream_backend.py (default spec through an offline HF cache, local directories).
 
 
+@pytest.mark.subprocess
 def test_offline_empty_cache_errors_name_the_flag(tmp_path):
     # The hub reads HF_HUB_OFFLINE/HF_HOME at import time, so a fresh process
     # is the only faithful way to start from an empty cache.

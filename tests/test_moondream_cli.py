@@ -17,12 +17,15 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.models.moondream.hub import MOONDREAM_REPO, MOONDREAM_REVISION
 from schemas import STATUS_ERROR, STATUS_OK, check_schema
 from tests.fixtures.images import make_jpegs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "moondream"
+pytestmark = pytest.mark.subprocess  # every test runs the installed captioner command
+
 CAPTIONER = os.path.join(os.path.dirname(sys.executable), "captioner")
 PROBES = ["Is there text in the image?", "What colour is the sky?"]
 

@@ -1,7 +1,7 @@
 """pipeline.output and pipeline.rows without Ray: the part writer, resume state, the merges.
 
-Rows are built here exactly as the stages emit them (schema v1 with run
-metadata); the store is the real one, on a local folder or fsspec's memory
+Rows are built here as the stages emit them (the current schema with run
+metadata, through tests/rows.py); the store is the real one, on a local folder or fsspec's memory
 filesystem standing in for a bucket (no rename; whole-object writes).
 """
 
@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from pipeline import rows as row_rule
 from pipeline.cli import main
 from pipeline.output import OutputStore, PartWriter
+from tests import rows
 from schemas import STATUS_ERROR, STATUS_OK, RunMetadata, check_schema, output_schema
 
 DIM = 8
@@ -30,44 +31,32 @@ RUN = RunMetadata(
     embedding_dim=DIM, probe_set_hash="0" * 64, probes=(),
 )
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+# The source mtime rows record by default (epoch seconds, as listed): a day before T0.
+MTIME = (T0 - timedelta(days=1)).timestamp()
 
 
-def make_rows(uris, *, at=T0, status=STATUS_OK, error_kind=None, size=100, run=RUN, caption="a photo", seed=0) -> pa.Table:
-    """Rows as conform emits them: one per uri, all with the given status."""
+def make_rows(
+    uris, *, at=T0, status=STATUS_OK, error_kind=None, size=100, run=RUN, caption="a photo", seed=0, mtime=MTIME
+) -> pa.Table:
+    """Rows as conform emits them: one per uri, all with the given status; ``mtime``: the source_mtime recorded."""
     count = len(uris)
     ok = status == STATUS_OK
     rng = np.random.default_rng(seed)
     embeddings = rng.standard_normal((count, run.embedding_dim or 1)).astype(np.float32) if ok else None
-    schema = output_schema(run.embedding_dim, run)
-    columns = {
-        "schema_version": [1] * count,
-        "image_id": [f"{hash(u) & 0xFFFFFFFF:064x}" for u in uris],
-        "uri": list(uris),
-        "bytes": [size] * count,
-        "format": ["JPEG" if ok else None] * count,
-        "width": [64 if ok else None] * count,
-        "height": [48 if ok else None] * count,
-        "status": [status] * count,
-        "error_kind": [None if ok else error_kind] * count,
-        "error": [None if ok else f"{error_kind}: test"] * count,
-        "caption": [caption if ok and run.caption_model else None] * count,
-        "caption_truncated": [None] * count,
-        "probes": [[] if ok and run.caption_model else None] * count,
-        "embedding": None,
-        "caption_model": [run.caption_model] * count,
-        "caption_revision": [run.caption_revision] * count,
-        "embed_model": [run.embed_model] * count,
-        "embed_revision": [run.embed_revision] * count,
-        "probe_set_hash": [run.probe_set_hash] * count,
-        "processed_at": [at] * count,
-    }
-    arrays = {f.name: pa.array(columns[f.name], f.type) for f in schema if f.name != "embedding"}
-    embedding_type = schema.field("embedding").type
-    if ok and run.embed_model:
-        arrays["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()), run.embedding_dim)
-    else:
-        arrays["embedding"] = pa.nulls(count, embedding_type)
-    return pa.table([arrays[f.name] for f in schema], schema=schema)
+    made = [
+        rows.row(
+            uri, run=run, at=at, status=status,
+            image_id=f"{hash(uri) & 0xFFFFFFFF:064x}", bytes=size,
+            source_mtime=None if mtime is None else datetime.fromtimestamp(mtime, timezone.utc),
+            format="JPEG" if ok else None, width=64 if ok else None, height=48 if ok else None,
+            error_kind=None if ok else error_kind, error=None if ok else f"{error_kind}: test",
+            caption=caption if ok and run.caption_model else None,
+            probes=[] if ok and run.caption_model else None,
+            embedding=embeddings[i].tolist() if ok and run.embed_model else None,
+        )
+        for i, uri in enumerate(uris)
+    ]  # fmt: skip
+    return rows.table(made, run)
 
 
 def uris(n, prefix="/photos/img"):
@@ -143,23 +132,45 @@ def mixed_output(tmp_path):
 
 def test_resume_skips_permanent_failures_and_retries_the_rest(mixed_output):
     state = mixed_output.load_state(RUN, overwrite=False)
-    done = {u for u in state.current if state.is_done(u, 100)}
+    done = {u for u in state.current if state.is_done(u, 100, MTIME)}
     assert done == {"/p/ok.jpg", "/p/fixed.jpg", "/p/not_image.jpg", "/p/truncated.jpg"}
     assert state.rows == 8 and state.errors == 6
-    with_retry = {u for u in state.current if state.is_done(u, 100, retry_errors=True)}
+    with_retry = {u for u in state.current if state.is_done(u, 100, MTIME, retry_errors=True)}
     assert with_retry == {"/p/ok.jpg", "/p/fixed.jpg"}
-    assert not state.is_done("/p/never-seen.jpg", 100)
+    assert not state.is_done("/p/never-seen.jpg", 100, MTIME)
 
 
-def test_resume_retries_a_file_whose_size_or_mtime_changed(mixed_output):
+def test_resume_redoes_a_file_whose_size_or_recorded_mtime_differs(mixed_output):
     state = mixed_output.load_state(RUN, overwrite=False)
-    before = (T0 - timedelta(minutes=5)).timestamp()
-    after = (T0 + timedelta(minutes=5)).timestamp()
     for uri in ("/p/ok.jpg", "/p/not_image.jpg"):
-        assert state.is_done(uri, 100, before)
-        assert not state.is_done(uri, 101, before)  # size changed
-        assert not state.is_done(uri, 100, after)  # modified after its row was written
-        assert state.is_done(uri, None, None)  # a listing without size or time: trust the row
+        assert state.is_done(uri, 100, MTIME)
+        assert not state.is_done(uri, 101, MTIME)  # size changed
+        assert not state.is_done(uri, 100, MTIME + 3600)  # modified since
+        # New bytes with an older mtime (cp -p, rsync -a, a backup restore): not the file the row was made from.
+        assert not state.is_done(uri, 100, MTIME - 86400)
+        assert not state.is_done(uri, 100, MTIME + 1e-6)  # the mtime is compared to the microsecond
+
+
+def test_resume_hashes_when_size_and_mtime_cannot_tell(mixed_output, tmp_path):
+    state = mixed_output.load_state(RUN, overwrite=False)
+    image_id = state.current["/p/ok.jpg"].image_id
+    assert image_id
+    # A listing without size or mtime: the bytes decide, and without them the file is redone.
+    assert not state.is_done("/p/ok.jpg", None, None)
+    assert state.is_done("/p/ok.jpg", None, None, digest=lambda: image_id)
+    assert not state.is_done("/p/ok.jpg", 100, None, digest=lambda: "f" * 64)
+    assert not state.is_done("/p/ok.jpg", 100, None, digest=lambda: None)  # unreadable now
+
+    # Rows written before schema v3 recorded no mtime (upgraded: source_mtime null).
+    store = OutputStore(str(tmp_path / "old.parquet"))
+    store.write_part(make_rows(["/p/a.jpg"], mtime=None))
+    state = store.load_state(RUN, overwrite=False)
+    a = state.current["/p/a.jpg"]
+    assert a.mtime_us is None
+    assert not state.is_done("/p/a.jpg", 100, MTIME)  # cannot tell: redone unless hashed
+    assert state.is_done("/p/a.jpg", 100, MTIME, digest=lambda: a.image_id)
+    assert not state.is_done("/p/a.jpg", 100, MTIME, digest=lambda: "0" * 64)
+    assert not state.is_done("/p/a.jpg", 101, MTIME, digest=lambda: a.image_id)  # a size change needs no hash
 
 
 # ---- single-file merge: streamed ------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -14,6 +16,7 @@ from pipeline.cli import main
 from pipeline.models.identity import model_identity
 from schemas import STATUS_ERROR, STATUS_OK, check_schema
 from tests.fixtures.images import make_jpegs
+from tests.cli import run_cli
 
 PROBES = ["Is there text in the image?", "What colour is the sky?"]
 
@@ -35,12 +38,6 @@ def probes_file(tmp_path):
     path = tmp_path / "probes.yaml"
     path.write_text("\n".join(f"- {q}" for q in PROBES))
     return path
-
-
-def run_cli(*args, expect_exit=0):
-    result = CliRunner().invoke(main, ["run", *map(str, args), "--no-progress"])
-    assert result.exit_code == expect_exit, (result.output, result.exception)
-    return result
 
 
 def model_args(tiny_vlm_dir, tiny_clip_dir, probes_file):
@@ -107,6 +104,39 @@ def test_rerun_skips_done_and_retries_a_fixed_file(ray_local, photos, tmp_path, 
     assert fixed["status"] == STATUS_OK and fixed["caption"] and fixed["embedding"] is None
     assert "9 already done, 0 to process" in run_cli(photos, *args).output  # notes.jpg is still not an image
     assert "8 already done, 1 to process" in run_cli(photos, *args, "--retry-errors").output
+
+
+def test_rerun_redoes_a_file_replaced_by_same_size_bytes_with_an_older_mtime(
+    ray_local, photos, tmp_path, tiny_vlm_dir, tiny_clip_dir, probes_file
+):
+    # cp -p, rsync -a, a backup restore: new bytes, same size, an mtime from the past.
+    out = tmp_path / "captions.parquet"
+    args = ["--out", out, *model_args(tiny_vlm_dir, tiny_clip_dir, probes_file), "--no-embed"]
+    run_cli(photos, *args)
+    _, first = read_rows(out)
+    target, other = [p for p in sorted(photos.glob("*.jpg")) if p.name not in ("broken.jpg", "notes.jpg")][:2]
+    before = next(r for r in first if r["uri"] == str(target))
+    assert before["status"] == STATUS_OK
+
+    data, replacement = target.read_bytes(), other.read_bytes()
+    # Same length as the old file: the other photo's bytes, cut or padded after its end marker.
+    same_size = (replacement + b"\0" * len(data))[: len(data)] if len(replacement) <= len(data) else None
+    if same_size is None:  # the other photo is larger: keep the old bytes and flip one in the entropy data
+        same_size = data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1 :]
+    assert len(same_size) == len(data) and same_size != data
+    target.write_bytes(same_size)
+    old = 1577836800  # 2020-01-01, long before the first run
+    os.utime(target, (old, old))
+
+    again = run_cli(photos, *args)
+    assert "8 already done, 1 to process" in again.output
+    _, second = read_rows(out)
+    after = next(r for r in second if r["uri"] == str(target))
+    assert after["image_id"] == hashlib.sha256(same_size).hexdigest() != before["image_id"]
+    assert after["processed_at"] > before["processed_at"]
+    assert after["source_mtime"].timestamp() == old
+    # And the row now on record is the file as it is: the next rerun skips it.
+    assert "9 already done, 0 to process" in run_cli(photos, *args).output
 
 
 def test_directory_output_commits_parts_and_never_duplicates(ray_local, photos, tmp_path, tiny_clip_dir):

@@ -30,6 +30,7 @@ def _env(**extra):
     return env
 
 
+@pytest.mark.subprocess
 def test_a_clean_run_prints_the_bar_and_the_summary_only(tmp_path, tiny_vlm_dir, tiny_clip_dir):
     make_jpegs(tmp_path / "photos", 6)
     done = subprocess.run(
@@ -61,6 +62,7 @@ def test_the_bar_names_what_the_run_does(caption, probes, embed, label):
     assert _progress_label(config) == label
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_keeps_committed_rows_and_says_how_to_resume(tmp_path, tiny_vlm_dir, tiny_clip_dir):
     make_jpegs(tmp_path / "photos", 150)
     config = tmp_path / "run.yaml"

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from schemas import STATUS_ERROR, STATUS_OK, check_schema
+from tests.cli import run_cli
 
 
 def _png(seed: int, size=(24, 20)) -> bytes:
@@ -36,12 +37,6 @@ def mixed_folder(root, count: int, bad_every: int):
             bad.add(f"img_{i:04d}.png")
         (root / f"img_{i:04d}.png").write_bytes(data)
     return bad
-
-
-def run_cli(*args, expect_exit=0):
-    result = CliRunner().invoke(main, ["run", *map(str, args), "--no-progress"])
-    assert result.exit_code == expect_exit, (result.output, result.exception)
-    return result
 
 
 def check_one_row_per_file(out, folder, bad):

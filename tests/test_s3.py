@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from pipeline.config import DecodeConfig
 from pipeline.decode import load_image
 from pipeline.sources import SourceError, SourceItem, list_images, read_bytes
@@ -24,6 +22,7 @@ from schemas import STATUS_ERROR, STATUS_OK, check_schema
 from tests.fixtures.ray import own_ray
 from tests.fixtures.images import make_jpegs
 from tests.fixtures.s3 import set_fake_aws_env
+from tests.cli import run_cli
 
 EXTS = (".jpg", ".jpeg", ".png")
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ PHOTO_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def ray_fake_aws():
+def ray_fake_aws(starts_ray):
     """One embedded Ray for the module, started with fake credentials but *no* endpoint.
 
     Decode workers inherit this environment, so they can reach the bucket only
@@ -56,12 +55,6 @@ def photos(s3_bucket, tmp_path) -> dict[str, bytes]:
     for key, data in objects.items():
         s3_bucket.put(key, data)
     return objects
-
-
-def run_cli(*args, expect_exit=0):
-    result = CliRunner().invoke(main, ["run", *map(str, args), "--no-progress"])
-    assert result.exit_code == expect_exit, (result.output, result.exception)
-    return result
 
 
 def read_bucket_table(bucket, key):
@@ -154,6 +147,7 @@ def test_missing_output_bucket_is_refused_not_created(s3_bucket, photos, tiny_cl
 # ---- whole runs ----------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_bucket_to_bucket_round_trip_resumed_by_another_process(ray_fake_aws, s3_bucket, photos, tmp_path, tiny_clip_dir):
     """Parts in the bucket, an archived object as an error row, then resume: first by a separate
     `captioner run` process configured only through AWS_* variables, then here again."""

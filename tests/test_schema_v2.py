@@ -35,8 +35,8 @@ def v1_table() -> pa.Table:
 
 
 def test_v2_is_v1_plus_the_new_fields():
-    v1, v2 = schemas.v1.output_schema(4), output_schema(4)
-    assert SCHEMA_VERSION == 2 and RUN.schema_version == 2
+    v1, v2 = schemas.v1.output_schema(4), schemas.v2.output_schema(4)
+    assert schemas.v2.SCHEMA_VERSION == 2
     assert v2.names == [*v1.names[: v1.names.index("caption") + 1], "caption_truncated", *v1.names[v1.names.index("caption") + 1 :]]
     assert v2.field("caption_truncated").type == pa.bool_() and v2.field("caption_truncated").nullable
     probe = v2.field("probes").type.value_type
@@ -49,31 +49,34 @@ def test_v2_is_v1_plus_the_new_fields():
 
 
 def test_output_schema_stamps_its_own_version():
-    assert read_metadata(output_schema(4, RUN)).schema_version == 2
+    assert read_metadata(output_schema(4, RUN)).schema_version == SCHEMA_VERSION == RUN.schema_version
+    assert read_metadata(schemas.v2.output_schema(4, RUN)).schema_version == 2
     assert read_metadata(schemas.v1.output_schema(4, RUN)).schema_version == 1
 
 
 def test_check_schema_accepts_v1_and_v2_and_says_which():
     assert check_schema(schemas.v1.output_schema(4, RUN)).schema_version == 1
-    assert check_schema(output_schema(4, RUN)).schema_version == 2
+    assert check_schema(schemas.v2.output_schema(4, RUN)).schema_version == 2
+    assert check_schema(output_schema(4, RUN)).schema_version == SCHEMA_VERSION
 
 
 def test_check_schema_refuses_unknown_versions_and_wrong_columns():
-    future = output_schema(4, RunMetadata(**{**RUN.__dict__, "schema_version": 3}))
-    with pytest.raises(SchemaMismatch, match="schema version 3; this captioner reads versions 1, 2"):
-        check_schema(future.with_metadata({**future.metadata, b"captioner.schema_version": b"3"}))
+    future = output_schema(4, RUN)
+    with pytest.raises(SchemaMismatch, match="schema version 99; this captioner reads versions 1, 2, 3"):
+        check_schema(future.with_metadata({**future.metadata, b"captioner.schema_version": b"99"}))
     # A v2 file that claims to be v1 (or the reverse) is a mismatch, not silently accepted.
-    lying = output_schema(4).with_metadata(schemas.v1.output_schema(4, RUN).metadata)
+    lying = schemas.v2.output_schema(4).with_metadata(schemas.v1.output_schema(4, RUN).metadata)
     with pytest.raises(SchemaMismatch, match="schema v1 expects"):
         check_schema(lying)
 
 
-def test_upgrade_table_turns_v1_rows_into_v2_rows_with_nulls():
+def test_upgrade_table_turns_v1_rows_into_current_rows_with_nulls():
     table = v1_table()
     upgraded = upgrade_table(table)
     assert upgraded.schema.equals(output_schema(4, read_metadata(upgraded.schema)), check_metadata=True)
-    assert check_schema(upgraded.schema).schema_version == 2
+    assert check_schema(upgraded.schema).schema_version == SCHEMA_VERSION
     assert upgraded["caption_truncated"].to_pylist() == [None, None, None]
+    assert upgraded["source_mtime"].to_pylist() == [None, None, None]  # v3's column, through v2
     assert upgraded["probes"].to_pylist() == [
         [{"question": "Is it red?", "answer": "yes", "answer_bool": True, "yes_prob": None, "truncated": None}, None],
         None,
@@ -81,7 +84,7 @@ def test_upgrade_table_turns_v1_rows_into_v2_rows_with_nulls():
     ]
     # The rest is untouched, including the row's own schema_version.
     for name in table.column_names:
-        if name != "probes":
+        if name != "probes":  # (columns v2 and v3 added are checked above)
             assert upgraded[name].equals(table[name])
 
 
@@ -109,7 +112,7 @@ def test_upgrade_table_needs_captioner_metadata():
 
 
 def test_describe_prints_v2():
-    text = schemas.describe(8)
+    text = schemas.v2.describe(8)
     assert text.startswith("captioner Parquet schema v2")
     assert text.index("caption_truncated") > text.index("  caption ") and "yes_prob" in text
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from pipeline.search.commands import SEARCH_COMMANDS
 from tests import search_doubles
 from tests.search_data import PERSON, crafted_rows, run_metadata, write_rows
+from tests.cli import cli
 
 search_doubles.register()
 search_doubles.TEXT_VECTORS.update({"beach": [1, 0, 0, 0]})
@@ -17,9 +18,7 @@ COMMANDS = {c.name: c for c in SEARCH_COMMANDS}
 
 
 def invoke(name, *args, exit_code=0):
-    result = CliRunner().invoke(COMMANDS[name], [str(a) for a in args])
-    assert result.exit_code == exit_code, (result.output, result.exception)
-    return result
+    return cli(*args, exit_code=exit_code, command=COMMANDS[name])
 
 
 @pytest.fixture(scope="module")

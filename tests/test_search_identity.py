@@ -14,19 +14,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from tests import search_doubles
 from tests.search_data import crafted_rows, run_metadata, write_rows
+from tests.cli import cli as invoke
 
 search_doubles.register()
-
-
-def invoke(*args, exit_code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == exit_code, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +60,12 @@ FORMS = ["name", "name@tag", "name@checkpoint", "directory"]
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(tmp_path_factory, starts_ray):
     """HF cache + hub-backed tiny architecture, visible to this process and to a Ray of this module's own."""
     import ray
     from huggingface_hub import constants
 
-    from pipeline.models.tiny import build_tiny_open_clip
+    from examples.tiny_models import build_tiny_open_clip
     from tests.fixtures.hf_cache import TINY_HUB_REPO, add_snapshot, register_tiny_hub_arch, use_hf_cache
 
     root = tmp_path_factory.mktemp("hub")
@@ -179,7 +172,7 @@ def test_a_checkpoint_and_a_directory_with_the_same_weights_differ_from_the_hub_
 
 
 def test_a_different_embedder_is_refused(indexed, hub, tmp_path):
-    from pipeline.models.tiny import build_tiny_open_clip
+    from examples.tiny_models import build_tiny_open_clip
 
     other = build_tiny_open_clip(tmp_path / "other", seed=11)
     for form in FORMS:

@@ -20,10 +20,8 @@ PROBES = ["Is there text in the image?", "What colour is the sky?"]
 
 
 @pytest.fixture(scope="module")
-def pipeline_output(tmp_path_factory, tiny_vlm_dir, tiny_clip_dir):
-    """Parquet written by the real pipeline (embedded local Ray) with the tiny models."""
-    import ray
-
+def pipeline_output(tmp_path_factory, tiny_vlm_dir, tiny_clip_dir, ray_module):
+    """Parquet written by the real pipeline (the shared local Ray) with the tiny models."""
     from pipeline.cli import main
 
     folder = tmp_path_factory.mktemp("search_e2e")
@@ -31,21 +29,13 @@ def pipeline_output(tmp_path_factory, tiny_vlm_dir, tiny_clip_dir):
     probes = folder / "probes.yaml"
     probes.write_text("\n".join(f"- {q}" for q in PROBES))
     out = folder / "captions.parquet"
-    # num_cpus is Ray's logical count: the pipeline's actors need 4 even on a 2-core box.
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        args = [
-            "run", str(folder / "photos"), "--out", str(out), "--no-progress", "--device", "cpu",
-            "--caption-model", str(tiny_vlm_dir), "--embed-model", f"open_clip:{tiny_clip_dir}",
-            "--probes", str(probes),
-        ]  # fmt: skip
-        result = CliRunner().invoke(main, args)
-        assert result.exit_code == 0, (result.output, result.exception)
-    finally:
-        if started:
-            ray.shutdown()
+    args = [
+        "run", str(folder / "photos"), "--out", str(out), "--no-progress", "--device", "cpu",
+        "--caption-model", str(tiny_vlm_dir), "--embed-model", f"open_clip:{tiny_clip_dir}",
+        "--probes", str(probes),
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (result.output, result.exception)
     return out
 
 
@@ -88,7 +78,7 @@ def test_real_embedder_from_another_model_is_refused(e2e_index, tiny_clip_dir, t
     (A copy of the same weights elsewhere is the same model: identity is by content.)
     """
     from pipeline.models import build_embedder, resolve_embedder
-    from pipeline.models.tiny import build_tiny_open_clip
+    from examples.tiny_models import build_tiny_open_clip
 
     other_dir = build_tiny_open_clip(tmp_path / "other_clip", seed=1)
     other = build_embedder(resolve_embedder(f"open_clip:{other_dir}"), "cpu")

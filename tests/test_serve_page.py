@@ -34,35 +34,29 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 EXAMPLE_PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="the page test needs Chromium and its driver: apt-get install -y chromium chromium-driver",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="the page test needs Chromium and its driver: apt-get install -y chromium chromium-driver",
+    ),
+    pytest.mark.subprocess,  # the page's server and the browser are processes of their own
+]
 
 
 @pytest.fixture(scope="module")
-def pipeline_index(tmp_path_factory, tiny_vlm_dir, tiny_clip_dir):
-    """examples/photos -> `captioner run` (tiny models, default probes) -> `captioner index`."""
-    import ray
-
+def pipeline_index(tmp_path_factory, tiny_vlm_dir, tiny_clip_dir, ray_module):
+    """examples/photos -> `captioner run` (tiny models, default probes, the shared Ray) -> `captioner index`."""
     from pipeline.cli import main
 
     folder = tmp_path_factory.mktemp("serve_page")
     shutil.copytree(EXAMPLE_PHOTOS, folder / "photos")
     out = folder / "captions.parquet"
-    started = not ray.is_initialized()
-    if started:  # num_cpus is Ray's logical count: the pipeline's actors need 4 even on a 2-core box
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        args = [
-            "run", str(folder / "photos"), "--out", str(out), "--no-progress", "--device", "cpu",
-            "--caption-model", str(tiny_vlm_dir), "--embed-model", f"open_clip:{tiny_clip_dir}",
-        ]  # fmt: skip
-        result = CliRunner().invoke(main, args)
-        assert result.exit_code == 0, (result.output, result.exception)
-    finally:
-        if started:
-            ray.shutdown()
+    args = [
+        "run", str(folder / "photos"), "--out", str(out), "--no-progress", "--device", "cpu",
+        "--caption-model", str(tiny_vlm_dir), "--embed-model", f"open_clip:{tiny_clip_dir}",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (result.output, result.exception)
     db = folder / "index.duckdb"
     result = CliRunner().invoke(main, ["index", str(out), "--db", str(db)])
     assert result.exit_code == 0, result.output

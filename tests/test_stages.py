@@ -39,16 +39,6 @@ def moondream_dir(tmp_path_factory) -> Path:
     return local_moondream_dir(tmp_path_factory.mktemp("md") / "model")
 
 
-@pytest.fixture(autouse=True)
-def torch_threads_restored():
-    """Model stages set torch's thread count for their actor; here they run in the test process."""
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     use_hf_cache(monkeypatch, tmp_path / "empty_cache")
@@ -93,6 +83,7 @@ def _listed(paths: list[Path]) -> pa.Table:
         "uri": [str(p) for p in paths],
         "location": [str(p).encode() for p in paths],
         "size": [p.stat().st_size for p in paths],
+        "source_mtime": [round(p.stat().st_mtime * 1e6) for p in paths],
     })  # fmt: skip
 
 

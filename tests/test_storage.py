@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ def photos(tmp_path):
     return folder
 
 
+@pytest.mark.subprocess
 def test_out_s3_without_s3fs_is_a_clear_error(photos, tmp_path, models):
     blocker = tmp_path / "blocker"
     blocker.mkdir()
@@ -75,6 +77,7 @@ def test_out_s3_without_s3fs_is_a_clear_error(photos, tmp_path, models):
     assert "s3://some-bucket/out/" in done.stderr
 
 
+@pytest.mark.subprocess
 def test_the_blocker_really_hides_s3fs(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.mkdir()
@@ -123,7 +126,26 @@ def test_errors_are_one_family():
         OutputStore("nosuchproto://x/y.parquet")
 
 
-def test_read_bytes_is_the_storage_one():
-    from pipeline import decode, sources
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_the_decoder_and_the_sources_read_the_same_bytes_and_fail_the_same_way(where, tmp_path):
+    """Both readers go through one storage layer: same bytes, same errors, locally and on an fsspec store."""
+    import hashlib
 
-    assert decode.read_bytes is storage.read_bytes and sources.read_bytes is storage.read_bytes
+    import fsspec
+
+    from pipeline import sources
+    from pipeline.config import DecodeConfig
+    from pipeline.decode import load_image
+    data = make_jpegs(tmp_path / "src", 1)[0].read_bytes()
+    if where == "local":
+        uri, gone = str(tmp_path / "src" / "img_000000.jpg"), str(tmp_path / "src" / "gone.jpg")
+    else:
+        base = f"memory://storage-test-{uuid.uuid4().hex}"
+        fsspec.filesystem("memory").pipe_file(f"{base}/x.jpg", data)
+        uri, gone = f"{base}/x.jpg", f"{base}/gone.jpg"
+    assert sources.read_bytes(uri) == data and sources.read_bytes(uri, max_bytes=10) == data[:10]
+    decoded = load_image(uri, DecodeConfig())
+    assert decoded.ok and decoded.image_id == hashlib.sha256(data).hexdigest() and decoded.bytes == len(data)
+    with pytest.raises(FileNotFoundError):
+        sources.read_bytes(gone)
+    assert load_image(gone, DecodeConfig()).error_kind == "missing"

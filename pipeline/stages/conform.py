@@ -52,6 +52,7 @@ def conform_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
         "image_id": column("image_id"),
         "uri": column("uri"),
         "bytes": column("bytes"),
+        "source_mtime": column("source_mtime"),
         "format": column("format"),
         "width": column("width"),
         "height": column("height"),

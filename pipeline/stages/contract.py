@@ -66,10 +66,11 @@ class StageColumns:
 # ---- the stages' contracts ----------------------------------------------------
 
 #: Listing -> decode: one row per listed file. ``location`` holds the uri's
-#: exact bytes (a file name need not be UTF-8), ``uri`` its printable form.
+#: exact bytes (a file name need not be UTF-8), ``uri`` its printable form;
+#: ``size`` and ``source_mtime`` are what the listing said (resume compares them).
 LISTED = StageColumns(
     "listed",
-    [_output("uri"), pa.field("location", pa.binary()), pa.field("size", pa.int64())],
+    [_output("uri"), pa.field("location", pa.binary()), pa.field("size", pa.int64()), _output("source_mtime")],
 )
 
 #: Decode -> models. ``pixels`` is the image downscaled for the models, raw
@@ -84,6 +85,7 @@ DECODED = StageColumns(
         _output("uri"),
         _output("image_id"),
         _output("bytes"),
+        _output("source_mtime"),
         _output("format"),
         _output("width"),
         _output("height"),

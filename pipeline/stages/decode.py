@@ -16,10 +16,10 @@ import pyarrow as pa
 from pipeline.stages.config import StageConfig
 from pipeline.stages.contract import DECODED
 from schemas import STATUS_ERROR, STATUS_OK
+from schemas.errors import exception_text
 
 log = logging.getLogger(__name__)
 
-_MAX_ERROR_CHARS = 500
 # Built once per worker process and run config: building open_clip's transform imports torch.
 _PREPROCESSORS: dict[str, tuple] = {}
 
@@ -79,7 +79,7 @@ def decode_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
                 embed_inputs[i] = embed_prep.prepare(image)
         except Exception as exc:  # noqa: BLE001 - one image the model cannot take is its own error row
             status[i], kinds[i] = STATUS_ERROR, "preprocess"
-            errors[i] = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+            errors[i] = exception_text(exc)
             caption_inputs[i] = embed_inputs[i] = None
             continue
         if keep_pixels:
@@ -89,6 +89,7 @@ def decode_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
             "uri": batch.column("uri"),
             "image_id": [d.image_id for d in decoded],
             "bytes": [d.bytes for d in decoded],
+            "source_mtime": batch.column("source_mtime"),
             "format": [d.format for d in decoded],
             "width": [d.width for d in decoded],
             "height": [d.height for d in decoded],

@@ -17,13 +17,13 @@ import pyarrow as pa
 from pipeline.stages.config import StageConfig
 from pipeline.stages.contract import CAPTIONED, EMBEDDED, PREPARED_INPUT, STATUS_COLUMNS
 from schemas import STATUS_ERROR, STATUS_OK
+from schemas.errors import exception_text
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-_MAX_ERROR_CHARS = 500
 
 
 def call_with_bisection(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:
@@ -98,7 +98,7 @@ class _ModelStage:
         if failed:
             for row, exc in failed.items():
                 status[row], kinds[row] = STATUS_ERROR, "model"
-                errors[row] = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+                errors[row] = exception_text(exc)
             columns.update(zip(STATUS_COLUMNS, (status, kinds, errors)))
         if prepared is not None:
             columns[prepared_name] = pa.nulls(batch.num_rows, prepared.type)

@@ -1,7 +1,8 @@
-"""Tiny, randomly initialised models built entirely offline.
+"""Tiny, randomly initialised models built entirely offline (examples/make_tiny_models.py; the tests' fixtures).
 
-Tests and examples need real model objects that go through the same loading
-code a user's downloaded model does (save_pretrained directories, open_clip
+Not part of the installed library: a tool for trying captioner without a
+model hub, and for the tests and benchmarks, which need real model objects
+that go through the same loading code a user's downloaded model does (save_pretrained directories, open_clip
 config + weights), but no hub is reachable and real weights are gigabytes.
 These builders make a ~250 kB VLM and a ~3 MB open_clip model in well under a
 second (once torch/transformers are imported). Their output is gibberish but
