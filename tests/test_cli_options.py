@@ -88,6 +88,7 @@ def test_a_storage_option_without_equals_is_a_usage_error(argv, tmp_path, monkey
         ("pipeline.search.commands", "search_command", ["beach", "--index", "missing.duckdb"]),
     ],
 )
+@pytest.mark.subprocess
 def test_command_modules_run_without_importing_the_cli(module, command, argv, tmp_path):
     code = f"""
         import os, sys
@@ -134,6 +135,7 @@ def test_run_help_shows_the_config_defaults(option, default):
     assert f"[default: {default}" in help_of("run", option)
 
 
+@pytest.mark.subprocess
 def test_help_defaults_follow_the_config_not_a_copy_of_it():
     """Change the config's defaults before the CLI is built: its help follows."""
     code = """

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import MOONDREAM_REPO, MOONDREAM_REVISION
+from pipeline.models.moondream.hub import MOONDREAM_REPO, MOONDREAM_REVISION
 from tests.fixtures.hf_cache import use_hf_cache
 from tests.fixtures.images import make_jpegs
 

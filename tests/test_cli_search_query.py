@@ -94,6 +94,7 @@ def fresh_search(db, *argv) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_a_text_search_never_imports_torch(db):
     done = fresh_search(db, "beach", "--mode", "text")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -159,7 +159,8 @@ def test_every_version_indexes_together_and_v3_keeps_its_source_mtime(tmp_path):
     for name in GOLDEN:
         shutil.copy(GOLDEN_DIR / name, sources / name)
     db = tmp_path / "index.duckdb"
-    result = CliRunner().invoke(main, ["index", str(sources), "--db", str(db)])
+    # The golden files were asked different probe sets: merging them needs the flag (see above).
+    result = CliRunner().invoke(main, ["index", str(sources), "--db", str(db), "--mixed-probes"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert "15 rows, 12 searchable (status ok), 12 with embeddings" in result.output
     assert _search(db, "harbour", "--mode", "text")[0] == "/photos/harbour.png"  # a v3 row
