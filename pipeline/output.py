@@ -171,6 +171,7 @@ class OutputStore:
 
     # ---- preparing a run ------------------------------------------------
     def check_writable(self) -> None:
+        self._check_not_a_foreign_file()
         parent = self.parts_dir if not self.single_file else posixpath.dirname(self.path)
         try:
             self._makedirs(parent or ".")
@@ -180,6 +181,22 @@ class OutputStore:
         except Exception as exc:  # backends raise their own types (no bucket, no credentials, ...)
             error = explain(exc, self.output, doing="write to", role="output")
             raise OutputError(f"{error}. Choose a writable --out location.") from exc
+
+    def _check_not_a_foreign_file(self) -> None:
+        """A folder output whose path is an existing file (``--out notes.txt``) is not ours to write into."""
+        if self.single_file:
+            return
+        try:
+            is_file = self.fs.isfile(self.path)
+        except Exception:  # noqa: BLE001 - an unreachable store is check_writable's to explain
+            return
+        if is_file:
+            shown = self._display(self.path)
+            raise OutputError(
+                f"{shown} exists and is not a captioner Parquet output (it is a file, and an --out that does not end "
+                f"in .parquet is a folder of part files). Fix: pass --out NAME.parquet for one file, or --out DIR/ "
+                f"for a folder; {shown} is left as it is"
+            )
 
     def load_state(self, run: RunMetadata, *, overwrite: bool) -> ResumeState:
         """Read what is already there; refuse an output made by other models unless overwriting."""
