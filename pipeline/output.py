@@ -60,6 +60,77 @@ _STATE_COLUMNS = ["uri", "status", "error_kind", "bytes", "processed_at"]
 _KEY_COLUMNS = [row_rule.URI, row_rule.PROCESSED_AT]
 
 
+def is_part_name(name: str) -> bool:
+    """Whether a file name is one of the part files a run writes (``part-*.parquet``)."""
+    return fnmatch.fnmatchcase(name, PART_GLOB)
+
+
+def parts_folder_of(single_file: str) -> str:
+    """Where a single-file output's pending parts live: ``captions.parquet`` -> ``captions.parquet.parts``."""
+    return single_file.rstrip("/") + ".parts"
+
+
+@dataclass(frozen=True)
+class FoundOutputs:
+    """The data files of the captioner outputs under some locations (uris, sorted), and Parquet files beside them that are not."""
+
+    files: list[str]
+    foreign: list[str]
+
+
+def find_output_files(uri: str, storage_options: dict | None = None) -> FoundOutputs:
+    """The files that make up the captioner output(s) at ``uri``: the one rule the run, exports and the index share.
+
+    A ``.parquet`` file is a single-file output: itself plus the committed
+    parts of an unfinished run in ``NAME.parquet.parts/``. A folder holds
+    outputs: its ``part-*.parquet`` files (a folder output) and, searched
+    recursively, single files; names starting with '.' or '_' (temporaries,
+    the saved config) are never data. A Parquet file found in a folder whose
+    footer has no captioner metadata is not part of any output: it is
+    returned in ``foreign``, not in ``files``. A missing location gives
+    nothing (FileNotFoundError is the caller's to word).
+    """
+    from pipeline.storage import Folder
+
+    root = Folder(uri, storage_options, role="source")
+    if root.isfile():
+        parent = Folder(_parent_uri(uri), storage_options, role="source")
+        name = posixpath.basename(root.path)
+        parts = posixpath.basename(parts_folder_of(name))
+        pending = [parent.join(f"{parts}/{p}") for p in parent.folder(parts).list(PART_GLOB)]
+        return FoundOutputs([root.display(), *pending], [])
+    if not root.isdir():
+        raise FileNotFoundError(uri)
+    files, foreign = [], []
+    for rel in root.list("*.parquet", recursive=True):
+        full = root.join(rel)
+        if _has_captioner_metadata(root, rel):
+            files.append(full)
+        else:
+            foreign.append(full)
+    return FoundOutputs(files, foreign)
+
+
+def _parent_uri(uri: str) -> str:
+    from pipeline.storage import is_local, local_path
+
+    if is_local(uri):
+        import os
+
+        return os.path.dirname(local_path(uri))
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def _has_captioner_metadata(folder, relative: str) -> bool:
+    from schemas.base import META_PREFIX
+
+    try:
+        schema = pq.read_schema(folder.full(relative), filesystem=folder.fs)
+    except (pa.ArrowException, OSError):
+        return True  # unreadable: kept, so that the reader names the file and the failure
+    return any(key.startswith(META_PREFIX.encode()) for key in (schema.metadata or {}))
+
+
 @dataclass(frozen=True)
 class RowState:
     """What resume needs of an image's current row."""
