@@ -58,6 +58,11 @@ def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def display(uri: str) -> str:
+    """How a location is shown to the user: a local one as its absolute path, a URL as given."""
+    return local_path(uri) if is_local(uri) else uri
+
+
 def protocol_of(uri: str) -> str:
     return "file" if is_local(uri) else uri.split("://", 1)[0].lower()
 
