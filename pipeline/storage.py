@@ -199,8 +199,10 @@ def _explain_refused_read(exc: PermissionError) -> OSError:
 # The one temporary-name rule: a dot-name in the destination's folder, so readers
 # (which skip '.' and '_' names) never see it, and a rename within one folder
 # publishes it. ``.NAME.tmp-<pid>-<random>``; cleanup matches TEMP_GLOB.
+# Temporaries of older versions (``.NAME.tmp``, ``.NAME.captioner-tmp``) count too, so that
+# cleanup removes what a killed writer of any version left.
 TEMP_MARK = ".tmp-"
-TEMP_GLOB = f".*{TEMP_MARK}*"
+TEMP_GLOB = ".*tmp*"
 
 
 def temp_name(name: str) -> str:
@@ -209,7 +211,7 @@ def temp_name(name: str) -> str:
 
 
 def is_temp_name(name: str) -> bool:
-    return name.startswith(".") and TEMP_MARK in name
+    return name.startswith(".") and (TEMP_MARK in name or name.endswith((".tmp", ".captioner-tmp")))
 
 
 class Folder:
