@@ -270,7 +270,7 @@ def build_index(
     if previous and previous.files == fingerprint and _same_hnsw_choice(previous, settings):
         return BuildReport(previous, rebuilt=False, seconds=time.perf_counter() - started, ignored=tuple(ignored))
 
-    from pipeline.storage import temp_name
+    from pipeline.storage import Folder, temp_name
 
     # The one temporary-name rule (pipeline.storage): a dot-name beside the index, renamed into place.
     tmp = db_path.with_name(temp_name(db_path.name))
@@ -290,7 +290,7 @@ def build_index(
             con.close()
         # A leftover WAL next to the old file would be replayed onto the new one.
         _remove_db_files(db_path, keep_main=True)
-        os.replace(tmp, db_path)
+        Folder(str(db_path.parent)).move(tmp.name, db_path.name)
     except BaseException:
         _remove_db_files(tmp)
         raise
