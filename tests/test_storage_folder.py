@@ -138,3 +138,17 @@ def test_export_coco_to_a_json_path_is_refused_with_the_fix(tmp_path):
     result = cli("export", "coco", "--from", parquet, "--out", tmp_path / "coco.json", exit_code=2)
     assert "--out of coco is a folder" in result.output and "--out " + str(tmp_path / "coco") in result.output
     assert not (tmp_path / "coco.json").exists()
+
+
+def test_thumbnail_cache_writes_and_evicts_through_the_folder_from_a_relative_root(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pipeline.serve.thumbs import ThumbnailCache, cache_key
+
+    monkeypatch.chdir(tmp_path)
+    cache = ThumbnailCache(Path("thumbs"), max_bytes=250)
+    for n in range(3):
+        cache._write(cache_key(f"/img/{n}.jpg", None, 320), bytes(100))
+    left = sorted(p.name for p in (tmp_path / "thumbs").rglob("*") if p.is_file())
+    assert len(left) == 2 and cache.total_bytes == 200
+    assert not [name for name in left if is_temp_name(name)]

@@ -210,7 +210,7 @@ class ThumbnailCache:
                 if total <= target:
                     break
                 try:
-                    self._folder.delete(self._folder.relative(str(path)))
+                    self._folder.delete(path.relative_to(self.root).as_posix())
                 except OSError:
                     continue
                 self._used.pop(path, None)
