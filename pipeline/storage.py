@@ -12,7 +12,13 @@ StorageErrors.
 from __future__ import annotations
 
 import errno
+import fnmatch
+import io
 import os
+import posixpath
+import time
+import uuid
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import fsspec
@@ -50,6 +56,11 @@ def local_path(uri: str) -> str:
     if uri.startswith(_FILE_PREFIX):
         uri = uri[len(_FILE_PREFIX):]
     return os.path.abspath(os.path.expanduser(uri))
+
+
+def display(uri: str) -> str:
+    """How a location is shown to the user: a local one as its absolute path, a URL as given."""
+    return local_path(uri) if is_local(uri) else uri
 
 
 def protocol_of(uri: str) -> str:
@@ -181,3 +192,259 @@ def _explain_refused_read(exc: PermissionError) -> OSError:
         f"the object is archived in storage class {storage} and must be restored before it can be read "
         f"(S3 InvalidObjectState)",
     )
+
+
+# ---- one place for listing, atomic writes, moves and deletes -------------------------
+
+# The one temporary-name rule: a dot-name in the destination's folder, so readers
+# (which skip '.' and '_' names) never see it, and a rename within one folder
+# publishes it. ``.NAME.tmp-<pid>-<random>``; cleanup matches TEMP_GLOB.
+# Temporaries of older versions (``.NAME.tmp``, ``.NAME.captioner-tmp``) count too, so that
+# cleanup removes what a killed writer of any version left.
+TEMP_MARK = ".tmp-"
+TEMP_GLOB = ".*tmp*"
+
+
+def temp_name(name: str) -> str:
+    """The temporary name ``name`` is written under before it is moved into place."""
+    return f".{name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and (TEMP_MARK in name or name.endswith((".tmp", ".captioner-tmp")))
+
+
+class Folder:
+    """A folder (local path, file:// URL or bucket prefix) and the files below it.
+
+    Modelled on datatrove's DataFolder: every path argument is relative to the
+    folder ('/'-separated); ``display`` spells one for the user. Local writes go
+    to a temporary dot-name (:func:`temp_name`) renamed into place; on a bucket
+    one PUT publishes a whole object, so nothing is staged. On buckets
+    "directories" are only key prefixes: nothing is created (s3fs's makedirs
+    would create a missing *bucket*), and listings are never answered from
+    the listings cache, which may predate writes by another process.
+    Backend errors on open are StorageErrors of ``role`` (see open_filesystem).
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, role: Role = "output"):
+        self.uri = uri
+        self.storage_options = storage_options or None
+        self.role = role
+        self.local = is_local(uri)
+        if self.local:
+            from fsspec.implementations.local import LocalFileSystem
+
+            self.fs = LocalFileSystem()
+            self.path = local_path(uri).rstrip(os.sep) or os.sep
+        else:
+            self.fs, path = open_filesystem(uri, storage_options, role=role)
+            self.path = path.rstrip("/")
+
+    # -- names -------------------------------------------------------------------
+    def full(self, relative: str = "") -> str:
+        """The in-filesystem path of ``relative`` (as fsspec and pyarrow take it)."""
+        if not relative:
+            return self.path
+        if self.local:
+            return os.path.join(self.path, *relative.split("/"))
+        return posixpath.join(self.path, relative)
+
+    def join(self, relative: str) -> str:
+        """The uri of ``relative`` below this folder (a local path or a URL)."""
+        return self.display(relative)
+
+    def display(self, relative: str = "") -> str:
+        """How the user spells ``relative``: an absolute local path, or a URL with its protocol."""
+        full = self.full(relative)
+        return full if self.local else self.fs.unstrip_protocol(full)
+
+    def folder(self, relative: str) -> "Folder":
+        return Folder(self.join(relative), self.storage_options, role=self.role)
+
+    def relative(self, full: str) -> str:
+        """``full`` (an in-filesystem path below the folder) relative to it."""
+        prefix = self.path.rstrip("/" if not self.local else os.sep)
+        rel = full[len(prefix):].lstrip("/" if not self.local else os.sep)
+        return rel.replace(os.sep, "/") if self.local else rel
+
+    # -- reading -----------------------------------------------------------------
+    def forget_listings(self, relative: str = "") -> None:
+        # s3fs answers ls/isfile from listings it cached, and fsspec shares one
+        # filesystem instance per set of options across the whole process.
+        if not self.local:
+            self.fs.invalidate_cache(self.full(relative))
+
+    def list(self, pattern: str | None = None, *, recursive: bool = False, include_hidden: bool = False) -> list[str]:
+        """Files below the folder, relative and sorted; ``pattern`` matches the file name (fnmatch, literal folders).
+
+        Names starting with '.' or '_' (temporaries, side files) are left out
+        unless ``include_hidden``. A missing folder lists nothing.
+        """
+        self.forget_listings()
+        try:
+            if recursive:
+                found = self.fs.find(self.path, withdirs=False)
+            else:
+                found = [e["name"] for e in self.fs.ls(self.path, detail=True) if e.get("type") == "file"]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for full in found:
+            rel = self.relative(full)
+            if not rel:
+                continue
+            name = rel.rsplit("/", 1)[-1]
+            if not include_hidden and any(p.startswith((".", "_")) for p in rel.split("/")):
+                continue
+            if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
+                continue
+            out.append(rel)
+        return sorted(out)
+
+    def exists(self, relative: str = "") -> bool:
+        if self.local:
+            return os.path.lexists(self.full(relative))
+        self.forget_listings(relative)
+        return self.fs.exists(self.full(relative))
+
+    def isfile(self, relative: str = "") -> bool:
+        self.forget_listings(relative)
+        return self.fs.isfile(self.full(relative))
+
+    def isdir(self, relative: str = "") -> bool:
+        self.forget_listings(relative)
+        return self.fs.isdir(self.full(relative))
+
+    def info(self, relative: str = "") -> dict:
+        self.forget_listings(relative)
+        return self.fs.info(self.full(relative))
+
+    def read_bytes(self, relative: str = "", max_bytes: int | None = None) -> bytes:
+        return read_bytes(self.join(relative), self.storage_options, max_bytes)
+
+    def open_read(self, relative: str = ""):
+        return self.fs.open(self.full(relative), "rb")
+
+    # -- writing -----------------------------------------------------------------
+    def makedirs(self, relative: str = "") -> None:
+        """Create the folder (locally; on a bucket a prefix exists once a key under it does)."""
+        if self.local:
+            os.makedirs(self.full(relative), exist_ok=True)
+
+    @contextmanager
+    def open_write(self, relative: str):
+        """A binary file to write ``relative`` through, published whole when the block ends without error.
+
+        Local: a temporary dot-name (:func:`temp_name`) beside it, renamed into
+        place; removed on failure. Bucket: buffered in memory and stored with one
+        PUT (a streamed upload would publish a partial object when writing fails,
+        and pyarrow closes files even on error).
+        """
+        if not self.local:
+            buffer = io.BytesIO()
+            yield buffer
+            self.fs.pipe_file(self.full(relative), buffer.getvalue())
+            return
+        final = self.full(relative)
+        parent = os.path.dirname(final)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, temp_name(os.path.basename(final)))
+        try:
+            with open(tmp, "wb") as handle:
+                yield handle
+            os.replace(tmp, final)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+    @contextmanager
+    def open_staged(self, relative: str):
+        """A streamed write of a large file: written to a temporary dot-name, then moved into place.
+
+        Unlike :meth:`open_write` nothing is buffered in memory; on a bucket the
+        temporary object is copied server-side to its name, then deleted.
+        """
+        final = self.full(relative)
+        sep = os.sep if self.local else "/"
+        parent, name = final.rsplit(sep, 1) if sep in final else ("", final)
+        tmp = (parent + sep if parent else "") + temp_name(name)
+        if self.local and parent:
+            os.makedirs(parent, exist_ok=True)
+        try:
+            with self.fs.open(tmp, "wb") as handle:
+                yield handle
+            self._move_full(tmp, final)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm_file(tmp)
+
+    def write(self, relative: str, data: bytes) -> None:
+        with self.open_write(relative) as handle:
+            handle.write(data)
+
+    def move(self, source: str, target: str) -> None:
+        """Move ``source`` to ``target`` (both relative): a rename locally, a server-side copy + delete on a bucket."""
+        self._move_full(self.full(source), self.full(target))
+
+    def _move_full(self, source: str, target: str) -> None:
+        if self.local:
+            os.replace(source, target)
+            return
+        # cp_file and rm_file, not mv: mv expands glob characters in the key.
+        self.fs.cp_file(source, target)
+        self.fs.rm_file(source)
+
+    def delete(self, relative: str) -> None:
+        # rm_file, not rm: fsspec's rm expands glob characters, so on a bucket
+        # "run[1]/part-x.parquet" would match nothing (or another key).
+        self.fs.rm_file(self.full(relative))
+
+    def remove_empty(self, relative: str = "") -> None:
+        """Remove the (local) folder if it is empty; on a bucket a prefix goes with its last key."""
+        if self.local:
+            try:
+                os.rmdir(self.full(relative))
+            except OSError:
+                pass
+
+    def cleanup_temp_files(self, relative: str = "", *, older_than: float | None = None) -> list[str]:
+        """Delete the temporaries (:func:`temp_name`) a killed writer left directly in the folder ``relative``.
+
+        ``older_than`` (seconds): only those not modified for that long (another
+        writer may be using a fresh one). Returns the relative paths deleted.
+        """
+        folder = self.folder(relative) if relative else self
+        gone = []
+        for rel in folder.list(TEMP_GLOB, include_hidden=True):
+            if "/" in rel or not is_temp_name(rel):
+                continue
+            if older_than is not None:
+                try:
+                    mtime = _mtime(folder.info(rel))
+                except FileNotFoundError:
+                    continue
+                if mtime is not None and time.time() - mtime < older_than:
+                    continue
+            try:
+                folder.delete(rel)
+            except FileNotFoundError:
+                continue
+            gone.append(posixpath.join(relative, rel) if relative else rel)
+        return gone
+
+    def fingerprint(self, relative: str = "") -> tuple[int, int | str]:
+        """(size, change marker) of a file: the mtime in ns locally, the ETag / mtime on a bucket."""
+        if self.local:
+            st = os.stat(self.full(relative))
+            return st.st_size, st.st_mtime_ns
+        info = self.info(relative)
+        marker = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        return int(info.get("size") or 0), str(marker)
+
+
+def _mtime(info: dict) -> float | None:
+    value = info.get("mtime", info.get("LastModified", info.get("created")))
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)

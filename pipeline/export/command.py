@@ -7,6 +7,8 @@ click.ClickException that says what to do.
 
 from __future__ import annotations
 
+import os
+
 from collections import Counter
 
 import click
@@ -104,12 +106,47 @@ def _check_flags(format, *, out, in_place, dry_run, link, overwrite, index_path,
         raise click.UsageError(f"--in-place is for sidecar formats ({', '.join(SIDECAR_FORMATS)}); {format} needs --out")
     elif not out:
         raise click.UsageError(f"{format} needs --out" + (" FILE.csv or FILE.jsonl" if format == "alt-text" else " DIR"))
+    if out and not in_place and format != "alt-text":
+        _check_out_is_a_folder(format, out)
     if dry_run and format not in SIDECAR_FORMATS:
         raise click.UsageError(f"--dry-run lists sidecar changes; it applies to {', '.join(SIDECAR_FORMATS)}")
     if overwrite and format not in SIDECAR_FORMATS:
         raise click.UsageError(f"--overwrite applies to {', '.join(SIDECAR_FORMATS)}; other formats always write their --out whole")
     if link and format not in ("imagefolder", "coco"):
         raise click.UsageError("--link applies to imagefolder and coco, which copy images")
+
+
+# What a tree or sidecar format writes into its --out folder (for the message when --out names a file).
+_FOLDER_CONTENTS = {
+    "coco": "annotations/captions.json and images/",
+    "imagefolder": "metadata.jsonl and the images",
+    "hf-dataset": "a saved datasets.Dataset",
+    "xmp": "sidecars mirroring the image folders",
+    "txt": "sidecars mirroring the image folders",
+}
+
+
+def _check_out_is_a_folder(format: str, out: str) -> None:
+    """Refuse an --out that names a file (an existing one, or a file name such as coco.json) for a folder format."""
+    import posixpath
+
+    from pipeline.storage import is_local, local_path
+
+    name = posixpath.basename(str(out).rstrip("/"))
+    stem, dot, extension = name.rpartition(".")
+    existing_file = is_local(out) and os.path.isfile(local_path(out))
+    if not existing_file and not (dot and stem and extension.lower() in _FILE_EXTENSIONS and not str(out).endswith("/")):
+        return
+    folder = str(out).rstrip("/")[: -len(name)] + (stem if dot and stem else name + "-" + format)
+    what = "an existing file" if existing_file else f"a .{extension} file name"
+    raise click.UsageError(
+        f"the --out of {format} is a folder (it gets {_FOLDER_CONTENTS[format]}), but {out} is {what}; "
+        f"pass a folder: --out {folder}"
+    )
+
+
+# Names with these endings are files, never export folders.
+_FILE_EXTENSIONS = {"json", "jsonl", "csv", "tsv", "txt", "parquet", "xmp", "zip", "tar", "gz", "arrow", "duckdb"}
 
 
 def _export(format, source, storage, *, out, in_place, root, link, max_chars, sidecar_name, dry_run, overwrite, skipped) -> str:

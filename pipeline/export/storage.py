@@ -2,9 +2,9 @@
 
 Every place is a *location*: an absolute local path or an fsspec URL
 (``s3://bucket/key``), read and written through the same storage code as the
-pipeline (pipeline.storage: ``read_bytes``, ``open_filesystem``). Local files are
-written under a temporary dot-name and renamed into place, so a crash never
-leaves half a sidecar; on a bucket one PUT publishes a whole object.
+pipeline (pipeline.storage: ``Folder``, ``read_bytes``). Local files are
+written under the one temporary dot-name rule and renamed into place, so a
+crash never leaves half a sidecar; on a bucket one PUT publishes a whole object.
 
 Exports that lay out a tree (``--out DIR``) mirror the images' folders below
 a root: ``--root`` when given, else the deepest folder that holds every image
@@ -14,14 +14,13 @@ never changes where a file lands).
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from contextlib import contextmanager
 from typing import Iterable
 
 from pipeline.export.errors import ExportError
-from pipeline.storage import StorageError, is_local, local_path, open_filesystem, read_bytes
+from pipeline.storage import Folder, StorageError, display, is_local, local_path, read_bytes
 
 
 def join(base: str, relative: str) -> str:
@@ -82,84 +81,61 @@ def _common_folder(all_parts: list[list[str]]) -> list[str]:
 
 
 class Storage:
-    """Reads and writes locations with one set of fsspec storage options."""
+    """Reads and writes locations with one set of fsspec storage options, through pipeline.storage.Folder."""
 
     def __init__(self, storage_options: dict | None = None):
         self.options = storage_options or None
 
-    def _fs(self, location: str):
+    def _place(self, location: str) -> tuple[Folder, str]:
+        """(the Folder holding ``location``, its name there)."""
         try:
-            return open_filesystem(location, self.options, role="output")
+            return Folder(parent(location), self.options, role="output"), name(location)
         except StorageError as exc:
             raise ExportError(str(exc)) from exc
 
     def exists(self, location: str) -> bool:
-        if is_local(location):
-            return os.path.lexists(local_path(location))
-        fs, path = self._fs(location)
-        fs.invalidate_cache(path)
-        return fs.exists(path)
+        folder, file = self._place(location)
+        return folder.exists(file)
 
     def read(self, location: str) -> bytes:
         """The bytes at ``location``, as the pipeline reads images (one GET on a bucket)."""
         return read_bytes(location, self.options)
 
     def write(self, location: str, data: bytes) -> None:
-        if not is_local(location):
-            fs, path = self._fs(location)
-            fs.pipe_file(path, data)
-            return
-        with self.open_write(location) as handle:
-            handle.write(data)
+        folder, file = self._place(location)
+        folder.write(file, data)
 
     @contextmanager
     def open_write(self, location: str):
         """A binary file to write ``location`` through; published whole when the block ends without error.
 
-        Local: a temporary dot-file renamed into place. Bucket: buffered in
-        memory and stored with one PUT (a streamed upload would publish a
-        partial object when writing fails).
+        Folder.open_write: locally a temporary dot-name renamed into place; on
+        a bucket buffered in memory and stored with one PUT.
         """
-        if not is_local(location):
-            buffer = io.BytesIO()
-            yield buffer
-            self.write(location, buffer.getvalue())
-            return
-        path = local_path(location)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.captioner-tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                yield handle
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        folder, file = self._place(location)
+        with folder.open_write(file) as handle:
+            yield handle
 
     def copy_image(self, uri: str, location: str, *, link: bool = False) -> None:
         """Put the image at ``uri`` at ``location``: a copy, or with ``link`` a symlink (local only)."""
-        if link:
-            if not (is_local(uri) and is_local(location)):
-                raise ExportError("--link needs local images and a local --out; copy instead (drop --link)")
-            path = local_path(location)
-            if os.path.exists(path) and os.path.samefile(local_path(uri), path):
-                return  # --out is the source folder: the image is already there
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if os.path.lexists(path):
-                os.unlink(path)
-            os.symlink(local_path(uri), path)
-            return
+        if link and not (is_local(uri) and is_local(location)):
+            raise ExportError("--link needs local images and a local --out; copy instead (drop --link)")
         if is_local(uri) and is_local(location):
             path = local_path(location)
             if os.path.exists(path) and os.path.samefile(local_path(uri), path):
                 return  # --out is the source folder: the image is already there
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if os.path.lexists(path):
+            if link:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                if os.path.lexists(path):
+                    os.unlink(path)
+                os.symlink(local_path(uri), path)
+                return
+            if os.path.islink(path):
                 os.unlink(path)  # never write through an old symlink into the source image
-            shutil.copyfile(local_path(uri), path)
+            with self.open_write(location) as handle, open(local_path(uri), "rb") as source:
+                shutil.copyfileobj(source, handle)
             return
         self.write(location, self.read(uri))
 
     def display(self, location: str) -> str:
-        return local_path(location) if is_local(location) else location
+        return display(location)

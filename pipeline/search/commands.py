@@ -108,6 +108,9 @@ def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction
         mixed_probes=mixed_probes,
     )
     info = report.info
+    if report.ignored:
+        shown = ", ".join(report.ignored[:5]) + (f" and {len(report.ignored) - 5} more" if len(report.ignored) > 5 else "")
+        click.echo(f"ignored {len(report.ignored)} Parquet files that are not a captioner output: {shown}")
     if not report.rebuilt:
         click.echo(f"{db} is up to date ({len(info.files)} files unchanged); pass --fresh to rebuild it anyway")
         return

@@ -66,41 +66,65 @@ class BuildReport:
     seconds: float
     timings: dict = field(default_factory=dict)  # seconds per build step (load, embeddings, fts, hnsw)
     probe_sets: int = 1  # distinct probe sets among the captioned files (more than 1 only with mixed_probes)
+    ignored: tuple[str, ...] = ()  # Parquet files in the sources' folders that captioner did not write
 
 
-def expand_sources(sources) -> list[Path]:
-    """Parquet files named by ``sources`` (files or directories, searched recursively)."""
-    files: list[Path] = []
+def expand_sources(sources, storage_options: dict | None = None) -> list[str]:
+    """The data files of the captioner outputs named by ``sources`` (see :func:`scan_sources`)."""
+    return scan_sources(sources, storage_options)[0]
+
+
+def scan_sources(sources, storage_options: dict | None = None) -> tuple[list[str], list[str]]:
+    """(data files, ignored Parquet files) of ``sources``: outputs, or folders of them, local or on a bucket.
+
+    Which files make up an output is the output module's rule
+    (pipeline.output.find_output_files); Parquet files in a scanned folder that
+    captioner did not write are ignored and returned second, so the caller can
+    say so. Local files are absolute, symlinks resolved; bucket files are URLs.
+    """
+    from pipeline.output import find_output_files
+    from pipeline.storage import StorageError, explain, is_local
+
+    files: list[str] = []
+    ignored: list[str] = []
     for source in sources:
-        path = Path(os.path.expanduser(str(source)))
-        if "://" in str(source):
-            raise SearchError(f"{source}: only local Parquet files and directories can be indexed; copy them locally first")
-        if path.is_dir():
-            # '_' and '.' prefixes are writer side-files (_SUCCESS, .part temp files).
-            found = sorted(
-                p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith(("_", "."))
-            )
-            if not found:
-                raise SearchError(f"{source} is a directory with no .parquet files in it")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise SearchError(f"{source} does not exist; pass Parquet files or directories written by `captioner run`")
-    unique = list(dict.fromkeys(p.resolve() for p in files))
+        source = _source_key(source)
+        try:
+            found = find_output_files(source, storage_options)
+        except FileNotFoundError:
+            raise SearchError(f"{source} does not exist; pass Parquet files or directories written by `captioner run`") from None
+        except StorageError as exc:
+            raise SearchError(str(exc)) from exc
+        except Exception as exc:  # backends raise their own types (credentials, buckets, endpoints)
+            raise SearchError(str(explain(exc, source, doing="list"))) from exc
+        if not found.files:
+            extra = f" (only Parquet files captioner did not write: {', '.join(found.foreign[:3])})" if found.foreign else ""
+            raise SearchError(f"{source} is a directory with no captioner .parquet files in it{extra}")
+        files.extend(os.path.realpath(f) if is_local(f) else f for f in found.files)
+        ignored.extend(found.foreign)
+    unique = list(dict.fromkeys(files))
     if not unique:
         raise SearchError("no Parquet files to index; pass files or directories written by `captioner run`")
-    return unique
+    return unique, list(dict.fromkeys(ignored))
 
 
-def check_files(files: list[Path]):
+def _filesystem(path: str, storage_options: dict | None = None):
+    """(fsspec filesystem or None for local, in-filesystem path) of a data file."""
+    from pipeline.storage import Folder
+
+    folder = Folder(path, storage_options, role="source")
+    return (None if folder.local else folder.fs), folder.path
+
+
+def check_files(files: list[str], storage_options: dict | None = None):
     """Run metadata of each file, after checking its schema and that all share one embedder."""
     from schemas import SchemaMismatch, check_schema
 
     runs = []
     for path in files:
         try:
-            schema = pq.read_schema(path)
+            fs, inner = _filesystem(str(path), storage_options)
+            schema = pq.read_schema(inner, filesystem=fs)
         except (pa.ArrowException, OSError) as exc:
             raise SearchError(f"{path} is not a readable Parquet file: {exc}") from exc
         try:
@@ -163,12 +187,11 @@ def _describe(model, revision, dim) -> str:
     return f"{model} (revision {revision}, dim {dim})"
 
 
-def _fingerprint(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
-    out = []
-    for path in files:
-        st = path.stat()
-        out.append((str(path), st.st_size, st.st_mtime_ns))
-    return tuple(out)
+def _fingerprint(files: list[str], storage_options: dict | None = None) -> tuple[tuple[str, int, int | str], ...]:
+    """(path, size, change marker) per file: the mtime in ns locally, the ETag on a bucket (pipeline.storage.Folder)."""
+    from pipeline.storage import Folder
+
+    return tuple((str(path), *Folder(str(path), storage_options, role="source").fingerprint()) for path in files)
 
 
 def build_index(
@@ -182,6 +205,7 @@ def build_index(
     fresh: bool = False,
     mixed_probes: bool = False,
     rows_only: bool = False,
+    storage_options: dict | None = None,
 ) -> BuildReport:
     """Build (or rebuild) the index at ``db_path`` over ``sources``.
 
@@ -203,7 +227,7 @@ def build_index(
     if not all_sources:
         raise SearchError("nothing to index: pass Parquet files or directories (PARQUET...)")
     try:
-        files = expand_sources(all_sources)
+        files, ignored = scan_sources(all_sources, storage_options)
     except SearchError as exc:
         if not previous:
             raise
@@ -211,9 +235,9 @@ def build_index(
             f"{exc}. {db_path} records the sources {list(previous.sources)} and re-scans them; "
             f"pass --fresh with the PARQUET to index to forget them"
         ) from exc
-    runs = check_files(files)
+    runs = check_files(files, storage_options)
     probe_sets = check_probe_sets(files, runs, allow=mixed_probes)
-    fingerprint = _fingerprint(files)
+    fingerprint = _fingerprint(files, storage_options)
     settings = (hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction)
     if (
         previous
@@ -221,14 +245,20 @@ def build_index(
         and previous.rows_only == rows_only
         and _same_hnsw_choice(previous, settings)
     ):
-        return BuildReport(previous, rebuilt=False, seconds=time.perf_counter() - started)
+        return BuildReport(previous, rebuilt=False, seconds=time.perf_counter() - started, ignored=tuple(ignored))
 
-    tmp = db_path.with_name(f"{db_path.name}.building-{os.getpid()}")
+    from pipeline.storage import Folder, temp_name
+
+    # The one temporary-name rule (pipeline.storage): a dot-name beside the index, renamed into place.
+    tmp = db_path.with_name(temp_name(db_path.name))
     _remove_db_files(tmp)
     try:
         con = duckdb.connect(str(tmp), config=CONNECT_CONFIG)
         try:
             load_extensions(con)
+            # Bucket sources are read by DuckDB through the same fsspec filesystem as everything else.
+            for fs in {id(fs): fs for fs in (_filesystem(f, storage_options)[0] for f in files) if fs is not None}.values():
+                con.register_filesystem(fs)
             timings: dict[str, float] = {}
             info = _build(con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only)
             with _timed(timings, "checkpoint"):
@@ -237,15 +267,22 @@ def build_index(
             con.close()
         # A leftover WAL next to the old file would be replayed onto the new one.
         _remove_db_files(db_path, keep_main=True)
-        os.replace(tmp, db_path)
+        Folder(str(db_path.parent)).move(tmp.name, db_path.name)
     except BaseException:
         _remove_db_files(tmp)
         raise
-    return BuildReport(info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings, probe_sets=probe_sets)
+    return BuildReport(
+        info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings, probe_sets=probe_sets,
+        ignored=tuple(ignored),
+    )
 
 
 def _source_key(source) -> str:
-    return str(Path(os.path.expanduser(str(source))).resolve())
+    """How a source is recorded: a local one as its absolute path (symlinks resolved), a bucket one as its URL."""
+    from pipeline.storage import is_local, local_path
+
+    source = str(source)
+    return os.path.realpath(local_path(source)) if is_local(source) else source
 
 
 def _same_hnsw_choice(previous: IndexInfo, settings) -> bool:

@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from pipeline.config import DecodeConfig
 from pipeline.decode import load_image
+from pipeline.storage import Folder, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class ThumbnailCache:
         self.storage_options = storage_options
         self.max_pixels = max_pixels
         self.root = self._usable(root) if root is not None and self.max_bytes > 0 else None
+        self._folder = Folder(str(self.root)) if self.root is not None else None
         self._lock = threading.Lock()
         self._making: dict[str, threading.Lock] = {}
         # Decoding is CPU and memory bound: no more at once than there are cores,
@@ -81,9 +82,12 @@ class ThumbnailCache:
     @staticmethod
     def _usable(root: Path) -> Path | None:
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
-                pass
+            folder = Folder(str(root))
+            folder.makedirs()
+            probe = temp_name("write-probe")
+            folder.write(probe, b"")
+            folder.delete(probe)
+            folder.cleanup_temp_files(older_than=3600)  # left by a process killed while writing
             return root
         except OSError as exc:
             log.warning("thumbnail cache %s is not writable (%s); thumbnails will be made on every request", root, exc)
@@ -160,11 +164,8 @@ class ThumbnailCache:
             return
         path = self._path(key)
         try:
-            path.parent.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)  # readers see the whole file or none
+            # pipeline.storage's atomic write: readers see the whole file or none.
+            self._folder.write(f"{key[:2]}/{key}.jpg", data)
         except OSError as exc:
             log.warning("cannot cache thumbnail %s: %s", path, exc)
             return
@@ -209,7 +210,7 @@ class ThumbnailCache:
                 if total <= target:
                     break
                 try:
-                    path.unlink()
+                    self._folder.delete(path.relative_to(self.root).as_posix())
                 except OSError:
                     continue
                 self._used.pop(path, None)
