@@ -482,3 +482,39 @@ def test_thumbnails_of_bucket_images_through_the_storage_option(s3_bucket, tmp_p
     assert result.exit_code == 0, (result.output, result.exception)
     assert checked == [True]
     assert len(list((tmp_path / "index.duckdb.thumbs").rglob("*.jpg"))) == 1  # cached beside the index by default
+
+
+# -- small server defects (issue 14, item 10) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["[::1]:8000", "[::1]", "[0:0:0:0:0:0:0:1]:8000", "127.0.0.1:8000", "localhost"])
+def test_host_guard_accepts_loopback_names_with_or_without_a_port(service, thumbs, host):
+    """`captioner serve --host ::1`: the browser sends ``Host: [::1]:PORT``."""
+    guarded = TestClient(create_app(service, thumbs, allowed_hosts=allowed_hosts_for("::1")), base_url="http://[::1]:8000")
+    assert guarded.get("/api/info", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example:8000", "[::2]:8000", "[::1", "", "127.0.0.1.evil.example", "[::1]evil"])
+def test_host_guard_refuses_other_names(service, thumbs, host):
+    guarded = TestClient(create_app(service, thumbs, allowed_hosts=allowed_hosts_for("::1")), base_url="http://[::1]:8000")
+    response = guarded.get("/api/info", headers={"Host": host})
+    assert response.status_code == 400 and "host" in response.json()["error"].lower()
+
+
+ID_ROUTES = ["/api/images/{}", "/api/images/{}/similar", "/api/images/{}/thumb"]
+
+
+@pytest.mark.parametrize("route", ID_ROUTES)
+@pytest.mark.parametrize("digits", [19, 20, 25, 4301, 5000])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_an_id_too_large_for_the_index_is_404_never_500(client, route, digits, method):
+    response = client.request(method, route.format("9" * digits))
+    assert response.status_code == 404, response.text[:200]
+    if method == "GET":
+        assert len(response.json()["error"]) < 200  # the id is not echoed back at length
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "0.0", "1.01", "7", "-inf", "1e400"])
+def test_confidence_outside_zero_to_one_is_refused(client, value):
+    response = client.get("/api/search", params={"q": "beach", "probe": f"{PERSON}=yes", "confidence": value})
+    assert response.status_code == 400 and "(0, 1]" in response.json()["error"]

@@ -10,8 +10,9 @@
   GET  /api/images/{id}/thumb?size=s|l   JPEG thumbnail, or a placeholder when the original is unusable
 
 Files are reached only through a row id that the index holds: no request
-names a path. ``{id:int}`` routes match digits only, so anything else (``..``,
-``%2e%2e``, absolute paths) never reaches a handler.
+names a path. ``{id:rowid}`` routes match digits only, so anything else (``..``,
+``%2e%2e``, absolute paths) never reaches a handler; an id too large for a
+BIGINT (or for Python's int parsing: 5,000 digits) is simply not in the index: 404.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import math
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -49,6 +50,80 @@ _SECURITY_HEADERS = [
         b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     ),
 ]
+
+
+# Row ids are DuckDB BIGINTs.
+MAX_ROW_ID = 2**63 - 1
+
+
+class RowIdConvertor(Convertor):
+    """Digits only; an id longer than any BIGINT converts to MAX_ROW_ID + 1 (no row has it) without parsing it."""
+
+    regex = "[0-9]+"
+
+    def convert(self, value: str) -> int:
+        return int(value) if len(value) <= 19 else MAX_ROW_ID + 1
+
+    def to_string(self, value: int) -> str:
+        return str(int(value))
+
+
+register_url_convertor("rowid", RowIdConvertor())
+
+
+def host_name(header: str) -> str | None:
+    """The name in a Host header, without its port: ``[::1]:8000`` -> ``::1``; None when malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        rest = header[end + 1 :] if end > 0 else None
+        if rest is None or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return header[1:end]
+    name, _, port = header.partition(":")
+    if not name or (port and not port.isdigit()) or ":" in port:
+        return None
+    return name
+
+
+class HostGuard:
+    """Refuses (400) a request whose Host header names none of ``allowed`` (a DNS-rebinding guard).
+
+    Starlette's TrustedHostMiddleware cuts the header at the first ':', which
+    turns ``[::1]:8000`` into ``[``: every request to ``--host ::1`` failed.
+    """
+
+    def __init__(self, app, allowed: list[str]):
+        self.app = app
+        self.allowed = {name.strip("[]").lower() for name in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        name = host_name(header)
+        if name is None or name.strip("[]") not in self.allowed and not _same_address(name, self.allowed):
+            response = JSONResponse({"error": f"invalid Host header {header[:100]!r}: this server answers only to "
+                                              f"{', '.join(sorted(self.allowed))}"}, status_code=400)
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _same_address(name: str, allowed: set[str]) -> bool:
+    """``0:0:0:0:0:0:0:1`` is ``::1``: compare addresses, not spellings."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    for other in allowed:
+        try:
+            if ipaddress.ip_address(other) == address:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 class SecurityHeaders:
@@ -124,7 +199,9 @@ def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: 
         return JSONResponse({"error": str(exc)}, status_code=400)
 
     def not_found(request: Request, exc: NotFound):
-        return JSONResponse({"error": f"no image with id {exc.args[0]} in this index"}, status_code=404)
+        row_id = exc.args[0]
+        shown = row_id if isinstance(row_id, int) and 0 <= row_id <= MAX_ROW_ID else "that large"
+        return JSONResponse({"error": f"no image with id {shown} in this index"}, status_code=404)
 
     def http_error(request: Request, exc: HTTPException):
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
@@ -134,14 +211,14 @@ def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: 
         Route("/api/info", info),
         Route("/api/search", search),
         Route("/api/search/image", search_image, methods=["POST"]),
-        Route("/api/images/{id:int}", image),
-        Route("/api/images/{id:int}/similar", similar),
-        Route("/api/images/{id:int}/thumb", thumb),
+        Route("/api/images/{id:rowid}", image),
+        Route("/api/images/{id:rowid}/similar", similar),
+        Route("/api/images/{id:rowid}/thumb", thumb),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [Middleware(SecurityHeaders)]
     if allowed_hosts is not None:
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False))
+        middleware.insert(0, Middleware(HostGuard, allowed=allowed_hosts))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -173,9 +250,9 @@ def _filters(request: Request) -> Filters:
         try:
             confidence = float(raw)
         except ValueError:
-            raise HTTPException(400, f"confidence must be a number in (0, 1], got {raw!r}") from None
-        if not math.isfinite(confidence):
-            raise HTTPException(400, "confidence must be a finite number")
+            raise HTTPException(400, f"confidence must be a number in (0, 1], got {raw[:40]!r}") from None
+        if not (math.isfinite(confidence) and 0 < confidence <= 1):
+            raise HTTPException(400, f"confidence must be a number in (0, 1] (leave it out for no threshold), got {raw[:40]!r}")
     return Filters(tuple(request.query_params.getlist("probe")), confidence)
 
 

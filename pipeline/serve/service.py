@@ -34,6 +34,14 @@ class NotFound(LookupError):
     """No row with that id in the index."""
 
 
+def _bigint(row_id) -> int:
+    """``row_id`` as an int DuckDB can bind; an id outside BIGINT is in no index: NotFound."""
+    row_id = int(row_id)
+    if not 0 <= row_id < 2**63:
+        raise NotFound(row_id)
+    return row_id
+
+
 @dataclass(frozen=True)
 class ProbeFacet:
     question: str
@@ -215,7 +223,7 @@ class IndexService:
             "SELECT r.id, r.uri, r.image_id, r.status, r.error_kind, r.error, r.bytes, r.format, r.width, r.height, "
             "r.caption, r.probes, r.caption_model, r.embed_model, CAST(r.processed_at AS VARCHAR) AS processed_at, "
             f"{embedded} AS has_embedding FROM image_rows AS r WHERE r.id = ?",
-            [int(row_id)],
+            [_bigint(row_id)],
         )
         if not result.rows:
             raise NotFound(row_id)
@@ -225,7 +233,7 @@ class IndexService:
 
     def source_of(self, row_id: int) -> tuple[str, str | None]:
         """(uri, image_id) of row ``row_id``: the only way the server finds a file to read."""
-        rows = self._sql("SELECT uri, image_id FROM image_rows WHERE id = ?", [int(row_id)]).rows
+        rows = self._sql("SELECT uri, image_id FROM image_rows WHERE id = ?", [_bigint(row_id)]).rows
         if not rows:
             raise NotFound(row_id)
         return rows[0][0], rows[0][1]
