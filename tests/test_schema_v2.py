@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import schemas
 from pipeline.search.commands import SEARCH_COMMANDS
 from pipeline.search.errors import SearchError
-from pipeline.search.filters import ProbeFilter
+from pipeline.search.filters import ProbeFilter, filter_sql
 from schemas import (
     SCHEMA_VERSION,
     RunMetadata,
@@ -131,13 +131,15 @@ def test_describe_prints_v2():
 def test_probe_filter_forms(text, question, operator, answer):
     parsed = ProbeFilter.parse(text)
     assert (parsed.question, parsed.operator, parsed.answer) == (question, operator, answer)
-    sql, params = parsed.sql()
-    assert question not in sql and params[0] == question  # bound, never spliced
+    sql, params = filter_sql(None, [parsed], [question])
+    assert question not in sql  # bound, never spliced
+    assert params[0][0]["question"] == question.lower()
 
 
 def test_probe_threshold_is_bound_and_compares_yes_prob():
-    sql, params = ProbeFilter.parse("Is it red?>0.8").sql()
-    assert "p.yes_prob > ?" in sql and params == ["Is it red?", 0.8]
+    sql, params = filter_sql(None, [ProbeFilter.parse("Is it red?>0.8")], ["Is it red?"])
+    assert "a.p.yes_prob > f.number" in sql and "0.8" not in sql
+    assert params == [[{"n": 0, "question": "is it red?", "kind": ">", "text": None, "flag": None, "number": 0.8}], 1]
 
 
 @pytest.mark.parametrize("text", ["Is it red?>high", "Is it red?>1.5", "Is it red?<-0.1", "Is it red?>nan", "Is it red?>"])

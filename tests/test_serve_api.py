@@ -518,3 +518,20 @@ def test_an_id_too_large_for_the_index_is_404_never_500(client, route, digits, m
 def test_confidence_outside_zero_to_one_is_refused(client, value):
     response = client.get("/api/search", params={"q": "beach", "probe": f"{PERSON}=yes", "confidence": value})
     assert response.status_code == 400 and "(0, 1]" in response.json()["error"]
+
+
+# -- bounded work per request (issue 14, item 2) -------------------------------------------------
+
+
+def test_many_probe_filters_cost_linear_time_and_filter_as_few_do(service):
+    """One join of the unnested answers with a bound filter table, not a subquery per filter."""
+    import time
+
+    thresholds = [f"{PERSON}<={1 - i / 10**6}" for i in range(1000)]  # all distinct
+    started = time.perf_counter()
+    many = service.index.search_text("beach", 10, probes=thresholds)
+    assert time.perf_counter() - started < 5  # 100 subqueries took 0.7 s here, 2,000 would take minutes
+    assert many == []  # this index has no yes_prob: no row passes a threshold
+    # a repeated filter, another question's open answer, case in the question: the same rows as one filter each
+    both = service.index.search_vector([0.6, 0, 0.8, 0], 10, probes=[f"{PERSON}=yes", f"{PERSON.upper()}=YES", f"{CAR}=Red", f"{CAR}=red"])
+    assert [h.uri.rsplit("/", 1)[-1] for h in both] == ["red_car.jpg"]

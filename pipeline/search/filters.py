@@ -78,22 +78,26 @@ class ProbeFilter:
         word = self.answer.lower()
         return True if word in _YES else False if word in _NO else None
 
-    def sql(self) -> tuple[str, list]:
+    def spec(self) -> dict:
+        """This filter as one row of the bound filter table that filter_sql joins the probe answers with."""
+        row = {"question": self.question.lower(), "kind": "text", "text": None, "flag": None, "number": None}
         if self.operator in _THRESHOLDS:
-            # NULL yes_prob (v1 rows, open questions) compares to NULL: excluded.
-            cond = f"p.yes_prob {_THRESHOLDS[self.operator]} ?"
-            value = float(self.answer)
+            row.update(kind=self.operator, number=float(self.answer))
         elif self.as_bool is not None:
-            cond = "p.answer_bool = ?"
-            value = self.as_bool
+            row.update(kind="bool", flag=self.as_bool)
         else:
-            cond = "lower(trim(p.answer)) = lower(?)"
-            value = self.answer
-        sql = (
-            "id IN (SELECT id FROM image_rows WHERE "
-            f"len(list_filter(probes, lambda p: lower(p.question) = lower(?) AND {cond})) > 0)"
-        )
-        return sql, [self.question, value]
+            row.update(text=self.answer.lower())
+        return row
+
+
+# The filter table's type, and what each kind of filter asks of one probe answer ``a.p``.
+# NULL yes_prob (v1 rows, open questions) compares to NULL: excluded by a threshold.
+_SPEC_TYPE = "STRUCT(n INTEGER, question VARCHAR, kind VARCHAR, text VARCHAR, flag BOOLEAN, number DOUBLE)[]"
+_MATCH = (
+    "CASE f.kind WHEN 'bool' THEN a.p.answer_bool = f.flag WHEN 'text' THEN lower(trim(a.p.answer)) = f.text "
+    + " ".join(f"WHEN '{op}' THEN a.p.yes_prob {sql_op} f.number" for op, sql_op in _THRESHOLDS.items())
+    + " END"
+)
 
 
 def validate_where(expression: str) -> str:
@@ -123,15 +127,28 @@ def filter_sql(where: str | None, probes, known_questions) -> tuple[str, list]:
     if where is not None:
         parts.append(f"id IN (SELECT id FROM images WHERE (\n{validate_where(where)}\n))")
     known = {q.lower(): q for q in known_questions}
+    specs = []
     for probe in probes or ():
         if isinstance(probe, str):
             probe = ProbeFilter.parse(probe)
         if probe.question.lower() not in known:
             listed = "; ".join(known.values()) or "none (the files were captioned without probes)"
             raise SearchError(f"--probe: no question {probe.question!r} in this index. Its questions: {listed}")
-        sql, values = probe.sql()
-        parts.append(sql)
-        params += values
+        spec = probe.spec()
+        if spec not in specs:  # a repeated filter adds nothing
+            specs.append(spec)
+    if specs:
+        # Every probe filter in one bound table, joined once with the unnested
+        # answers: a row passes when each filter matched one of its answers.
+        # Linear in rows x answers; a subquery per filter made DuckDB plan N
+        # joins, at a cost growing much faster than N (issue 14).
+        parts.append(
+            "id IN (SELECT a.id FROM (SELECT id, unnest(probes) AS p FROM image_rows) AS a "
+            f"JOIN (SELECT unnest(?::{_SPEC_TYPE}, recursive := true)) AS f "
+            f"ON lower(a.p.question) = f.question AND ({_MATCH}) "
+            "GROUP BY a.id HAVING count(DISTINCT f.n) = ?)"
+        )
+        params += [[{"n": n, **spec} for n, spec in enumerate(specs)], len(specs)]
     return (" AND ".join(parts) if parts else "TRUE"), params
 
 
