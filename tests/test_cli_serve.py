@@ -79,3 +79,79 @@ def test_serve_accepts_embed_model_like_search(db, uvicorn_runs, tmp_path):
     assert str(missing) in result.output  # the given model was the one tried (and is reported missing)
     result = CliRunner().invoke(main, [*args, "--embed-model", search_doubles.SPEC])
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+# A real `captioner serve` whose text search runs a DuckDB query of minutes (as 500 probe filters once did).
+_SLOW_SERVER = """
+import sys
+from tests import search_doubles
+search_doubles.register()
+from pipeline.search import ImageIndex
+def slow(self, query, k, where, probes):
+    return self._run("SELECT count(*), 0.0 FROM range(1000000000000) AS a(x) WHERE x % 7 = 3", [])
+ImageIndex._text_ranked = slow
+from pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _start_server(db, tmp_path, *extra, script=_SLOW_SERVER):
+    import re
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    log = tmp_path / "serve.log"
+    root = Path(__file__).resolve().parent.parent
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, "serve", "--index", str(db), "--port", "0", "--device", "cpu",
+             "--thumb-cache", str(tmp_path / "t"), *extra],
+            stdout=sink, stderr=subprocess.STDOUT, cwd=root,
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (found := re.search(r"at http://(\S+?):(\d+)/", log.read_text())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"captioner serve did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    time.sleep(0.3)  # uvicorn binds the port again after the announcement
+    return process, found.group(1).strip("[]"), int(found.group(2)), log
+
+
+@pytest.mark.subprocess
+def test_sigterm_stops_the_server_within_seconds_while_a_query_runs(db, tmp_path):
+    import http.client
+    import signal
+    import threading
+    import time
+
+    process, host, port, log = _start_server(db, tmp_path)
+    try:
+        answers = []
+
+        def ask():
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            try:
+                conn.request("GET", "/api/search?q=beach&mode=text")
+                answers.append(conn.getresponse().status)
+            except OSError as exc:
+                answers.append(exc)
+            finally:
+                conn.close()
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        time.sleep(1.0)
+        assert not answers, answers  # the query is running
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        assert time.monotonic() - started < 5, log.read_text()
+        asker.join(timeout=5)
+        assert answers and answers[0] != 200
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

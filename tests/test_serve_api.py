@@ -369,7 +369,9 @@ def test_path_traversal_attempts_are_refused_over_real_http(service, thumbs, bui
     secret = paths["sign.jpg"].parent.parent / "secret.txt"
     secret.write_text("top secret")
     attempts = TRAVERSALS + [f"/static/{'../' * 12}{secret}", f"/static/{'%2e%2e%2f' * 12}{str(secret).lstrip('/')}"]
-    with LiveServer(create_app(service, thumbs, allowed_hosts=allowed_hosts_for("127.0.0.1"))) as server:
+    # its own service: uvicorn's shutdown stops the service of the app it served
+    own = IndexService(service.index)
+    with LiveServer(create_app(own, thumbs, allowed_hosts=allowed_hosts_for("127.0.0.1"))) as server:
         for path in attempts:
             status, body = server.raw_get(path)
             assert status in (400, 404), (path, status, body[:200])
@@ -535,3 +537,97 @@ def test_many_probe_filters_cost_linear_time_and_filter_as_few_do(service):
     # a repeated filter, another question's open answer, case in the question: the same rows as one filter each
     both = service.index.search_vector([0.6, 0, 0.8, 0], 10, probes=[f"{PERSON}=yes", f"{PERSON.upper()}=YES", f"{CAR}=Red", f"{CAR}=red"])
     assert [h.uri.rsplit("/", 1)[-1] for h in both] == ["red_car.jpg"]
+
+
+@pytest.mark.parametrize(
+    "params, limit",
+    [
+        ([("probe", f"{PERSON}=yes")] * (app_module.MAX_PROBES + 1), f"at most {app_module.MAX_PROBES}"),
+        ([("probe", f"{PERSON}=" + "y" * app_module.MAX_PROBE_CHARS)], f"at most {app_module.MAX_PROBE_CHARS}"),
+        ([("q", "beach " * 400)], f"at most {app_module.MAX_QUERY_CHARS:,}"),
+    ],
+)
+@pytest.mark.parametrize("route", ["/api/search", "/api/images/0/similar", "/api/search/image"])
+def test_too_many_or_too_long_filters_are_400_naming_the_limit(client, params, limit, route):
+    if route != "/api/search/image":
+        response = client.get(route, params=[("q", "beach"), *params])
+    else:
+        response = client.post(route, params=params, content=_png((255, 0, 0)), headers={"Content-Type": "image/png"})
+    if route.endswith("similar") and params[0][0] == "q":
+        assert response.status_code in (200, 400) and "characters" not in response.text, response.text  # more like this takes no query text
+        return
+    assert response.status_code == 400 and limit in response.json()["error"], response.text[:300]
+
+
+def test_the_most_filters_allowed_still_answer(client):
+    params = [("q", "beach"), ("mode", "semantic")] + [("probe", f"{PERSON}=yes")] * app_module.MAX_PROBES
+    assert names(client.get("/api/search", params=params).json()["hits"]) == ["red_car.jpg", "people_beach.jpg"]
+
+
+def _slow_text_search(index, monkeypatch):
+    """Text search that runs a DuckDB query of minutes on the index's own connection (interruptible, as a real one)."""
+
+    def slow(self, query, k, where, probes):
+        return self._run("SELECT count(*), 0.0 FROM range(1000000000000) AS a(x) WHERE x % 7 = 3", [])
+
+    monkeypatch.setattr(type(index), "_text_ranked", slow)
+
+
+@pytest.fixture()
+def quick(service):
+    """A service over the same index whose queries are interrupted after 0.3 s."""
+    return IndexService(service.index, query_timeout=0.3)
+
+
+def test_a_query_past_the_time_limit_is_interrupted_503_and_the_index_answers_again(quick, thumbs, monkeypatch):
+    import time
+
+    client = TestClient(create_app(quick, thumbs))
+    with monkeypatch.context() as patched:
+        _slow_text_search(quick.index, patched)
+        started = time.monotonic()
+        response = client.get("/api/search", params={"q": "beach", "mode": "text"})
+        assert time.monotonic() - started < 5
+    assert response.status_code == 503 and "0.3 s limit" in response.json()["error"]
+    assert response.headers["retry-after"]
+    # the lock was released and the connection is usable
+    again = client.get("/api/search", params={"q": "beach", "mode": "text"})
+    assert again.status_code == 200 and names(again.json()["hits"]) == ["people_beach.jpg", "dog_beach.jpg"]
+
+
+def test_a_request_that_cannot_get_the_index_in_time_is_503(quick, thumbs):
+    client = TestClient(create_app(quick, thumbs))
+    quick._lock.acquire()
+    try:
+        response = client.get("/api/search", params={"q": "beach"})
+    finally:
+        quick._lock.release()
+    assert response.status_code == 503 and "busy" in response.json()["error"]
+    assert client.get("/api/search", params={"q": "beach"}).status_code == 200
+
+
+def test_stopping_interrupts_the_running_query_and_refuses_new_ones(built, thumbs, monkeypatch):
+    import threading
+    import time
+
+    db, _ = built
+    with ImageIndex.open(db) as index:
+        service = IndexService(index, query_timeout=60)
+        _slow_text_search(index, monkeypatch)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(r=_try(service.search, "beach", "text", 0, 5, app_module.Filters())))
+        with TestClient(create_app(service, thumbs)) as client:  # the lifespan: shutdown stops the service
+            worker.start()
+            time.sleep(0.3)
+        started = time.monotonic()
+        worker.join(timeout=10)
+        assert time.monotonic() - started < 3 and not worker.is_alive()
+        assert isinstance(result["r"], app_module.Busy) and "stopping" in str(result["r"])
+        assert client.get("/api/search", params={"q": "beach"}).status_code == 503
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return exc

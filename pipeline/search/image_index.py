@@ -131,6 +131,10 @@ class ImageIndex:
     def close(self) -> None:
         self._con.close()
 
+    def interrupt(self) -> None:
+        """Stop the query running on this index's connection (from another thread); it raises, the connection stays usable."""
+        self._con.interrupt()
+
     def __enter__(self):
         return self
 

@@ -4,6 +4,11 @@
   GET  /api/info                    index facts, search modes, probe filters
   GET  /api/search?q=&mode=         search; &probe=Question?=yes (repeatable), &confidence=0.8,
                                     &offset=&limit= for paging
+
+Every request's work is bounded: at most MAX_PROBES probe filters of
+MAX_PROBE_CHARS each and a q of MAX_QUERY_CHARS (else 400); its queries are
+interrupted after the service's query_timeout (503), and a request that waits
+that long for the index gets 503 too.
   POST /api/search/image            body: image bytes; images like it (&q= fuses BM25 in hybrid)
   GET  /api/images/{id}             one row: caption, every probe answer, uri, size
   GET  /api/images/{id}/similar     more like this (the row's stored embedding)
@@ -17,6 +22,7 @@ BIGINT (or for Python's int parsing: 5,000 digits) is simply not in the index: 4
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -31,11 +37,15 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pipeline.search import SearchError
-from pipeline.serve.service import DEFAULT_PAGE, Filters, IndexService, NotFound, Page
+from pipeline.serve.service import DEFAULT_PAGE, Busy, Filters, IndexService, NotFound, Page
 from pipeline.serve.thumbs import SIDES, ThumbnailCache
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 32 * 2**20
+# What one request may ask: every limit is a 400 naming it.
+MAX_PROBES = 32  # probe= filters per request
+MAX_PROBE_CHARS = 500  # characters in one probe= filter
+MAX_QUERY_CHARS = 2000  # characters in q=
 # A thumbnail URL carries ?v=<start of image_id>; when it matches, the bytes
 # behind that URL can never change, so browsers may keep them for a year.
 _IMMUTABLE = "public, max-age=31536000, immutable"
@@ -153,7 +163,7 @@ def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: 
 
     def search(request: Request):
         params = request.query_params
-        page = service.search(params.get("q", ""), params.get("mode") or None, *_paging(request), _filters(request))
+        page = service.search(_query(request), params.get("mode") or None, *_paging(request), _filters(request))
         return _page_json(page)
 
     def similar(request: Request):
@@ -164,7 +174,7 @@ def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: 
         image = await _uploaded_image(request)
         params = request.query_params
         page = await run_in_threadpool(
-            service.search_image, image, params.get("q", ""), params.get("mode") or None, *_paging(request), _filters(request)
+            service.search_image, image, _query(request), params.get("mode") or None, *_paging(request), _filters(request)
         )
         return _page_json(page)
 
@@ -203,6 +213,9 @@ def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: 
         shown = row_id if isinstance(row_id, int) and 0 <= row_id <= MAX_ROW_ID else "that large"
         return JSONResponse({"error": f"no image with id {shown} in this index"}, status_code=404)
 
+    def busy(request: Request, exc: Busy):
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
     def http_error(request: Request, exc: HTTPException):
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
@@ -219,10 +232,17 @@ def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: 
     middleware = [Middleware(SecurityHeaders)]
     if allowed_hosts is not None:
         middleware.insert(0, Middleware(HostGuard, allowed=allowed_hosts))
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        yield
+        service.stop()  # the server is stopping: interrupt the running query, refuse new ones
+
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={SearchError: search_error, NotFound: not_found, HTTPException: http_error},
+        exception_handlers={SearchError: search_error, NotFound: not_found, Busy: busy, HTTPException: http_error},
+        lifespan=lifespan,
     )
     app.state.service = service
     app.state.thumbs = thumbs
@@ -243,7 +263,22 @@ def _int_param(request: Request, name: str, default: int) -> int:
         raise HTTPException(400, f"{name} must be an integer, got {raw!r}") from None
 
 
+def _query(request: Request) -> str:
+    q = request.query_params.get("q", "")
+    if len(q) > MAX_QUERY_CHARS:
+        raise HTTPException(400, f"q is {len(q):,} characters; at most {MAX_QUERY_CHARS:,} are accepted")
+    return q
+
+
 def _filters(request: Request) -> Filters:
+    probes = request.query_params.getlist("probe")
+    if len(probes) > MAX_PROBES:
+        raise HTTPException(400, f"{len(probes):,} probe filters; at most {MAX_PROBES} are accepted in one request")
+    for probe in probes:
+        if len(probe) > MAX_PROBE_CHARS:
+            raise HTTPException(
+                400, f"a probe filter of {len(probe):,} characters; at most {MAX_PROBE_CHARS} are accepted ({probe[:60]!r}...)"
+            )
     raw = request.query_params.get("confidence")
     confidence = None
     if raw not in (None, ""):
@@ -253,7 +288,7 @@ def _filters(request: Request) -> Filters:
             raise HTTPException(400, f"confidence must be a number in (0, 1], got {raw[:40]!r}") from None
         if not (math.isfinite(confidence) and 0 < confidence <= 1):
             raise HTTPException(400, f"confidence must be a number in (0, 1] (leave it out for no threshold), got {raw[:40]!r}")
-    return Filters(tuple(request.query_params.getlist("probe")), confidence)
+    return Filters(tuple(probes), confidence)
 
 
 def _page_json(page: Page) -> JSONResponse:

@@ -136,7 +136,8 @@ def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_
                 fg="yellow",
             )
         listening.close()
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        # Requests still running 2 s after SIGTERM are cancelled; the lifespan then interrupts their query.
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     finally:
         if listening is not None:
             listening.close()

@@ -8,13 +8,20 @@ One ImageIndex, one lock: an ImageIndex is not thread-safe, and a second
 connection would load its own copy of the HNSW graph (0.3 GB per 100k x 768
 rows). Queries take milliseconds and a local page has one user, so
 serialising them costs nothing that matters; thumbnails are made outside the
-lock.
+lock. So that no request can hold the lock for long, each one's queries run
+under a time limit (``query_timeout``): a timer thread interrupts the DuckDB
+query, which raises, and the request gets QueryTimeout (503). A request that
+cannot get the lock within that time gets Busy (503). ``stop()`` interrupts
+the running query and refuses new ones, so the server can stop at once.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import duckdb
 
 from pipeline.search import Hit, ImageIndex, SearchError
 from pipeline.search.contract import probes_type_has_yes_prob as has_yes_prob  # noqa: F401 - the page's old name
@@ -28,10 +35,20 @@ _BOOL_SHARE = 0.5
 # Distinct answers offered as filter choices for an open (non yes/no) question
 # (answers holding '=' are left out: a probe filter reads "QUESTION=ANSWER").
 _CHOICES = 12
+# Seconds one request's queries may run before they are interrupted.
+QUERY_TIMEOUT = 10.0
 
 
 class NotFound(LookupError):
     """No row with that id in the index."""
+
+
+class Busy(RuntimeError):
+    """The index cannot answer now (another query holds it, or the server is stopping): HTTP 503."""
+
+
+class QueryTimeout(Busy):
+    """The request's queries ran past the time limit and were interrupted: HTTP 503."""
 
 
 def _bigint(row_id) -> int:
@@ -96,9 +113,11 @@ def confidence_condition(probes, known_questions, floor: float) -> str | None:
 
 
 class IndexService:
-    def __init__(self, index: ImageIndex, *, load_embedder: bool = True):
+    def __init__(self, index: ImageIndex, *, load_embedder: bool = True, query_timeout: float = QUERY_TIMEOUT):
         self.index = index
         self._lock = threading.Lock()
+        self.query_timeout = float(query_timeout)
+        self._stopping = False
         self.semantic_error: str | None = None
         if not index.info.embedding_dim:
             self.semantic_error = "this index has no embeddings; only text search is available"
@@ -199,7 +218,7 @@ class IndexService:
         if offset < 0 or limit < 1 or offset + limit > MAX_RESULTS:
             raise SearchError(f"offset + limit must stay within 1..{MAX_RESULTS} (offset >= 0, limit >= 1)")
         where = self._confidence_where(filters)
-        with self._lock:
+        with self._locked():
             # One extra row says whether another page exists.
             hits = run(offset + limit + 1, where=where, probes=list(filters.probes))
         return Page(hits[offset : offset + limit], offset, len(hits) > offset + limit)
@@ -239,5 +258,56 @@ class IndexService:
         return rows[0][0], rows[0][1]
 
     def _sql(self, statement: str, params=None):
-        with self._lock:
+        with self._locked():
             return self.index.sql(statement, params)
+
+    # -- the lock, the time limit, stopping ----------------------------------------
+
+    @contextmanager
+    def _locked(self):
+        """Hold the index for one request, its queries interrupted after ``query_timeout`` seconds."""
+        if self._stopping:
+            raise Busy("the server is stopping")
+        if not self._lock.acquire(timeout=self.query_timeout):
+            raise Busy(f"the server is busy with another query (over {self.query_timeout:g} s); try again")
+        timed_out = threading.Event()
+        state = threading.Lock()  # the timer interrupts only while this request still holds the index
+
+        def interrupt():
+            with state:
+                if not done:
+                    timed_out.set()
+                    self.index.interrupt()
+
+        done = False
+        timer = threading.Timer(self.query_timeout, interrupt)
+        timer.daemon = True
+        try:
+            if self._stopping:
+                raise Busy("the server is stopping")
+            timer.start()
+            try:
+                yield
+            except (SearchError, duckdb.Error) as exc:
+                if self._stopping:
+                    raise Busy("the server is stopping") from exc
+                if timed_out.is_set():
+                    raise QueryTimeout(
+                        f"the query ran past the {self.query_timeout:g} s limit and was stopped; "
+                        f"use fewer filters or a shorter query"
+                    ) from exc
+                raise
+        finally:
+            with state:
+                done = True
+            timer.cancel()
+            self._lock.release()
+
+    def start(self) -> None:
+        """Answer queries (again): the server started."""
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Refuse new queries and interrupt the running one (the server is shutting down)."""
+        self._stopping = True
+        self.index.interrupt()
