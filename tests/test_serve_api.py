@@ -239,9 +239,13 @@ def test_without_the_query_embedder_text_search_and_more_like_this_still_work(bu
         assert names(client.get("/api/search", params={"q": "beach"}).json()["hits"]) == ["people_beach.jpg", "dog_beach.jpg"]
         refused = client.get("/api/search", params={"q": "beach", "mode": "hybrid"})
         assert refused.status_code == 400 and "no weights" in refused.json()["error"]
-        assert client.post("/api/search/image", content=_png((255, 0, 0))).status_code == 400
+        assert client.post("/api/search/image", content=_png((255, 0, 0)), headers=PNG).status_code == 400
         like = client.get(f"/api/images/{ids['cat_sofa.jpg']}/similar").json()
         assert names(like["hits"])[:2] == ["cat_sofa.jpg", "dog_beach.jpg"]
+
+
+# What the page sends with a dropped PNG (static/app.js: the file's type).
+PNG = {"Content-Type": "image/png"}
 
 
 def _png(color, size=(8, 8)) -> bytes:
@@ -251,18 +255,18 @@ def _png(color, size=(8, 8)) -> bytes:
 
 
 def test_dropped_image_searches_by_image(client):
-    page = client.post("/api/search/image", content=_png((255, 0, 0)), params={"limit": 2}).json()
+    page = client.post("/api/search/image", content=_png((255, 0, 0)), params={"limit": 2}, headers=PNG).json()
     assert names(page["hits"]) == ["red_car.jpg", "cat_sofa.jpg"]
     assert page["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-    fused = client.post("/api/search/image", content=_png((255, 0, 0)), params={"q": "beach", "mode": "hybrid"}).json()
+    fused = client.post("/api/search/image", content=_png((255, 0, 0)), params={"q": "beach", "mode": "hybrid"}, headers=PNG).json()
     assert fused["hits"][0]["text_rank"] is not None  # BM25 of the text fused with the image's ranking
 
 
 def test_dropped_non_image_or_oversized_upload_is_refused(client, monkeypatch):
-    bad = client.post("/api/search/image", content=b"<html>not an image</html>")
+    bad = client.post("/api/search/image", content=b"<html>not an image</html>", headers={"Content-Type": "application/octet-stream"})
     assert bad.status_code == 400 and "not a usable image" in bad.json()["error"]
     monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", 100)
-    big = client.post("/api/search/image", content=_png((255, 0, 0), (64, 64)) + b"\0" * 200)
+    big = client.post("/api/search/image", content=_png((255, 0, 0), (64, 64)) + b"\0" * 200, headers=PNG)
     assert big.status_code == 413
 
 
@@ -631,3 +635,74 @@ def _try(fn, *args):
         return fn(*args)
     except Exception as exc:  # noqa: BLE001 - the test looks at it
         return exc
+
+
+# -- image uploads: the page's content type, bounded decodes (issue 14, item 3) --------------------
+
+
+@pytest.mark.parametrize(
+    "kind", [None, "text/plain", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded", "text/html"]
+)
+def test_an_upload_without_the_pages_content_type_is_415(client, kind):
+    """A cross-site no-cors POST can only send the "simple" types: none of them is accepted."""
+    headers = {"Content-Type": kind} if kind else {}
+    response = client.post("/api/search/image", content=_png((255, 0, 0)), headers=headers)
+    assert response.status_code == 415 and "image/*" in response.json()["error"]
+
+
+@pytest.mark.parametrize("kind", ["image/png", "image/jpeg", "IMAGE/PNG", "application/octet-stream"])
+def test_the_types_the_page_sends_are_accepted(client, kind):
+    response = client.post("/api/search/image", content=_png((255, 0, 0)), params={"limit": 1}, headers={"Content-Type": kind})
+    assert response.status_code == 200 and names(response.json()["hits"]) == ["red_car.jpg"]
+
+
+def test_decodes_beyond_the_bound_wait_then_get_503(service, thumbs, monkeypatch):
+    import threading
+
+    from pipeline import decode
+
+    monkeypatch.setattr(app_module, "MAX_DECODES", 1)
+    monkeypatch.setattr(app_module, "UPLOAD_WAIT", 0.3)
+    release, entered = threading.Event(), threading.Event()
+    real = decode.decode_bytes
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_bytes", held)
+    with TestClient(create_app(service, thumbs)) as client:
+        first = []
+        worker = threading.Thread(target=lambda: first.append(client.post("/api/search/image", content=_png((255, 0, 0)), headers=PNG)))
+        worker.start()
+        assert entered.wait(10)
+        second = client.post("/api/search/image", content=_png((255, 0, 0)), headers=PNG)
+        assert second.status_code == 503 and "decoded already" in second.json()["error"]
+        release.set()
+        worker.join(10)
+        assert first[0].status_code == 200
+        assert client.post("/api/search/image", content=_png((255, 0, 0)), headers=PNG).status_code == 200  # released
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_a_large_query_image_is_reduced_early_to_what_the_pipeline_decodes(mode):
+    import numpy as np
+
+    from pipeline.config import DecodeConfig
+    from pipeline.decode import decode_bytes
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 6500, 4), dtype=np.uint8)  # 6500 px: reduced by 2 before the resize to 1024
+    image = Image.fromarray(pixels, "RGBA").convert(mode) if mode != "P" else Image.fromarray(pixels[..., :3], "RGB").quantize(64)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    pipeline = decode_bytes("x.png", out.getvalue(), DecodeConfig())
+    query = decode_bytes("x.png", out.getvalue(), DecodeConfig(), reduce_early=True)
+    assert query.ok and query.image.size == pipeline.image.size == (1024, 6) and query.image.mode == "RGB"
+    assert (query.width, query.height) == (pipeline.width, pipeline.height) == (6500, 40)
+    diff = np.abs(np.asarray(query.image, dtype=int) - np.asarray(pipeline.image, dtype=int))
+    if mode in ("RGB", "L", "P"):
+        assert diff.max() == 0  # the reduction the resize does anyway, done earlier (P is not reduced early)
+    else:
+        assert diff.mean() < 2  # alpha composited after rather than before the reduction

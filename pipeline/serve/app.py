@@ -22,8 +22,11 @@ BIGINT (or for Python's int parsing: 5,000 digits) is simply not in the index: 4
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+import threading
+import time
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -42,6 +45,13 @@ from pipeline.serve.thumbs import SIDES, ThumbnailCache
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 32 * 2**20
+# Uploads read and decoded at once (a 9999x9999 PNG decodes to 300 MB of pixels
+# before it is reduced); more wait up to UPLOAD_WAIT seconds, then get 503.
+MAX_DECODES = 2
+UPLOAD_WAIT = 10.0
+# What the page sends (the dropped file's type, else octet-stream). A cross-site
+# "simple" POST can send only text/plain, form or multipart types: refused (415).
+UPLOAD_TYPES = ("image/", "application/octet-stream")
 # What one request may ask: every limit is a 400 naming it.
 MAX_PROBES = 32  # probe= filters per request
 MAX_PROBE_CHARS = 500  # characters in one probe= filter
@@ -170,8 +180,11 @@ def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: 
         page = service.similar(request.path_params["id"], *_paging(request), _filters(request))
         return _page_json(page)
 
+    # A thread semaphore polled from the event loop: no loop owns it (TestClient runs a loop per request).
+    decodes = threading.BoundedSemaphore(MAX_DECODES)
+
     async def search_image(request: Request):
-        image = await _uploaded_image(request)
+        image = await _uploaded_image(request, decodes)
         params = request.query_params
         page = await run_in_threadpool(
             service.search_image, image, _query(request), params.get("mode") or None, *_paging(request), _filters(request)
@@ -317,20 +330,41 @@ def _etags(header: str) -> set[str]:
     return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
 
 
-async def _uploaded_image(request: Request):
-    """The request body decoded as an image by the pipeline's own decoder (size guard, EXIF, RGB)."""
+async def _uploaded_image(request: Request, decodes: threading.BoundedSemaphore):
+    """The request body decoded as an image by the pipeline's own decoder (size guard, EXIF, RGB).
+
+    Only the page's content types; at most MAX_DECODES bodies read and decoded
+    at a time; pixels reduced toward the embedder's size right after decoding.
+    """
     from pipeline.config import DecodeConfig
     from pipeline.decode import decode_bytes
 
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not kind.startswith(UPLOAD_TYPES[0]) and kind != UPLOAD_TYPES[1]:
+        raise HTTPException(
+            415, f"send the image as the body with Content-Type image/* or application/octet-stream, not {kind[:80]!r}"
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
         raise HTTPException(413, f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-    decoded = await run_in_threadpool(decode_bytes, "upload", bytes(body), DecodeConfig())
+    deadline = time.monotonic() + UPLOAD_WAIT
+    while not decodes.acquire(blocking=False):
+        if time.monotonic() >= deadline:
+            raise HTTPException(
+                503, f"{MAX_DECODES} images are being decoded already; try again", headers={"Retry-After": "2"}
+            )
+        await asyncio.sleep(0.05)
+    try:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_UPLOAD_BYTES:
+                raise HTTPException(413, f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+        data = bytes(body)
+        del body
+        decoded = await run_in_threadpool(decode_bytes, "upload", data, DecodeConfig(), reduce_early=True)
+    finally:
+        decodes.release()
     if not decoded.ok:
         raise HTTPException(400, f"the dropped file is not a usable image: {decoded.error}")
     return decoded.image
