@@ -155,3 +155,45 @@ def test_sigterm_stops_the_server_within_seconds_while_a_query_runs(db, tmp_path
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+_PLAIN_SERVER = """
+import sys
+from tests import search_doubles
+search_doubles.register()
+from pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_serve_on_ipv6_loopback_answers_the_browsers_host_header(db, tmp_path):
+    """`captioner serve --host ::1`: a browser sends ``Host: [::1]:PORT``, and so does http.client."""
+    import http.client
+
+    process, host, port, log = _start_server(db, tmp_path, "--host", "::1", script=_PLAIN_SERVER)
+    try:
+        assert host == "::1"
+        conn = http.client.HTTPConnection("::1", port, timeout=10)
+        try:
+            conn.request("GET", "/api/info")  # Host: [::1]:PORT
+            response = conn.getresponse()
+            assert response.status == 200, (response.read()[:300], log.read_text())
+            response.read()
+            conn.request("GET", "/api/info", headers={"Host": "evil.example"})
+            assert conn.getresponse().status == 400
+        finally:
+            conn.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
