@@ -124,6 +124,8 @@ def chunk_table(start: int, x: np.ndarray, caps: list[str], rng, schema: pa.Sche
         "probe_set_hash": const(run.probe_set_hash, pa.string()),
         "processed_at": const(datetime(2024, 1, 1, tzinfo=timezone.utc), pa.timestamp("us", tz="UTC")),
     }
+    if "source_mtime" in schema.names:  # schema v3: when the file was last changed (unknown here)
+        columns["source_mtime"] = pa.nulls(n, schema.field("source_mtime").type)
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
