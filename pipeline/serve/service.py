@@ -18,6 +18,7 @@ the running query and refuses new ones, so the server can stop at once.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -270,18 +271,29 @@ class IndexService:
             raise Busy("the server is stopping")
         if not self._lock.acquire(timeout=self.query_timeout):
             raise Busy(f"the server is busy with another query (over {self.query_timeout:g} s); try again")
-        timed_out = threading.Event()
-        state = threading.Lock()  # the timer interrupts only while this request still holds the index
+        timed_out, finished = threading.Event(), threading.Event()
+        state = threading.Lock()  # interrupts land only while this request still holds the index
 
-        def interrupt():
-            with state:
-                if not done:
-                    timed_out.set()
+        def watchdog():
+            deadline = time.monotonic() + self.query_timeout
+            while not finished.wait(0.05):
+                if self._stopping or time.monotonic() >= deadline:
+                    break
+            else:
+                return
+            if not self._stopping:
+                timed_out.set()
+            # Again every 50 ms: an interrupt between two queries (say, while the
+            # embedder runs) is a no-op, and the next query must stop too.
+            while True:
+                with state:
+                    if finished.is_set():
+                        return
                     self.index.interrupt()
+                if finished.wait(0.05):
+                    return
 
-        done = False
-        timer = threading.Timer(self.query_timeout, interrupt)
-        timer.daemon = True
+        timer = threading.Thread(target=watchdog, name="query-deadline", daemon=True)
         try:
             if self._stopping:
                 raise Busy("the server is stopping")
@@ -299,8 +311,7 @@ class IndexService:
                 raise
         finally:
             with state:
-                done = True
-            timer.cancel()
+                finished.set()
             self._lock.release()
 
     def start(self) -> None:
