@@ -125,22 +125,6 @@ def current_plan(config: RunConfig) -> ResourcePlan:
 # ---- the dataset ------------------------------------------------------------------
 
 
-def _bound(stage_class, stage: StageConfig):
-    """``stage_class`` with its config baked in.
-
-    Ray Data puts constructor arguments in the object store, and Ray logs an
-    error-level warning for every such actor; a class that closes over its
-    config travels with its definition instead.
-    """
-
-    class Bound(stage_class):
-        def __init__(self):
-            super().__init__(stage)
-
-    Bound.__name__ = Bound.__qualname__ = stage_class.__name__
-    return Bound
-
-
 def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
     import ray.data
 
@@ -167,8 +151,12 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
             resources = {"num_gpus": gpus, "num_cpus": plan.model_actor_cpus} if plan.use_gpu else {
                 "num_cpus": plan.model_actor_cpus
             }
+            # Ray Data hands the constructor its arguments through the object
+            # store whatever the class looks like, and Ray logs an error-level
+            # line for it; jobs/quiet.py keeps that one line off the terminal.
             dataset = dataset.map_batches(
-                _bound(stage_class, stage),
+                stage_class,
+                fn_constructor_kwargs={"stage": stage},
                 batch_size=batch_size,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=actors),
@@ -243,7 +231,7 @@ class ray_session:
             else:
                 # "local" always starts a fresh instance, never joins a cluster
                 # that happens to run on this machine.
-                ray.init(address="local", num_cpus=_local_cpus(self.config), **kwargs)
+                ray.init(address="local", **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same fault
             raise RayUnavailable(_explain_init_failure(exc, address)) from exc
         self.started = True
@@ -293,12 +281,3 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
             "and port (`ray status` on the head node shows them; the GCS listens on 6379 and Ray Client on "
             "10001 by default), or drop --address and unset RAY_ADDRESS to run on an embedded local Ray."
         ) from exc
-
-
-def _local_cpus(config: RunConfig) -> int:
-    # Ray counts logical CPUs: the model actors must fit beside at least a
-    # couple of decode tasks or the pipeline stalls, even on a 2-core laptop.
-    actor_cpus = config.ray.model_actor_cpus or DEFAULT_MODEL_ACTOR_CPUS
-    decode_cpus = config.ray.decode_cpus or DEFAULT_DECODE_CPUS
-    needed = _cpus_needed(config, actor_cpus, decode_cpus, CONFORM_CPUS) + decode_cpus + CONFORM_CPUS
-    return max(os.cpu_count() or 1, int(needed + 0.999))
