@@ -11,9 +11,11 @@ then the conform step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -237,12 +239,66 @@ class ray_session:
         self.started = True
         return self
 
-    def __exit__(self, *exc_info):
-        if self.started:
-            import ray
+    def __exit__(self, exc_type, exc, tb):
+        with _quiet_teardown(enabled=exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
+            if self.started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+                _no_second_ray()
         return False
+
+
+def _no_second_ray() -> None:
+    """Stop Ray's auto-init from starting a fresh local Ray after ours is shut down.
+
+    Any Ray API called later in this process (a Ray Data object reporting
+    metrics as it is collected) would otherwise start one, dashboard agent and
+    all, with nobody left to stop it. An explicit ray.init still works.
+    """
+    from ray._private import auto_init_hook
+
+    if hasattr(auto_init_hook, "enable_auto_connect"):
+        auto_init_hook.enable_auto_connect = False
+
+
+# Ray Data's executor and its iterator's prefetch threads (ray/data/_internal).
+_RAY_DATA_THREADS = ("StreamingExecutor", "map_tp_filling_worker", "map_tp_transforming_worker")
+
+
+@contextlib.contextmanager
+def _quiet_teardown(enabled: bool, executor_wait_s: float = 10.0):
+    """After a Ctrl-C: let Ray Data's executor stop, and keep the errors of the tasks it abandoned quiet.
+
+    The interrupted iterator asks the executor thread to stop but waits only
+    2 s for it; on a loaded machine it is still scheduling when ray.shutdown
+    runs, and every task it dropped would be reported as an "Unhandled error"
+    with a traceback. The user asked for the stop: none of that is news.
+    """
+    if not enabled:
+        yield
+        return
+    import threading
+
+    deadline = time.monotonic() + executor_wait_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith(_RAY_DATA_THREADS):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    saved_env = os.environ.get("RAY_IGNORE_UNHANDLED_ERRORS")
+    os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if saved_env is None:
+            os.environ.pop("RAY_IGNORE_UNHANDLED_ERRORS", None)
+        else:
+            os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = saved_env
 
 
 def _explain_init_failure(exc: Exception, address: str | None) -> str:
