@@ -462,14 +462,15 @@ class Folder:
             return st.st_size, st.st_mtime_ns
         return _info_fingerprint(self.info(relative))
 
-    def fingerprints(self) -> dict[str, tuple[int, int | str]]:
-        """Every file below the folder, hidden ones too, relative -> :meth:`fingerprint` (symlinks as themselves).
-
-        One listing on a bucket; a missing folder has none.
+    def fingerprints(self, *, recursive: bool = True) -> dict[str, tuple[int, int | str]]:
+        """Every file below the folder (or, not ``recursive``, directly in it), hidden ones too,
+        relative -> :meth:`fingerprint` (symlinks as themselves). One listing on a bucket; a missing folder has none.
         """
         out: dict[str, tuple[int, int | str]] = {}
         if self.local:
             for parent, _, files in os.walk(self.path):
+                if not recursive and parent != self.path:
+                    break
                 for file in files:
                     full = os.path.join(parent, file)
                     try:
@@ -480,7 +481,10 @@ class Folder:
             return out
         self.forget_listings()
         try:
-            found = self.fs.find(self.path, withdirs=False, detail=True)
+            if recursive:
+                found = self.fs.find(self.path, withdirs=False, detail=True)
+            else:
+                found = {e["name"]: e for e in self.fs.ls(self.path, detail=True) if e.get("type") == "file"}
         except (FileNotFoundError, NotADirectoryError):
             return out
         for full, info in found.items():

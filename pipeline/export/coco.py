@@ -7,7 +7,9 @@
 height}; ``annotations`` are {id, image_id, caption}, one per captioned
 image: the fields pycocotools' COCO(), getImgIds/getAnnIds/loadAnns and
 loadRes (caption results) use. Width and height are the image's pixel size
-after EXIF orientation, as the pipeline recorded it.
+after EXIF orientation, as the pipeline recorded it. Files are written
+through pipeline.export.storage.ExportFolder (no user's file or indexed image
+is replaced).
 """
 
 from __future__ import annotations

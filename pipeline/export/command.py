@@ -156,7 +156,8 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
         from pipeline.export.alt_file import write_alt_text
         from pipeline.export.storage import ExportFolder, parent
 
-        with ExportFolder(storage, parent(out), sources=source.tree_uris(), overwrite=overwrite, allow_in_images=None) as dest:
+        with ExportFolder(storage, parent(out), sources=source.tree_uris(), overwrite=overwrite, allow_in_images=None,
+                          recursive=False) as dest:
             n = write_alt_text(source.rows(), out, dest, max_chars=max_chars, skipped=skipped)
         return f"wrote {n} alt texts to {shown}"
     if format in SIDECAR_FORMATS:

@@ -6,6 +6,9 @@
                             mirroring their folders below the root
 
 ``datasets.load_dataset("imagefolder", data_dir=OUT)`` reads it (split "train").
+Every file goes through pipeline.export.storage.ExportFolder: a user's own
+file at a destination is refused before anything is written (unless
+--overwrite), and an indexed image is never replaced.
 """
 
 from __future__ import annotations

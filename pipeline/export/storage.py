@@ -10,6 +10,10 @@ Exports that lay out a tree (``--out DIR``) mirror the images' folders below
 a root: ``--root`` when given, else the deepest folder that holds every image
 of the index or Parquet (all rows, not only the selected ones, so a filter
 never changes where a file lands).
+
+What an export may replace there is :class:`ExportFolder`'s to decide: only
+files an export wrote (recorded in its ``.captioner-export.json``), never an
+indexed image, and a user's own file only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -169,11 +173,13 @@ class ExportFolder:
 
     With ``allow_in_images`` False (tree formats without the flag) a folder
     that holds indexed images is refused outright; None skips that check
-    (single-file formats).
+    (single-file formats), which also need no recursive listing (``recursive``).
     """
 
-    def __init__(self, storage: Storage, out: str, *, sources: Iterable[str], overwrite: bool, allow_in_images: bool | None):
+    def __init__(self, storage: Storage, out: str, *, sources: Iterable[str], overwrite: bool, allow_in_images: bool | None,
+                 recursive: bool = True):
         self.storage = storage
+        self.recursive = recursive  # False: the export writes only directly into the folder (alt-text)
         self.out = out
         self.overwrite = overwrite
         try:
@@ -192,7 +198,7 @@ class ExportFolder:
                     f"whose copy would land on another is skipped)"
                 )
         self._manifest = self._read_manifest()
-        self._listing = None if self.folder.local else self.folder.fingerprints()
+        self._listing = None if self.folder.local else self.folder.fingerprints(recursive=recursive)
         self._written: set[str] = set()
 
     # -- where things are ------------------------------------------------------------
@@ -305,9 +311,11 @@ class ExportFolder:
         """Record what the export wrote (and what earlier exports wrote that is still unchanged) in the manifest."""
         if not self._written and not self._manifest:
             return
-        listing = None if self.folder.local else self.folder.fingerprints()
+        listing = None if self.folder.local else self.folder.fingerprints(recursive=self.recursive)
 
         def now(rel):
+            if listing is not None and not self.recursive and "/" in rel:
+                return self._manifest.get(rel)  # below the folder: not listed, kept as recorded
             return listing.get(rel) if listing is not None else self._current(rel)
 
         files = {rel: old for rel, old in self._manifest.items() if rel not in self._written and now(rel) == old}
