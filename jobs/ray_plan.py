@@ -11,9 +11,11 @@ then the conform step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -125,22 +127,6 @@ def current_plan(config: RunConfig) -> ResourcePlan:
 # ---- the dataset ------------------------------------------------------------------
 
 
-def _bound(stage_class, stage: StageConfig):
-    """``stage_class`` with its config baked in.
-
-    Ray Data puts constructor arguments in the object store, and Ray logs an
-    error-level warning for every such actor; a class that closes over its
-    config travels with its definition instead.
-    """
-
-    class Bound(stage_class):
-        def __init__(self):
-            super().__init__(stage)
-
-    Bound.__name__ = Bound.__qualname__ = stage_class.__name__
-    return Bound
-
-
 def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
     import ray.data
 
@@ -167,8 +153,12 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
             resources = {"num_gpus": gpus, "num_cpus": plan.model_actor_cpus} if plan.use_gpu else {
                 "num_cpus": plan.model_actor_cpus
             }
+            # Ray Data hands the constructor its arguments through the object
+            # store whatever the class looks like, and Ray logs an error-level
+            # line for it; jobs/quiet.py keeps that one line off the terminal.
             dataset = dataset.map_batches(
-                _bound(stage_class, stage),
+                stage_class,
+                fn_constructor_kwargs={"stage": stage},
                 batch_size=batch_size,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=actors),
@@ -244,18 +234,72 @@ class ray_session:
             else:
                 # "local" always starts a fresh instance, never joins a cluster
                 # that happens to run on this machine.
-                ray.init(address="local", num_cpus=_local_cpus(self.config), **kwargs)
+                ray.init(address="local", **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same fault
             raise RayUnavailable(_explain_init_failure(exc, address)) from exc
         self.started = True
         return self
 
-    def __exit__(self, *exc_info):
-        if self.started:
-            import ray
+    def __exit__(self, exc_type, exc, tb):
+        with _quiet_teardown(enabled=exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
+            if self.started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+                _no_second_ray()
         return False
+
+
+def _no_second_ray() -> None:
+    """Stop Ray's auto-init from starting a fresh local Ray after ours is shut down.
+
+    Any Ray API called later in this process (a Ray Data object reporting
+    metrics as it is collected) would otherwise start one, dashboard agent and
+    all, with nobody left to stop it. An explicit ray.init still works.
+    """
+    from ray._private import auto_init_hook
+
+    if hasattr(auto_init_hook, "enable_auto_connect"):
+        auto_init_hook.enable_auto_connect = False
+
+
+# Ray Data's executor and its iterator's prefetch threads (ray/data/_internal).
+_RAY_DATA_THREADS = ("StreamingExecutor", "map_tp_filling_worker", "map_tp_transforming_worker")
+
+
+@contextlib.contextmanager
+def _quiet_teardown(enabled: bool, executor_wait_s: float = 10.0):
+    """After a Ctrl-C: let Ray Data's executor stop, and keep the errors of the tasks it abandoned quiet.
+
+    The interrupted iterator asks the executor thread to stop but waits only
+    2 s for it; on a loaded machine it is still scheduling when ray.shutdown
+    runs, and every task it dropped would be reported as an "Unhandled error"
+    with a traceback. The user asked for the stop: none of that is news.
+    """
+    if not enabled:
+        yield
+        return
+    import threading
+
+    deadline = time.monotonic() + executor_wait_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith(_RAY_DATA_THREADS):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    saved_env = os.environ.get("RAY_IGNORE_UNHANDLED_ERRORS")
+    os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if saved_env is None:
+            os.environ.pop("RAY_IGNORE_UNHANDLED_ERRORS", None)
+        else:
+            os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = saved_env
 
 
 def _explain_init_failure(exc: Exception, address: str | None) -> str:
@@ -294,12 +338,3 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
             "and port (`ray status` on the head node shows them; the GCS listens on 6379 and Ray Client on "
             "10001 by default), or drop --address and unset RAY_ADDRESS to run on an embedded local Ray."
         ) from exc
-
-
-def _local_cpus(config: RunConfig) -> int:
-    # Ray counts logical CPUs: the model actors must fit beside at least a
-    # couple of decode tasks or the pipeline stalls, even on a 2-core laptop.
-    actor_cpus = config.ray.model_actor_cpus or DEFAULT_MODEL_ACTOR_CPUS
-    decode_cpus = config.ray.decode_cpus or DEFAULT_DECODE_CPUS
-    needed = _cpus_needed(config, actor_cpus, decode_cpus, CONFORM_CPUS) + decode_cpus + CONFORM_CPUS
-    return max(os.cpu_count() or 1, int(needed + 0.999))

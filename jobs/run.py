@@ -9,7 +9,6 @@ a crash or Ctrl-C loses at most the rows not yet committed.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from jobs.interrupt import CtrlC
 from jobs.quiet import native_stderr_filter
 from jobs.ray_plan import build_dataset, current_plan, ray_session
 from pipeline.config import RunConfig
@@ -60,18 +60,31 @@ class RunSummary:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the rows committed so far are kept."""
+    """Ctrl-C during a run; the rows committed so far are kept.
 
-    def __init__(self, committed: int, output: str):
-        super().__init__(committed, output)
+    ``committed`` counts the rows this run wrote to part files; ``where`` is
+    the folder that holds them (for a single-file output, the ``.parts``
+    folder that the next complete run merges into the file).
+    """
+
+    def __init__(self, committed: int, where: str):
+        super().__init__(committed, where)
         self.committed = committed
-        self.output = output
+        self.where = where
 
     def __str__(self) -> str:
+        if not self.committed:
+            return "interrupted before this run committed any row: nothing was written; run the same command again to start it"
         return (
-            f"interrupted: {self.committed} processed rows were committed to {self.output} and are kept; "
+            f"interrupted: {self.committed} processed rows were committed to {self.where} and are kept; "
             "run the same command again to resume where it stopped"
         )
+
+
+def parts_location(config: RunConfig) -> str:
+    """Where a run's committed part files are, as the user named the output."""
+    output = config.output.rstrip("/")
+    return f"{output}.parts/" if config.single_file else f"{output}/"
 
 
 def run_identity(config: RunConfig) -> RunMetadata:
@@ -93,10 +106,21 @@ def _progress_label(config: RunConfig) -> str:
 
 
 def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummary:
-    """Run the whole job; raise only for infrastructure faults (bad images become rows)."""
-    echo = echo or (lambda message: print(message, file=sys.stderr))
+    """Run the whole job; raise only for infrastructure faults (bad images become rows).
+
+    Ctrl-C raises :class:`RunInterrupted`, whose message says what was kept.
+    """
+    committed = [0]
+    try:
+        return _run(config, progress, echo or (lambda message: print(message, file=sys.stderr)), committed)
+    except KeyboardInterrupt:
+        # Before Ray (listing, resume state) or after it (the final merge):
+        # parts committed by this run stay where they are.
+        raise RunInterrupted(committed[0], parts_location(config)) from None
+
+
+def _run(config: RunConfig, progress: bool, echo, committed: list[int]) -> RunSummary:
     started = time.monotonic()
-    config = config.validate()
     # A missing source, GPU or weights fail here, all at once, in seconds, not on a worker after Ray started.
     preflight(config)
     identity = run_identity(config)
@@ -124,29 +148,41 @@ def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummar
 
     schema = None
     if pending:
+        # From here on a Ctrl-C only sets a flag, acted on where nothing is
+        # half done: after ray.init, between batches, never inside a commit
+        # or ray.shutdown (jobs/interrupt.py).
+        ctrl_c = CtrlC()
         try:
-            with ray_session(config), native_stderr_filter():
+            with ctrl_c, ray_session(config), native_stderr_filter():
+                ctrl_c.check()
                 plan = current_plan(config)
                 stage = StageConfig(run=config, identity=identity, torch_threads=plan.torch_threads)
-                schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress)
-        except KeyboardInterrupt:
-            # _process committed every row that reached the driver; Ray's
-            # teardown may raise a second interrupt, which lands here too.
-            raise RunInterrupted(summary.processed, config.output) from None
+                schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress, ctrl_c)
+        finally:
+            # _process committed every row that reached the driver, interrupted or not.
+            committed[0] = summary.processed
     summary.total_rows = store.finalize(schema, run=identity)
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
-def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig, progress: bool) -> pa.Schema | None:
+def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig, progress: bool,
+             ctrl_c: CtrlC) -> pa.Schema | None:
     from tqdm import tqdm
 
     writer = PartWriter(store, config.rows_per_part)
     kinds: collections.Counter[str] = collections.Counter()
     bar = tqdm(total=summary.listed - summary.skipped, unit="img", desc=_progress_label(config),
                disable=not progress, dynamic_ncols=True, leave=False)
+    batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     try:
-        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        while True:
+            # The only place a Ctrl-C lands at once: waiting for Ray, with
+            # every row received so far already handed to the writer.
+            with ctrl_c.interruptible():
+                table = next(batches, None)
+            if table is None:
+                break
             writer.add(table)
             statuses = table["status"].to_pylist()
             ok = sum(status == STATUS_OK for status in statuses)
@@ -161,6 +197,12 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
         # the run is being torn down, so a rerun does not redo them.
         writer.flush()
         bar.close()
+        # Close Ray Data's iterator while Ray is up: left to the garbage
+        # collector, it reports its metrics after ray.shutdown, which starts
+        # a second Ray (agents and all) as the process exits.
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     summary.error_kinds = dict(kinds)
     return writer.schema
 
@@ -171,7 +213,3 @@ def _sha256_of(uri: str, storage_options: dict | None) -> str | None:
         return hashlib.sha256(read_bytes(uri, storage_options)).hexdigest()
     except Exception:  # noqa: BLE001 - unreadable now: not done; the run makes its error row
         return None
-
-
-def summary_json(summary: RunSummary) -> dict:
-    return dataclasses.asdict(summary)

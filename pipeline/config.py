@@ -191,10 +191,6 @@ class RunConfig(_Section):
             )
         return self
 
-    def validate(self) -> "RunConfig":  # type: ignore[override]
-        """Every check ran when the model was built; kept so callers can say what they mean."""
-        return self
-
     @property
     def single_file(self) -> bool:
         return self.output.rstrip().lower().endswith(".parquet")

@@ -383,6 +383,25 @@ class Folder:
         with self.open_write(relative) as handle:
             handle.write(data)
 
+    def link(self, relative: str, target: str) -> None:
+        """Make ``relative`` a symlink to the local path ``target`` (local folders only).
+
+        Created under a temporary dot-name and renamed into place: whatever was
+        at ``relative`` (a file, an older link) is replaced, never written through.
+        """
+        if not self.local:
+            raise OutputError(f"cannot link {self.display(relative)}: symlinks need a local folder")
+        final = self.full(relative)
+        parent = os.path.dirname(final)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, temp_name(os.path.basename(final)))
+        try:
+            os.symlink(target, tmp)
+            os.replace(tmp, final)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
     def move(self, source: str, target: str) -> None:
         """Move ``source`` to ``target`` (both relative): a rename locally, a server-side copy + delete on a bucket."""
         self._move_full(self.full(source), self.full(target))
@@ -433,14 +452,51 @@ class Folder:
             gone.append(posixpath.join(relative, rel) if relative else rel)
         return gone
 
-    def fingerprint(self, relative: str = "") -> tuple[int, int | str]:
-        """(size, change marker) of a file: the mtime in ns locally, the ETag / mtime on a bucket."""
+    def fingerprint(self, relative: str = "", *, follow_symlinks: bool = True) -> tuple[int, int | str]:
+        """(size, change marker) of a file: the mtime in ns locally, the ETag / mtime on a bucket.
+
+        ``follow_symlinks=False``: a local symlink's own (the link, not its target).
+        """
         if self.local:
-            st = os.stat(self.full(relative))
+            st = os.stat(self.full(relative), follow_symlinks=follow_symlinks)
             return st.st_size, st.st_mtime_ns
-        info = self.info(relative)
-        marker = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        return int(info.get("size") or 0), str(marker)
+        return _info_fingerprint(self.info(relative))
+
+    def fingerprints(self, *, recursive: bool = True) -> dict[str, tuple[int, int | str]]:
+        """Every file below the folder (or, not ``recursive``, directly in it), hidden ones too,
+        relative -> :meth:`fingerprint` (symlinks as themselves). One listing on a bucket; a missing folder has none.
+        """
+        out: dict[str, tuple[int, int | str]] = {}
+        if self.local:
+            for parent, _, files in os.walk(self.path):
+                if not recursive and parent != self.path:
+                    break
+                for file in files:
+                    full = os.path.join(parent, file)
+                    try:
+                        st = os.lstat(full)
+                    except FileNotFoundError:
+                        continue
+                    out[self.relative(full)] = (st.st_size, st.st_mtime_ns)
+            return out
+        self.forget_listings()
+        try:
+            if recursive:
+                found = self.fs.find(self.path, withdirs=False, detail=True)
+            else:
+                found = {e["name"]: e for e in self.fs.ls(self.path, detail=True) if e.get("type") == "file"}
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        for full, info in found.items():
+            rel = self.relative(full)
+            if rel:
+                out[rel] = _info_fingerprint(info)
+        return out
+
+
+def _info_fingerprint(info: dict) -> tuple[int, str]:
+    marker = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return int(info.get("size") or 0), str(marker)
 
 
 def _mtime(info: dict) -> float | None:

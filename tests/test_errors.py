@@ -142,7 +142,7 @@ def test_unknown_model_lists_the_known_ones(photos, tmp_path, flags, known):
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
-def test_unreachable_ray_cluster_fails_in_seconds(photos, tmp_path, address, embed_only):
+def test_unreachable_ray_cluster_fails_in_seconds(photos, tmp_path, address, embed_only, ray_stopped):
     import ray
 
     assert not ray.is_initialized()  # else the run would join that Ray and never try the address

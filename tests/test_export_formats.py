@@ -248,12 +248,15 @@ def test_imagefolder_links_and_never_copies_an_image_onto_itself(library, tmp_pa
     assert linked.is_symlink() and linked.resolve() == (root / "beach/dog.jpg").resolve()
 
     before = snapshot(root)
-    export("imagefolder", "--from", parquet, "--out", root)  # --out is the source folder
+    refused = export("imagefolder", "--from", parquet, "--out", root, exit_code=1)  # --out is the source folder
+    assert "--allow-out-in-images" in refused.output and snapshot(root) == before
+    export("imagefolder", "--from", parquet, "--out", root, "--allow-out-in-images")
     try:
         after = snapshot(root)
-        assert {k: v for k, v in after.items() if k != "metadata.jsonl"} == before
+        assert {k: v for k, v in after.items() if k not in ("metadata.jsonl", ".captioner-export.json")} == before
     finally:
         (root / "metadata.jsonl").unlink()
+        (root / ".captioner-export.json").unlink()
 
 
 def test_root_sets_the_mirrored_tree(library, tmp_path):

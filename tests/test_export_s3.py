@@ -85,3 +85,24 @@ def test_link_needs_local_files(bucket_library, tmp_path):
     bucket, parquet = bucket_library
     result = export(bucket, "imagefolder", "--from", parquet, "--out", tmp_path / "ds", "--link", exit_code=1)
     assert "--link needs local images" in result.output
+
+
+def test_bucket_exports_rewrite_their_own_files_and_keep_a_users(bucket_library):
+    bucket, parquet = bucket_library
+    out = bucket.url("exports/coco")
+    export(bucket, "coco", "--from", parquet, "--out", out)
+    export(bucket, "coco", "--from", parquet, "--out", out, "--where", "format = 'PNG'")  # its own files (ETags recorded)
+    document = json.loads(bucket.get("exports/coco/annotations/captions.json"))
+    assert [i["file_name"] for i in document["images"]] == ["city/night café street.png"]
+
+    bucket.put("exports/alt.jsonl", b"mine")
+    refused = export(bucket, "alt-text", "--from", parquet, "--out", bucket.url("exports/alt.jsonl"), exit_code=1)
+    assert "--overwrite" in refused.output and bucket.get("exports/alt.jsonl") == b"mine"
+
+    images = {k: bucket.get(k) for k in bucket.keys("photos/")}
+    refused = export(bucket, "imagefolder", "--from", parquet, "--out", bucket.url("photos"), exit_code=1)
+    assert "--allow-out-in-images" in refused.output
+    export(bucket, "imagefolder", "--from", parquet, "--out", bucket.url("photos"), "--allow-out-in-images")
+    after = {k: bucket.get(k) for k in bucket.keys("photos/")}
+    assert set(after) - set(images) == {"photos/metadata.jsonl", "photos/.captioner-export.json"}
+    assert all(after[k] == data for k, data in images.items())  # every image left as it was

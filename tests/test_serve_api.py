@@ -418,12 +418,28 @@ class FakeUvicorn(list):
             self.while_serving(TestClient(app, base_url=f"http://{kwargs['host']}:{kwargs['port']}"))
 
 
+class _HeldPort:
+    """What ``bind`` returns, for a fake server: the asked address, and no real port taken (8000 may be busy)."""
+
+    def __init__(self, host, port):
+        self.address = (host, port)
+
+    def getsockname(self):
+        return self.address
+
+    def close(self):
+        pass
+
+
 @pytest.fixture()
 def fake_uvicorn(monkeypatch):
     import uvicorn
 
+    from pipeline.serve import command
+
     fake = FakeUvicorn()
     monkeypatch.setattr(uvicorn, "run", fake.run)
+    monkeypatch.setattr(command, "bind", _HeldPort)
     return fake
 
 

@@ -66,6 +66,22 @@ def test_a_failed_write_publishes_nothing_and_leaves_no_temporary(folder):
     assert folder.list(include_hidden=True) == ["keep.txt"]
 
 
+def test_link_replaces_by_rename_and_fingerprints_see_links_as_themselves(tmp_path):
+    target = tmp_path / "photo.jpg"
+    target.write_bytes(b"the original")
+    folder = Folder(str(tmp_path / "out"))
+    folder.write("a/.hidden", b"x")
+    folder.write("a/photo.jpg", b"someone's copy")
+    folder.link("a/photo.jpg", str(target))  # replaces the file; never writes into it
+    assert os.path.islink(tmp_path / "out/a/photo.jpg") and target.read_bytes() == b"the original"
+    folder.link("a/photo.jpg", str(target))  # and an older link
+    prints = folder.fingerprints()
+    assert set(prints) == {"a/.hidden", "a/photo.jpg"}
+    assert prints["a/photo.jpg"] == folder.fingerprint("a/photo.jpg", follow_symlinks=False) != folder.fingerprint("a/photo.jpg")
+    assert Folder(str(tmp_path / "missing")).fingerprints() == {}
+    assert not [n for n in os.listdir(tmp_path / "out/a") if is_temp_name(n)]
+
+
 def test_one_temp_name_rule_and_one_cleanup(tmp_path):
     name = temp_name("part-1.parquet")
     assert name.startswith(".part-1.parquet.tmp-") and is_temp_name(name) and not is_temp_name("part-1.parquet")

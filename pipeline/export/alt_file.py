@@ -22,7 +22,7 @@ from pipeline.export.alt_text import alt_text
 from pipeline.export.errors import ExportError
 from pipeline.export.rows import ExportRow
 from pipeline.export.sidecars import captioned
-from pipeline.export.storage import Storage
+from pipeline.export.storage import ExportFolder, name
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 COLUMNS = ("uri", "alt_text", "caption", "machine_generated", "generator")
@@ -45,10 +45,13 @@ def alt_records(rows: Iterable[ExportRow], max_chars: int, skipped: Counter) -> 
         yield {"uri": row.uri, "alt_text": text, "caption": caption, "machine_generated": True, "generator": row.generator}
 
 
-def write_alt_text(rows: Iterable[ExportRow], out: str, storage: Storage, *, max_chars: int, skipped: Counter) -> int:
+def write_alt_text(rows: Iterable[ExportRow], out: str, dest: ExportFolder, *, max_chars: int, skipped: Counter) -> int:
+    """Write the file ``out`` through ``dest`` (the ExportFolder of its parent: a user's own file there is kept)."""
     kind = alt_format(out)
+    file = name(out)
+    dest.prepare([file])
     written = 0
-    with storage.open_write(out) as handle:
+    with dest.open_write(file) as handle:
         text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
         if kind == "csv":
             writer = csv.DictWriter(text, fieldnames=COLUMNS)

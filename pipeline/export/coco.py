@@ -7,7 +7,9 @@
 height}; ``annotations`` are {id, image_id, caption}, one per captioned
 image: the fields pycocotools' COCO(), getImgIds/getAnnIds/loadAnns and
 loadRes (caption results) use. Width and height are the image's pixel size
-after EXIF orientation, as the pipeline recorded it.
+after EXIF orientation, as the pipeline recorded it. Files are written
+through pipeline.export.storage.ExportFolder (no user's file or indexed image
+is replaced).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import datetime, timezone
 from pipeline import __version__
 from pipeline.export.images import copied, image_rows, nothing_to_export
 from pipeline.export.rows import RowSource
-from pipeline.export.storage import Storage, join, relative_paths
+from pipeline.export.storage import ExportFolder, relative_paths
 
 ANNOTATIONS = "annotations/captions.json"
 IMAGES = "images"
@@ -50,12 +52,16 @@ def coco_document(source: RowSource, *, root: str | None, skipped: Counter, plac
     return {"info": info, "licenses": [], "images": images, "annotations": annotations}
 
 
-def write_coco(source: RowSource, out: str, storage: Storage, *, root: str | None, link: bool, skipped: Counter) -> int:
+def write_coco(source: RowSource, dest: ExportFolder, *, root: str | None, link: bool, skipped: Counter) -> int:
+    relative = relative_paths(source.uris(), root, tree=source.tree_uris())
+    rows = image_rows(source.rows(), Counter(), need_caption=True)
+    dest.prepare([ANNOTATIONS, *(f"{IMAGES}/{relative[row.uri]}" for row in rows)])
+
     def place(uri: str, rel: str) -> bool:
-        return copied(storage, uri, join(out, f"{IMAGES}/{rel}"), link=link, skipped=skipped)
+        return copied(dest, uri, f"{IMAGES}/{rel}", link=link, skipped=skipped)
 
     document = coco_document(source, root=root, skipped=skipped, place=place)
     if not document["images"]:
         raise nothing_to_export(skipped)
-    storage.write(join(out, ANNOTATIONS), json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8"))
+    dest.write(ANNOTATIONS, json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8"))
     return len(document["images"])

@@ -58,16 +58,17 @@ Examples:
 @click.option("--max-chars", type=click.IntRange(min=20), default=DEFAULT_MAX_CHARS, show_default=True, help="alt-text/xmp: longest alt text, cut on a word boundary.")
 @click.option("--sidecar-name", type=click.Choice(["full", "stem"]), default="full", show_default=True, help="xmp: photo.jpg.xmp (full) or photo.xmp (stem).")
 @click.option("--dry-run", is_flag=True, help="xmp/txt: list which sidecars would be created, updated or kept; write nothing.")
-@click.option("--overwrite", is_flag=True, help="xmp/txt: replace existing text not written by captioner (a hand-edited .txt, someone's dc:description).")
+@click.option("--overwrite", is_flag=True, help="Replace files in --out that no captioner export wrote (or that changed since): xmp/txt: text someone wrote (a hand-edited .txt, someone's dc:description); other formats: a same-named file (image, metadata.jsonl, captions.json, .csv). Indexed images are never replaced.")
+@click.option("--allow-out-in-images", "out_in_images", is_flag=True, help="imagefolder/coco/hf-dataset: write into an --out that holds indexed images (refused otherwise). An indexed image is still never replaced: one whose copy would land on another is skipped.")
 @click.option("--link", is_flag=True, help="imagefolder/coco: symlink the images instead of copying them (local images and --out only).")
 @click.option("--root", help="Folder (or bucket prefix) whose tree --out mirrors. [default: the deepest folder holding every image of the index or Parquet, selected or not]")
 @storage_option("fsspec option for bucket images, Parquet and --out (repeatable), e.g. endpoint_url=...")
-def export_command(format, index_path, parquet, out, in_place, where, probes, status, max_chars, sidecar_name, dry_run, overwrite, link, root, storage_options):
+def export_command(format, index_path, parquet, out, in_place, where, probes, status, max_chars, sidecar_name, dry_run, overwrite, out_in_images, link, root, storage_options):
     """Write the captions of an index (or Parquet) as FORMAT files for other tools."""
     from pipeline.export.rows import Selection, open_rows
     from pipeline.export.storage import Storage
 
-    _check_flags(format, out=out, in_place=in_place, dry_run=dry_run, link=link, overwrite=overwrite, index_path=index_path, parquet=parquet)
+    _check_flags(format, out=out, in_place=in_place, dry_run=dry_run, link=link, out_in_images=out_in_images, index_path=index_path, parquet=parquet)
     options = dict(storage_options or ())
     storage = Storage(options)
     skipped: Counter = Counter()
@@ -86,7 +87,7 @@ def export_command(format, index_path, parquet, out, in_place, where, probes, st
                 )
             summary = _export(format, source, storage, out=out, in_place=in_place, root=root, link=link,
                               max_chars=max_chars, sidecar_name=sidecar_name, dry_run=dry_run,
-                              overwrite=overwrite, skipped=skipped)
+                              overwrite=overwrite, out_in_images=out_in_images, skipped=skipped)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
@@ -96,7 +97,7 @@ def export_command(format, index_path, parquet, out, in_place, where, probes, st
     click.echo(summary)
 
 
-def _check_flags(format, *, out, in_place, dry_run, link, overwrite, index_path, parquet) -> None:
+def _check_flags(format, *, out, in_place, dry_run, link, out_in_images, index_path, parquet) -> None:
     if index_path and parquet:
         raise click.UsageError("give --index or --from, not both")
     if format in SIDECAR_FORMATS:
@@ -110,8 +111,8 @@ def _check_flags(format, *, out, in_place, dry_run, link, overwrite, index_path,
         _check_out_is_a_folder(format, out)
     if dry_run and format not in SIDECAR_FORMATS:
         raise click.UsageError(f"--dry-run lists sidecar changes; it applies to {', '.join(SIDECAR_FORMATS)}")
-    if overwrite and format not in SIDECAR_FORMATS:
-        raise click.UsageError(f"--overwrite applies to {', '.join(SIDECAR_FORMATS)}; other formats always write their --out whole")
+    if out_in_images and format not in TREE_FORMATS:
+        raise click.UsageError(f"--allow-out-in-images applies to {', '.join(TREE_FORMATS)}, which write a folder of their own")
     if link and format not in ("imagefolder", "coco"):
         raise click.UsageError("--link applies to imagefolder and coco, which copy images")
 
@@ -149,12 +150,15 @@ def _check_out_is_a_folder(format: str, out: str) -> None:
 _FILE_EXTENSIONS = {"json", "jsonl", "csv", "tsv", "txt", "parquet", "xmp", "zip", "tar", "gz", "arrow", "duckdb"}
 
 
-def _export(format, source, storage, *, out, in_place, root, link, max_chars, sidecar_name, dry_run, overwrite, skipped) -> str:
+def _export(format, source, storage, *, out, in_place, root, link, max_chars, sidecar_name, dry_run, overwrite, out_in_images, skipped) -> str:
     shown = storage.display(out) if out else "beside the images"
     if format == "alt-text":
         from pipeline.export.alt_file import write_alt_text
+        from pipeline.export.storage import ExportFolder, parent
 
-        n = write_alt_text(source.rows(), out, storage, max_chars=max_chars, skipped=skipped)
+        with ExportFolder(storage, parent(out), sources=source.tree_uris(), overwrite=overwrite, allow_in_images=None,
+                          recursive=False) as dest:
+            n = write_alt_text(source.rows(), out, dest, max_chars=max_chars, skipped=skipped)
         return f"wrote {n} alt texts to {shown}"
     if format in SIDECAR_FORMATS:
         from pipeline.export.sidecars import Placement, apply
@@ -173,17 +177,20 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
         verb = "would write" if dry_run else "wrote"
         return (f"{verb} {format} sidecars {'into ' if out else ''}{shown}: {counts['create']} created, {counts['update']} updated, "
                 f"{counts['keep']} kept")
-    if format == "imagefolder":
-        from pipeline.export.imagefolder import write_imagefolder
+    from pipeline.export.storage import ExportFolder
 
-        n = write_imagefolder(source, out, storage, root=root, link=link, skipped=skipped)
-        return f"wrote an imagefolder dataset of {n} images to {shown} (metadata.jsonl)"
-    if format == "coco":
-        from pipeline.export.coco import write_coco
+    with ExportFolder(storage, out, sources=source.tree_uris(), overwrite=overwrite, allow_in_images=out_in_images) as dest:
+        if format == "imagefolder":
+            from pipeline.export.imagefolder import write_imagefolder
 
-        n = write_coco(source, out, storage, root=root, link=link, skipped=skipped)
-        return f"wrote COCO captions for {n} images to {shown} (annotations/captions.json, images/)"
-    from pipeline.export.hf_dataset import write_hf_dataset
+            n = write_imagefolder(source, dest, root=root, link=link, skipped=skipped)
+            return f"wrote an imagefolder dataset of {n} images to {shown} (metadata.jsonl)"
+        if format == "coco":
+            from pipeline.export.coco import write_coco
 
-    n = write_hf_dataset(source, out, storage, root=root, skipped=skipped)
-    return f"saved a datasets.Dataset of {n} images to {shown} (datasets.load_from_disk reads it)"
+            n = write_coco(source, dest, root=root, link=link, skipped=skipped)
+            return f"wrote COCO captions for {n} images to {shown} (annotations/captions.json, images/)"
+        from pipeline.export.hf_dataset import write_hf_dataset
+
+        n = write_hf_dataset(source, dest, root=root, skipped=skipped)
+        return f"saved a datasets.Dataset of {n} images to {shown} (datasets.load_from_disk reads it)"

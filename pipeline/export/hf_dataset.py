@@ -16,11 +16,18 @@ from pipeline.export.errors import optional_import
 from pipeline.export.images import image_bytes, image_rows, nothing_to_export
 from pipeline.export.labels import feature_types, probe_columns, probe_values
 from pipeline.export.rows import RowSource
-from pipeline.export.storage import Storage, relative_paths
+from pipeline.export.storage import ExportFolder, relative_paths
+
+SAVED = ("dataset_info.json", "state.json")  # beside the data-*-of-*.arrow shards state.json names
 
 
-def write_hf_dataset(source: RowSource, out: str, storage: Storage, *, root: str | None, skipped: Counter) -> int:
+def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None, skipped: Counter) -> int:
+    storage = dest.storage
     datasets = optional_import("datasets", "captioner export hf-dataset")
+    # save_to_disk writes these names into the folder (and deletes nothing): refuse a user's own first
+    dest.prepare([*SAVED, *dest.folder.list("data-*-of-*.arrow")])
+    for rel in SAVED:
+        dest.check_replace(rel)
     relative = relative_paths(source.uris(), root, tree=source.tree_uris())
     columns = probe_columns(source.questions)
     types = {"bool": datasets.Value("bool"), "string": datasets.Value("string"), "float": datasets.Value("float32")}
@@ -61,6 +68,18 @@ def write_hf_dataset(source: RowSource, out: str, storage: Storage, *, root: str
             raise
         if counted["rows"] == 0:
             raise nothing_to_export(skipped)
-        dataset.save_to_disk(out, storage_options=storage.options)
+        dataset.save_to_disk(dest.out, storage_options=storage.options)
+        dest.saved([*SAVED, *_data_files(dest)])
         del dataset
     return counted["rows"]
+
+
+def _data_files(dest: ExportFolder) -> list[str]:
+    """The shards the saved dataset's state.json names (none when it was not written)."""
+    import json
+
+    try:
+        state = json.loads(dest.folder.read_bytes("state.json"))
+        return [str(f["filename"]) for f in state.get("_data_files", [])]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return []

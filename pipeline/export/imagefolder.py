@@ -6,6 +6,9 @@
                             mirroring their folders below the root
 
 ``datasets.load_dataset("imagefolder", data_dir=OUT)`` reads it (split "train").
+Every file goes through pipeline.export.storage.ExportFolder: a user's own
+file at a destination is refused before anything is written (unless
+--overwrite), and an indexed image is never replaced.
 """
 
 from __future__ import annotations
@@ -16,19 +19,20 @@ from collections import Counter
 from pipeline.export.images import copied, image_rows, nothing_to_export
 from pipeline.export.labels import probe_columns, probe_values
 from pipeline.export.rows import RowSource
-from pipeline.export.storage import Storage, join, relative_paths
+from pipeline.export.storage import ExportFolder, relative_paths
 
 METADATA = "metadata.jsonl"
 
 
-def write_imagefolder(source: RowSource, out: str, storage: Storage, *, root: str | None, link: bool, skipped: Counter) -> int:
+def write_imagefolder(source: RowSource, dest: ExportFolder, *, root: str | None, link: bool, skipped: Counter) -> int:
     relative = relative_paths(source.uris(), root, tree=source.tree_uris())
     columns = probe_columns(source.questions)
+    dest.prepare([METADATA, *(relative[row.uri] for row in image_rows(source.rows(), Counter()))])
     written = 0
-    with storage.open_write(join(out, METADATA)) as handle:
+    with dest.open_write(METADATA) as handle:
         for row in image_rows(source.rows(), skipped):
             rel = relative[row.uri]
-            if not copied(storage, row.uri, join(out, rel), link=link, skipped=skipped):
+            if not copied(dest, row.uri, rel, link=link, skipped=skipped):
                 continue
             record = {"file_name": rel, "caption": row.caption, "image_id": row.image_id}
             record.update(probe_values(row, columns, source.has_yes_prob))

@@ -2,7 +2,9 @@
 
 An image that was captioned but is gone or unreadable now (moved, deleted,
 permissions) is skipped and counted, like any bad input: the rest of the
-export goes on.
+export goes on. So is one whose copy would land on another indexed image
+(``--out`` inside the images with --allow-out-in-images): that image is
+never replaced (pipeline.export.storage.ExportFolder).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Iterable
 
 from pipeline.export.errors import ExportError
 from pipeline.export.rows import ExportRow
-from pipeline.export.storage import Storage
+from pipeline.export.storage import SOURCE_IMAGE, ExportFolder, Storage
 
 UNREADABLE = "image missing or unreadable"
 
@@ -28,16 +30,19 @@ def image_rows(rows: Iterable[ExportRow], skipped: Counter, *, need_caption: boo
             yield row
 
 
-def copied(storage: Storage, uri: str, location: str, *, link: bool, skipped: Counter) -> bool:
-    """Copy (or link) the image to ``location``; False, counted in ``skipped``, when it cannot be read."""
+def copied(dest: ExportFolder, uri: str, rel: str, *, link: bool, skipped: Counter) -> bool:
+    """Copy (or link) the image to ``rel`` in the export folder; False, counted in ``skipped``, when it cannot
+    be read or its place is another indexed image (which an export never replaces)."""
     try:
-        if link and not storage.exists(uri):
+        if link and not dest.storage.exists(uri):
             raise FileNotFoundError(uri)
-        storage.copy_image(uri, location, link=link)
+        placed = dest.copy_image(uri, rel, link=link)
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         skipped[UNREADABLE] += 1
         return False
-    return True
+    if not placed:
+        skipped[SOURCE_IMAGE] += 1
+    return placed
 
 
 def image_bytes(storage: Storage, uri: str, skipped: Counter) -> bytes | None:

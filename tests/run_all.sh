@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: README.md's "Run the tests" and .ci/run both run exactly this.
+# Debian's Chromium (the page tests drive it), a venv with the CPU torch wheel,
+# then every layer: the main run, and the two-node cluster tests as their own
+# pytest run, which runs whatever the first one gave; the exit code is non-zero
+# if either failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium chromium-driver || exit 1
+fi
+python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e '.[test]' || exit 1
+python -m pytest; main=$?
+python -m pytest -m cluster; cluster=$?
+exit $(( main != 0 || cluster != 0 ))
