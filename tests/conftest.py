@@ -25,6 +25,7 @@ import pytest
 from tests.fixtures.ray import RAY_FIXTURES
 
 pytest_plugins = [
+    "tests.fixtures.hf_cache",
     "tests.fixtures.images",
     "tests.fixtures.models",
     "tests.fixtures.moondream_cache",

@@ -18,22 +18,6 @@ from tests.fixtures.images import make_jpegs
 SO400M_REPO = "timm/ViT-SO400M-14-SigLIP-384"
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    return use_hf_cache(monkeypatch, tmp_path / "hf")
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    import ray
-
-    def started(*args, **kwargs):
-        raise AssertionError("Ray was started before the run was checked")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", started)
-
-
 def run_fails(tmp_path, *args) -> str:
     out = tmp_path / "out.parquet"
     result = CliRunner().invoke(main, ["run", *map(str, args), "--out", str(out), "--no-progress"])

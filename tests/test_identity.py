@@ -15,15 +15,10 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.models.identity import identity_for_run, model_identity
 from pipeline.probes import probe_set_hash
-from tests.fixtures.hf_cache import add_snapshot, use_hf_cache
+from tests.fixtures.hf_cache import add_snapshot
 
 SO400M = "ViT-SO400M-14-SigLIP-384"
 SO400M_REPO = "timm/ViT-SO400M-14-SigLIP-384"
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    return use_hf_cache(monkeypatch, tmp_path / "hf")
 
 
 def _open_clip_repo(cache, repo=SO400M_REPO, **kwargs):

@@ -15,27 +15,10 @@ from pipeline.cli import main
 from pipeline.models.moondream.hub import MOONDREAM_REPO, MOONDREAM_REVISION
 from pipeline.models.registry import resolve_captioner, resolve_embedder
 from pipeline.preflight import WeightsMissing, check_caption_weights, check_embed_weights
-from tests.fixtures.hf_cache import add_snapshot, use_hf_cache
+from tests.fixtures.hf_cache import add_snapshot
 from tests.fixtures.images import make_jpegs
 
 SO400M_REPO = "timm/ViT-SO400M-14-SigLIP-384"
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    return use_hf_cache(monkeypatch, tmp_path / "hf")
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Any attempt to start or join Ray fails the test."""
-    import ray
-
-    def started(*args, **kwargs):
-        raise AssertionError("Ray was started before the weights were checked")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", started)
 
 
 @pytest.fixture
