@@ -23,6 +23,7 @@ from jobs.quiet import native_stderr_filter
 from jobs.ray_plan import build_dataset, current_plan, ray_session
 from pipeline.config import RunConfig
 from pipeline.output import OutputStore, PartWriter
+from pipeline.output.parts import parts_folder_of
 from pipeline.models.identity import identity_for_run
 from pipeline.preflight import preflight
 from pipeline.sources import list_images, read_bytes, stored_uri
@@ -84,7 +85,7 @@ class RunInterrupted(KeyboardInterrupt):
 def parts_location(config: RunConfig) -> str:
     """Where a run's committed part files are, as the user named the output."""
     output = config.output.rstrip("/")
-    return f"{output}.parts/" if config.single_file else f"{output}/"
+    return f"{parts_folder_of(output)}/" if config.single_file else f"{output}/"
 
 
 def run_identity(config: RunConfig) -> RunMetadata:
@@ -134,10 +135,11 @@ def _run(config: RunConfig, progress: bool, echo, committed: list[int]) -> RunSu
         limit=config.limit,
     )
     state = store.load_state(identity, overwrite=config.overwrite)
+    storage_options = config.storage_options_dict()
     pending = [
         item for item in items
         if not state.is_done(stored_uri(item.uri), item.size, item.mtime, retry_errors=config.retry_errors,
-                             digest=functools.partial(_sha256_of, item.uri, config.storage_options_dict()))
+                             digest=functools.partial(_sha256_of, item.uri, storage_options))
     ]
     store.save_config(config.to_json())
     summary = RunSummary(output=config.output, listed=len(items), skipped=len(items) - len(pending))

@@ -16,10 +16,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from pipeline.storage import SourceError, explain, is_local, local_path, open_filesystem, read_bytes
+from pipeline.storage import SourceError, explain, is_local, local_path, modified_time, open_filesystem, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def _list_remote(source: str, wanted: frozenset[str], storage_options: dict[str,
     try:
         if fs.isfile(root):
             info = fs.info(root)
-            return [SourceItem(fs.unstrip_protocol(root), info.get("size"), _modified(info))]
+            return [SourceItem(fs.unstrip_protocol(root), info.get("size"), modified_time(info))]
         if not fs.exists(root):
             raise SourceError(f"source {source} does not exist; check the bucket and prefix")
         found = fs.find(root, detail=True)
@@ -154,25 +153,5 @@ def _list_remote(source: str, wanted: frozenset[str], storage_options: dict[str,
         # "album.jpg/" is a zero-byte folder marker (S3 consoles create them), not an image.
         if path.endswith("/") or info.get("type", "file") != "file" or not _has_extension(path, wanted):
             continue
-        items.append(SourceItem(fs.unstrip_protocol(path), info.get("size"), _modified(info)))
+        items.append(SourceItem(fs.unstrip_protocol(path), info.get("size"), modified_time(info)))
     return items
-
-
-def _modified(info: dict) -> float | None:
-    """Modification time from a listing entry, in epoch seconds; None when the backend gives none.
-
-    s3fs says LastModified (a datetime), gcsfs "updated" (ISO text), local
-    and memory filesystems "mtime"/"created" (epoch seconds or a datetime).
-    """
-    for key in ("LastModified", "mtime", "updated", "last_modified"):
-        value = info.get(key)
-        if isinstance(value, datetime):
-            return value.timestamp()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-    return None

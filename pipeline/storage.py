@@ -18,6 +18,7 @@ import os
 import posixpath
 import time
 import uuid
+from datetime import datetime
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -440,7 +441,7 @@ class Folder:
                 continue
             if older_than is not None:
                 try:
-                    mtime = _mtime(folder.info(rel))
+                    mtime = modified_time(folder.info(rel))
                 except FileNotFoundError:
                     continue
                 if mtime is not None and time.time() - mtime < older_than:
@@ -499,8 +500,21 @@ def _info_fingerprint(info: dict) -> tuple[int, str]:
     return int(info.get("size") or 0), str(marker)
 
 
-def _mtime(info: dict) -> float | None:
-    value = info.get("mtime", info.get("LastModified", info.get("created")))
-    if value is None:
-        return None
-    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+def modified_time(info: dict) -> float | None:
+    """Modification time from a listing entry, in epoch seconds; None when the backend gives none.
+
+    s3fs says LastModified (a datetime), gcsfs "updated" (ISO text), local
+    and memory filesystems "mtime"/"created" (epoch seconds or a datetime).
+    """
+    for key in ("LastModified", "mtime", "updated", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
