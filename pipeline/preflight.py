@@ -75,7 +75,9 @@ def _weights_problem(check, ref) -> str | None:
 
 def source_problem(source: str) -> str | None:
     """A local SOURCE that does not exist (bucket URLs are listed later, by pipeline.sources)."""
-    if "://" in source or os.path.exists(source):
+    from pipeline.storage import is_local, local_path
+
+    if not is_local(source) or os.path.exists(local_path(source)):
         return None
     return f"source {source} does not exist; check the path (relative paths are from {os.getcwd()})"
 
