@@ -128,6 +128,16 @@ def _run(config: RunConfig, progress: bool, echo, committed: list[int]) -> RunSu
 
     store = OutputStore(config.output, config.storage_options_dict())
     store.check_writable()
+    # One writer per output: a second run is refused (naming the first) before it lists anything.
+    lease = store.take_lease("captioner run")
+    try:
+        return _run_leased(config, progress, echo, committed, store, identity, lease, started)
+    finally:
+        lease.release()
+
+
+def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], store: OutputStore,
+                identity: RunMetadata, lease, started: float) -> RunSummary:
     items = list_images(
         config.source,
         extensions=config.decode.extensions,
@@ -163,6 +173,7 @@ def _run(config: RunConfig, progress: bool, echo, committed: list[int]) -> RunSu
         finally:
             # _process committed every row that reached the driver, interrupted or not.
             committed[0] = summary.processed
+    lease.check()  # never merge over the rows of a run that took the output over
     summary.total_rows = store.finalize(schema, run=identity)
     summary.elapsed_s = time.monotonic() - started
     return summary

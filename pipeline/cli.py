@@ -110,6 +110,7 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
     """
     from jobs.caption_job import RayUnavailable, run_job
     from jobs.run import RunInterrupted
+    from pipeline.lease import LeaseHeld, as_click_error
     from pipeline.output import OutputError
     from pipeline.probes import ProbeFileError, default_probes, load_probes
     from pipeline.sources import SourceError
@@ -120,6 +121,8 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
     except RunInterrupted as exc:
         click.echo(f"\ncaptioner: {exc}", err=True)
         sys.exit(130)
+    except LeaseHeld as exc:
+        raise as_click_error(exc) from exc
     except ProbeFileError as exc:
         raise click.ClickException(f"{exc}. {PROBE_FILE_FIX}") from exc
     except (ConfigError, SourceError, OutputError, RayUnavailable) as exc:

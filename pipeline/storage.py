@@ -211,7 +211,10 @@ def temp_name(name: str) -> str:
     return f".{name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def is_temp_name(name: str) -> bool:
+def is_temp_name(name: str, of: str | None = None) -> bool:
+    """Whether ``name`` is a temporary (of the file named ``of``, when given: ``.OF.tmp-...``, ``.OF.tmp``)."""
+    if of is not None and not name.startswith((f".{of}{TEMP_MARK}", f".{of}.tmp", f".{of}.captioner-tmp")):
+        return False
     return name.startswith(".") and (TEMP_MARK in name or name.endswith((".tmp", ".captioner-tmp")))
 
 
@@ -384,6 +387,45 @@ class Folder:
         with self.open_write(relative) as handle:
             handle.write(data)
 
+    def create_exclusive(self, relative: str, data: bytes) -> bool:
+        """Create ``relative`` holding ``data`` only if nothing is there; False when something is.
+
+        Local: written under a temporary name, then hard-linked into place
+        (link fails if the name exists, and readers never see a partial file).
+        Buckets: the store's conditional create (fsspec ``mode="create"``: S3
+        ``If-None-Match: *``, GCS ``ifGenerationMatch=0``). A backend without
+        one falls back to check, write, read back and compare: best effort.
+        """
+        final = self.full(relative)
+        if self.local:
+            parent = os.path.dirname(final)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, temp_name(os.path.basename(final)))
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                os.link(tmp, final)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+        try:
+            self.fs.pipe_file(final, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # S3 answers a lost race with 412 PreconditionFailed / 409 ConditionalRequestConflict
+            if "precondition" in str(exc).lower().replace("-", "") or "conflict" in str(exc).lower():
+                return False
+            raise
+        except (TypeError, NotImplementedError, ValueError):  # no conditional create in this backend
+            if self.exists(relative):
+                return False
+            self.fs.pipe_file(final, data)
+            return self.read_bytes(relative) == data
+
     def link(self, relative: str, target: str) -> None:
         """Make ``relative`` a symlink to the local path ``target`` (local folders only).
 
@@ -428,16 +470,18 @@ class Folder:
             except OSError:
                 pass
 
-    def cleanup_temp_files(self, relative: str = "", *, older_than: float | None = None) -> list[str]:
+    def cleanup_temp_files(self, relative: str = "", *, older_than: float | None = None,
+                           of: tuple[str, ...] | None = None) -> list[str]:
         """Delete the temporaries (:func:`temp_name`) a killed writer left directly in the folder ``relative``.
 
         ``older_than`` (seconds): only those not modified for that long (another
-        writer may be using a fresh one). Returns the relative paths deleted.
+        writer may be using a fresh one). ``of``: only temporaries of these file
+        names (in a folder the user shares with us). Returns the relative paths deleted.
         """
         folder = self.folder(relative) if relative else self
         gone = []
         for rel in folder.list(TEMP_GLOB, include_hidden=True):
-            if "/" in rel or not is_temp_name(rel):
+            if "/" in rel or not (is_temp_name(rel) if of is None else any(is_temp_name(rel, name) for name in of)):
                 continue
             if older_than is not None:
                 try:

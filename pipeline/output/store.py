@@ -141,6 +141,23 @@ class OutputStore:
         with self.root.open_write(rel) as handle:
             pq.write_table(table, handle)
 
+    def take_lease(self, command: str):
+        """Hold the output's lease (pipeline.lease), then remove what killed writers left: no live writer owns it now."""
+        from pipeline.lease import STALE_AFTER_S, lease_for_file, lease_for_folder
+
+        if self.single_file:
+            lease = lease_for_file(self.root.join(self.name), self.root.storage_options, what=self.output, command=command)
+        else:
+            lease = lease_for_folder(self.output, self.root.storage_options, what=self.output, command=command)
+        lease.acquire()
+        # On a bucket a listing may lag a moment behind a writer that just stopped: keep fresh ones.
+        older_than = None if self.is_local else STALE_AFTER_S
+        self._parts.cleanup_temp_files(older_than=older_than)
+        if self.single_file:
+            ours = (self.name, self.config_rel, "captioner-write-test")
+            self.root.cleanup_temp_files(older_than=older_than, of=ours)
+        return lease
+
     def cleanup_temp_files(self) -> None:
         """Remove the temporaries a killed writer left in the parts folder (readers never see them)."""
         self._parts.cleanup_temp_files()

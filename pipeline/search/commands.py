@@ -36,10 +36,14 @@ DEFAULT_DB = DEFAULT_INDEX
 def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pipeline.lease import LeaseHeld, as_click_error
+
         try:
             return fn(*args, **kwargs)
         except SearchError as exc:
             raise click.ClickException(str(exc)) from exc
+        except LeaseHeld as exc:  # another `captioner index` builds this --db
+            raise as_click_error(exc) from exc
 
     return wrapper
 

@@ -217,8 +217,42 @@ def build_index(
     (:func:`check_probe_sets`). ``rows_only`` leaves out what only
     searches need (embeddings, BM25, HNSW); see pipeline.search.contract.
     """
+    from pipeline.lease import lease_for_file
+
     started = time.perf_counter()
     db_path = Path(os.path.expanduser(str(db_path)))
+    build = (hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction, fresh, mixed_probes, rows_only, storage_options)
+    # One builder per --db: a second is refused, naming the first, so no build's sources are lost.
+    lease = lease_for_file(str(db_path), command="captioner index")
+    lease.acquire()
+    try:
+        # Holding the lease proves no live build owns the temporaries a killed one left.
+        from pipeline.storage import Folder
+
+        Folder(str(db_path.parent)).cleanup_temp_files(of=(db_path.name,))
+        for attempt in range(1, SOURCE_CHANGE_TRIES + 1):
+            try:
+                return _build_index(sources, db_path, *build, started=started)
+            except _SourcesChanged as exc:
+                if attempt == SOURCE_CHANGE_TRIES:
+                    raise SearchError(
+                        f"the sources changed while they were being indexed, {attempt} times ({exc}): a `captioner "
+                        f"run` is probably still writing them; rerun `captioner index` once it has finished"
+                    ) from None
+    finally:
+        lease.release()
+
+
+# How often a build whose source files changed under it (a run merging or rewriting parts) starts over.
+SOURCE_CHANGE_TRIES = 3
+
+
+class _SourcesChanged(Exception):
+    """A source file disappeared or changed while the build read it; the build is discarded and redone."""
+
+
+def _build_index(sources, db_path, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction, fresh, mixed_probes,
+                 rows_only, storage_options, *, started) -> BuildReport:
     # Always look at an existing file, even with fresh: never overwrite
     # something that is not one of our indexes (say, --db captions.parquet).
     existing = _existing_info(db_path)
@@ -235,9 +269,13 @@ def build_index(
             f"{exc}. {db_path} records the sources {list(previous.sources)} and re-scans them; "
             f"pass --fresh with the PARQUET to index to forget them"
         ) from exc
-    runs = check_files(files, storage_options)
+    try:
+        runs = check_files(files, storage_options)
+        fingerprint = _fingerprint(files, storage_options)
+    except (SearchError, OSError) as exc:
+        _raise_if_changed(files, None, storage_options, exc)
+        raise
     probe_sets = check_probe_sets(files, runs, allow=mixed_probes)
-    fingerprint = _fingerprint(files, storage_options)
     settings = (hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction)
     if (
         previous
@@ -260,11 +298,17 @@ def build_index(
             for fs in {id(fs): fs for fs in (_filesystem(f, storage_options)[0] for f in files) if fs is not None}.values():
                 con.register_filesystem(fs)
             timings: dict[str, float] = {}
-            info = _build(con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only)
+            try:
+                info = _build(con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only)
+            except (duckdb.Error, OSError) as exc:
+                _raise_if_changed(files, fingerprint, storage_options, exc)
+                raise
             with _timed(timings, "checkpoint"):
                 con.execute("CHECKPOINT")
         finally:
             con.close()
+        # A file replaced during the build (a run's final merge) may have been read half old, half new.
+        _raise_if_changed(files, fingerprint, storage_options, None)
         # A leftover WAL next to the old file would be replayed onto the new one.
         _remove_db_files(db_path, keep_main=True)
         Folder(str(db_path.parent)).move(tmp.name, db_path.name)
@@ -275,6 +319,19 @@ def build_index(
         info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings, probe_sets=probe_sets,
         ignored=tuple(ignored),
     )
+
+
+def _raise_if_changed(files, fingerprint, storage_options, cause) -> None:
+    """Raise _SourcesChanged when one of ``files`` is gone or (given ``fingerprint``) differs from it."""
+    try:
+        now = _fingerprint(files, storage_options)
+    except FileNotFoundError as exc:
+        raise _SourcesChanged(f"{exc.filename or exc} is gone") from cause
+    except Exception:  # noqa: BLE001 - cannot tell: the original error stands
+        return
+    if fingerprint is not None and now != fingerprint:
+        changed = next(path for (path, *a), (_, *b) in zip(now, fingerprint) if a != b)
+        raise _SourcesChanged(f"{changed} was rewritten") from cause
 
 
 def _source_key(source) -> str:
