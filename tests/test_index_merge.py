@@ -150,3 +150,78 @@ def test_an_output_without_a_captioner_adds_to_any_probe_set(tmp_path):
     write(out / "part-2.parquet", make_rows(URIS, run=EMBED_ONLY, at=T0 + timedelta(days=1)))
     output = cli("index", out, "--db", tmp_path / "index.duckdb")
     assert "probe sets" not in output
+
+
+# ---- an index beside a run's final merge (issue 14, item 7) -----------------------------
+
+
+def _pending_single_file(tmp_path, n_parts=3, per_part=4):
+    """``captions.parquet`` as a run leaves it before its first merge: only committed parts."""
+    from tests import search_data
+
+    run = search_data.run_metadata()
+    parts = tmp_path / "captions.parquet.parts"
+    parts.mkdir()
+    uris = []
+    for p in range(n_parts):
+        rows = [search_data.ok_row(f"/img/{p}-{i}.jpg", "a photo", ["yes", "no"], [1.0, 0.5, 0.2, 0.1], run=run)
+                for i in range(per_part)]
+        uris += [r["uri"] for r in rows]
+        search_data.write_rows(parts / f"part-20260101T00000{p}-run-{p:05d}.parquet", rows, run)
+    return tmp_path / "captions.parquet", parts, sorted(uris)
+
+
+def _merge_now(out, parts):
+    """What the run's finalize does: the merged file moved into place, then its parts deleted."""
+    tables = [pq.read_table(p) for p in sorted(parts.glob("part-*.parquet"))]
+    tmp = out.with_name(".captions.parquet.tmp-1-merge")
+    pq.write_table(pa.concat_tables(tables), tmp)
+    tmp.replace(out)
+    for p in parts.glob("part-*.parquet"):
+        p.unlink()
+    parts.rmdir()
+
+
+@pytest.mark.parametrize("step", ["check_files", "_build"])
+def test_index_while_the_run_merges_reads_the_merged_file(tmp_path, monkeypatch, step):
+    import duckdb
+
+    from pipeline.search import index as ix
+    from tests.cli import cli as captioner
+
+    out, parts, uris = _pending_single_file(tmp_path)
+    real = getattr(ix, step)
+    calls = []
+
+    def merge_then(*args, **kwargs):
+        if not calls:
+            _merge_now(out, parts)  # the file list the build took is now stale: the parts are gone
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ix, step, merge_then)
+    db = tmp_path / "index.duckdb"
+    captioner("index", out, "--db", db)
+    con = duckdb.connect(str(db), read_only=True)
+    assert [r[0] for r in con.execute("SELECT uri FROM images ORDER BY uri").fetchall()] == uris
+    con.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.parquet", "index.duckdb"]
+
+
+def test_index_of_sources_that_keep_changing_says_so_in_one_line(tmp_path, monkeypatch):
+    from pipeline.search import index as ix
+    from tests.cli import cli as captioner
+    from tests.fixtures.faults import assert_one_line_error
+
+    out, parts, _ = _pending_single_file(tmp_path)
+    real = ix._build
+
+    def rewrite_then(*args, **kwargs):
+        victim = sorted(parts.glob("part-*.parquet"))[0]
+        victim.unlink()  # a part deleted under every try
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ix, "_build", rewrite_then)
+    result = captioner("index", out, "--db", tmp_path / "index.duckdb", exit_code=1)
+    assert_one_line_error(result.output, "changed while", "rerun `captioner index`")
+    assert not (tmp_path / "index.duckdb").exists()

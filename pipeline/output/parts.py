@@ -58,11 +58,18 @@ def find_output_files(uri: str, storage_options: dict | None = None) -> FoundOut
     from pipeline.storage import Folder
 
     root = Folder(uri, storage_options, role="source")
-    if root.isfile():
+    is_file = root.isfile()
+    if is_file or (not root.isdir() and uri.rstrip("/").lower().endswith(".parquet")):
         parent = Folder(_parent_uri(uri), storage_options, role="source")
         parts = parts_folder_of(posixpath.basename(root.path.replace("\\", "/")))
         pending = [parent.join(f"{parts}/{p}") for p in parent.folder(parts).list(PART_GLOB)]
-        return FoundOutputs([root.display(), *pending], [])
+        # Before its first run finishes, a single-file output is only the parts committed so far
+        # (and the first merge may have published the file just now, taking its parts away).
+        if not is_file and not pending:
+            if not root.isfile():
+                raise FileNotFoundError(uri)
+            is_file = True
+        return FoundOutputs([root.display()] * is_file + pending, [])
     if not root.isdir():
         raise FileNotFoundError(uri)
     files, foreign = [], []
