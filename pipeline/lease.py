@@ -193,8 +193,8 @@ class Lease:
         host = owner.host if owner else "its host"
         return LeaseHeld(
             f"{self.what} is being written by {who}; wait for it to finish, or stop it, then run again "
-            f"(lease {self.path}; a lease whose process died is taken over at once on host {host}, "
-            f"from other hosts after {self.stale_after_s:.0f} s without a heartbeat)",
+            f"(lease {self.path}; a lease whose process died is taken over at once by a command on {host}, "
+            f"and by one on another host after {self.stale_after_s:.0f} s without a heartbeat)",
             owner,
         )
 

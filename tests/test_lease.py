@@ -152,3 +152,32 @@ def test_create_exclusive_never_replaces(folder):
     assert not folder.create_exclusive("a.json", b"two")
     assert folder.read_bytes("a.json") == b"one"
     assert folder.list(include_hidden=True) == ["a.json"]  # no temporary left beside it
+
+
+# ---- at the CLI, on a bucket (moto's server) ----------------------------------------------
+
+
+def test_a_run_into_a_bucket_output_another_host_writes_is_refused_and_a_stale_one_taken_over(s3_bucket, tmp_path, tiny_clip_dir):
+    from pipeline.exit_codes import BUSY
+    from tests.cli import run_cli
+    from tests.fixtures.faults import assert_one_line_error
+
+    empty = tmp_path / "photos"  # no images: the run needs no Ray, only the output and its lease
+    empty.mkdir()
+    out = Folder(s3_bucket.url("out"), s3_bucket.storage_options)
+    args = [empty, "--out", s3_bucket.url("out/"), *s3_bucket.cli_options, "--no-caption", "--no-probes",
+            "--embed-model", tiny_clip_dir]
+    elsewhere = replace(Owner.me("captioner run"), host="gpu-box-7", pid=4242, heartbeat=time.time() - 30)
+    assert out.create_exclusive(lease_name(), elsewhere.encode())
+
+    refused = run_cli(*args, expect_exit=BUSY)
+    assert_one_line_error(refused.output, "is being written by captioner run, pid 4242 on host gpu-box-7",
+                          "(heartbeat 3", "wait for it to finish")
+    assert s3_bucket.keys("out/") == ["out/.captioner.lease"]  # nothing written, the lease left alone
+
+    # The other host's run died an hour ago: its lease is stale and taken over.
+    out.write(lease_name(), replace(elsewhere, heartbeat=time.time() - 3600).encode())
+    done = run_cli(*args)
+    assert "no images found" in done.output
+    assert ".captioner.lease" not in " ".join(s3_bucket.keys("out/"))
+    assert [k for k in s3_bucket.keys("out/") if k.endswith(".parquet")]
