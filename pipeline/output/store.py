@@ -154,7 +154,7 @@ class OutputStore:
         older_than = None if self.is_local else STALE_AFTER_S
         self._parts.cleanup_temp_files(older_than=older_than)
         if self.single_file:
-            ours = (self.name, self.config_rel, "captioner-write-test")
+            ours = (self.name, self.config_rel, "captioner-write-test", lease.name)
             self.root.cleanup_temp_files(older_than=older_than, of=ours)
         return lease
 

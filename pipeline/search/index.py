@@ -229,7 +229,7 @@ def build_index(
         # Holding the lease proves no live build owns the temporaries a killed one left.
         from pipeline.storage import Folder
 
-        Folder(str(db_path.parent)).cleanup_temp_files(of=(db_path.name,))
+        Folder(str(db_path.parent)).cleanup_temp_files(of=(db_path.name, lease.name))
         for attempt in range(1, SOURCE_CHANGE_TRIES + 1):
             try:
                 return _build_index(sources, db_path, *build, started=started)
