@@ -9,7 +9,6 @@ of timing, and resumed (SIGCONT) to finish.
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import duckdb
