@@ -3,7 +3,8 @@
   GET  /                            the page (static HTML; the JS asks the API for everything)
   GET  /api/info                    index facts, search modes, probe filters
   GET  /api/search?q=&mode=         search; &probe=Question?=yes (repeatable), &confidence=0.8,
-                                    &offset=&limit= for paging
+                                    &offset=&limit= for paging; "index" says which index answered
+                                    (its generation grows when a rebuilt index file was reopened)
 
 Every request's work is bounded: at most MAX_PROBES probe filters of
 MAX_PROBE_CHARS each and a q of MAX_QUERY_CHARS (else 400); its queries are
@@ -309,6 +310,7 @@ def _page_json(page: Page) -> JSONResponse:
         {
             "offset": page.offset,
             "more": page.more,
+            "index": page.index,  # which index answered: the page notices a rebuild by its generation
             "hits": [
                 {
                     "rank": h.rank,
