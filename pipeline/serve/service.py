@@ -325,14 +325,16 @@ class IndexService:
         old = self._current
         path = old.index.path
         identity = identity or file_identity(path)
+        # Whatever goes wrong (not an index, another format, a model that will not
+        # load), the old index keeps answering: one line, not a thread's traceback.
         try:
             index = _open_like(old, path)
-        except SearchError as exc:
+        except Exception as exc:  # noqa: BLE001
             self._refused(identity, path, exc)
             return False
         try:
             opened = self._prepare(index, identity, old.generation + 1)
-        except (SearchError, duckdb.Error) as exc:
+        except Exception as exc:  # noqa: BLE001
             index.close()
             self._refused(identity, path, exc)
             return False
