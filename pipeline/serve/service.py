@@ -226,7 +226,6 @@ class IndexService:
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._stopping = False
         self._reopening = False
-        self._next_look = 0.0
         self._failed_identity: FileIdentity | None = None
         self._current = self._prepare(index, file_identity(index.path), generation=1)
         self._open = [self._current]  # every opened index not yet closed (stop() interrupts them all)
