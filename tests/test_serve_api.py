@@ -737,3 +737,30 @@ def test_a_query_started_after_the_deadline_passed_in_python_is_interrupted_too(
     response = TestClient(create_app(quick, thumbs)).get("/api/search", params={"q": "beach", "mode": "text"})
     assert response.status_code == 503 and "limit" in response.json()["error"]
     assert time.monotonic() - started < 5
+
+
+def test_requests_waiting_for_the_index_get_it_in_arrival_order():
+    """threading.Lock let newcomers overtake: under 32 waiting requests some waited 3 s while the mean was 0.6 s."""
+    import threading
+    import time
+
+    from pipeline.serve.service import FairLock
+
+    lock, order, threads = FairLock(), [], []
+    assert lock.acquire(timeout=1)
+    for n in range(8):
+        def wait_turn(n=n):
+            assert lock.acquire(timeout=10)
+            order.append(n)
+            lock.release()
+
+        threads.append(threading.Thread(target=wait_turn))
+        threads[-1].start()
+        time.sleep(0.05)  # arrive one after the other
+    assert not lock.acquire(timeout=0.05)  # held: a waiter whose time runs out gives up
+    lock.release()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert order == list(range(8))
+    assert lock.acquire(timeout=0.1)  # free again once everyone had a turn
+    lock.release()

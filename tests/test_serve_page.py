@@ -266,3 +266,37 @@ def test_search_by_an_uploaded_image_finds_that_image(server, browser, pipeline_
     assert dropped == [True, True]  # the drop zone showed while dragging, and went away on drop
     _wait(browser, lambda d: "dropped.jpg" in d.find_element(By.ID, "source-text").text)
     _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card") and "dropped image" in d.find_element(By.ID, "status").text)
+
+
+def test_the_page_says_when_the_server_reopened_a_rebuilt_index(server, browser, pipeline_index):
+    """Issue 14 item 8: `captioner index` rebuilds the served --db; a search after that says the index refreshed.
+
+    Last in this module: it replaces the index the other tests search.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from pipeline.cli import main
+
+    db, parquet = pipeline_index
+    rows = [r for r in pq.read_table(parquet).to_pylist() if r["status"] == "ok"]
+    word = max(rows[0]["caption"].split(), key=len)
+    browser.get(server + "/")
+    _wait(browser, lambda d: d.find_element(By.ID, "facts").text)
+    box = browser.find_element(By.ID, "q")
+    box.send_keys(word, Keys.ENTER)
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card"), message="no results appeared")
+    assert not browser.find_element(By.ID, "refreshed").is_displayed()
+
+    result = CliRunner().invoke(main, ["index", str(parquet), "--db", str(db), "--fresh"])  # a new file renamed over it
+    assert result.exit_code == 0, result.output
+    # The server looks at the file at most once a second and reopens it in the
+    # background: the search that notices still gets the old index, a later one the new.
+    deadline = time.monotonic() + 15
+    while not browser.find_element(By.ID, "refreshed").is_displayed():
+        assert time.monotonic() < deadline, "the page never said the index refreshed"
+        browser.find_element(By.ID, "q").send_keys(Keys.ENTER)
+        time.sleep(0.5)
+    notice = browser.find_element(By.ID, "refreshed").text
+    assert notice == f"index refreshed: {len(rows):,} images", notice
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card"), message="no results from the rebuilt index")

@@ -38,7 +38,8 @@ thumbnails, every probe answer of an image, and "more like this"; drop an
 image on it to search by image. Thumbnails are made from the original images
 on first view and cached beside the index (INDEX.thumbs/, --thumb-cache-mb).
 Only images listed in the index can be shown, by row id; the index is opened
-read-only. There is no login: the server listens on loopback unless --host
+read-only. A rebuilt index (`captioner index` into the same --db) is reopened
+within about a second, without a restart; the page says it refreshed. There is no login: the server listens on loopback unless --host
 says otherwise, and anyone who can reach it sees every indexed image.
 """
 
@@ -106,14 +107,14 @@ def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_
 
     options = dict(storage_options or ())
     index = ImageIndex.open(index_path, device=query_device(device), embed_model=embed_model)
-    listening = None
+    listening = service = None
     try:
         # Hold the port while the models load; uvicorn binds it again the moment it is released.
         listening = bind(host, port)
         port = listening.getsockname()[1]
         if index.info.embedding_dim:
             click.echo(f"loading the query embedder {index.info.embed_model} ...", err=True)
-        service = IndexService(index)
+        service = IndexService(index, log=lambda line: click.echo(line, err=True))
         if service.semantic_error:
             click.echo(f"warning: {service.semantic_error}", err=True)
         cache_dir = Path(thumb_cache) if thumb_cache else default_cache_dir(index.path)
@@ -141,4 +142,6 @@ def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_
     finally:
         if listening is not None:
             listening.close()
+        if service is not None:
+            service.close()  # the index it serves now: a rebuilt one it reopened, perhaps
         index.close()

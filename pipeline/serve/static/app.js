@@ -85,6 +85,11 @@
     try {
       const page = await api(url, options);
       if (request !== state.request) return;
+      if (await noticeRefresh(page.index)) {
+        if (request !== state.request) return;
+        // Ids of the old index mean nothing in the new one: start this search again, from the top.
+        if (!reset) { run(true); return; }
+      }
       if (reset) {
         state.hits = [];
         $("grid").replaceChildren();
@@ -107,6 +112,35 @@
     } finally {
       if (request === state.request) $("grid").removeAttribute("aria-busy");
     }
+  }
+
+  // -- a rebuilt index ----------------------------------------------------------
+
+  // Every search answer says which index answered it (its generation). When
+  // the server has reopened a rebuilt index file, take the new index's facts
+  // (and filters, when they changed) and say so; true when that happened.
+  async function noticeRefresh(facts) {
+    if (!facts || !state.info || facts.generation === state.info.generation) return false;
+    let info;
+    try {
+      info = await api("/api/info");
+    } catch (_) {
+      return false;
+    }
+    const filtersDiffer = JSON.stringify([info.probes, info.confidence]) !== JSON.stringify([state.info.probes, state.info.confidence]);
+    state.info = info;
+    if (filtersDiffer) buildFilters(info);
+    showFacts(info);
+    const notice = $("refreshed");
+    notice.textContent = `index refreshed: ${info.searchable_rows.toLocaleString()} images`;
+    notice.title = `the index file was rebuilt (${info.built_at}) and reopened by the server`;
+    notice.hidden = false;
+    return true;
+  }
+
+  function showFacts(info) {
+    $("facts").textContent = `${info.index}: ${info.searchable_rows.toLocaleString()} searchable images` +
+      (info.embed_model ? `, embeddings from ${info.embed_model}` : ", no embeddings");
   }
 
   function describeSource() {
@@ -391,8 +425,7 @@
     }
     $("file-label").hidden = !info.modes.includes("semantic");
     buildFilters(info);
-    $("facts").textContent = `${info.index}: ${info.searchable_rows.toLocaleString()} searchable images` +
-      (info.embed_model ? `, embeddings from ${info.embed_model}` : ", no embeddings");
+    showFacts(info);
 
     $("search-form").addEventListener("submit", startQuery);
     $("more").addEventListener("click", () => run(false));
