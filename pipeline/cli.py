@@ -119,7 +119,7 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
         summary = run_job(config, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
     except RunInterrupted as exc:
         click.echo(f"\ncaptioner: {exc}", err=True)
-        sys.exit(130)
+        sys.exit(exc.exit_code)
     except ProbeFileError as exc:
         raise click.ClickException(f"{exc}. {PROBE_FILE_FIX}") from exc
     except (ConfigError, SourceError, OutputError, RayUnavailable) as exc:
