@@ -41,7 +41,7 @@ changed and failures that can change (missing, unreadable, model errors);
 --retry-errors also retries files that were not images, truncated or too
 large. Images that cannot be decoded become rows with status=error; the
 exit code is non-zero only when the run itself fails (Ray, storage, missing
-weights). Ctrl-C keeps every committed row; the same command resumes.
+weights). Ctrl-C or SIGTERM keeps every committed row; the same command resumes.
 """
 
 def _max_crops_default_note() -> str:
