@@ -24,6 +24,7 @@ milliseconds without the driver waiting for it.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -31,6 +32,8 @@ import subprocess
 import sys
 import time
 import uuid
+
+log = logging.getLogger(__name__)
 
 SESSION_ENV = "CAPTIONER_RAY_SESSION"
 # A sweep ends after this many rounds in a row find nothing (a process the
@@ -51,11 +54,16 @@ class SessionGuard:
     def start(self) -> "SessionGuard":
         self._saved_env = os.environ.get(SESSION_ENV)
         os.environ[SESSION_ENV] = self.token
-        self._process = subprocess.Popen(
-            [sys.executable, "-I", "-S", os.path.abspath(__file__), str(os.getpid()), self.token],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
-        )
+        if not os.path.isdir("/proc"):
+            return self  # it finds processes through /proc (Linux); elsewhere Ray's own fate-sharing is all there is
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(os.getpid()), self.token],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True,
+            )
+        except OSError as exc:  # a run without its watchdog still runs; only a kill -9 may leave Ray behind
+            log.warning("captioner: could not start the watchdog of the embedded Ray (%s)", exc)
         return self
 
     def stop(self) -> None:
