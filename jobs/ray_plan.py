@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from jobs.session_guard import SessionGuard
 from pipeline.config import RunConfig
 from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
 from pipeline.stages.contract import LISTED
@@ -207,6 +208,7 @@ class ray_session:
     def __init__(self, config: RunConfig):
         self.config = config
         self.started = False
+        self._guard: SessionGuard | None = None
 
     def __enter__(self):
         import ray
@@ -232,22 +234,34 @@ class ray_session:
             if address:
                 ray.init(address=address, **kwargs)
             else:
+                # Every process of the embedded Ray goes with the run, even a
+                # killed one (jobs/session_guard.py); a cluster's never.
+                self._guard = SessionGuard().start()
                 # "local" always starts a fresh instance, never joins a cluster
                 # that happens to run on this machine.
                 ray.init(address="local", **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same fault
+            self._stop_guard()
             raise RayUnavailable(_explain_init_failure(exc, address)) from exc
         self.started = True
         return self
 
     def __exit__(self, exc_type, exc, tb):
         with _quiet_teardown(enabled=exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
-            if self.started:
-                import ray
+            try:
+                if self.started:
+                    import ray
 
-                ray.shutdown()
-                _no_second_ray()
+                    ray.shutdown()
+                    _no_second_ray()
+            finally:
+                self._stop_guard()
         return False
+
+    def _stop_guard(self) -> None:
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
 
 
 def _no_second_ray() -> None:

@@ -12,13 +12,14 @@ import collections
 import functools
 import hashlib
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from jobs.interrupt import CtrlC
+from jobs.interrupt import CtrlC, exit_code_of
 from jobs.quiet import native_stderr_filter
 from jobs.ray_plan import build_dataset, current_plan, ray_session
 from pipeline.config import RunConfig
@@ -61,23 +62,30 @@ class RunSummary:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the rows committed so far are kept.
+    """Ctrl-C or SIGTERM during a run; the rows committed so far are kept.
 
     ``committed`` counts the rows this run wrote to part files; ``where`` is
     the folder that holds them (for a single-file output, the ``.parts``
-    folder that the next complete run merges into the file).
+    folder that the next complete run merges into the file); ``signum`` is
+    the signal that stopped it, ``exit_code`` the code to exit with.
     """
 
-    def __init__(self, committed: int, where: str):
+    def __init__(self, committed: int, where: str, signum: int = signal.SIGINT):
         super().__init__(committed, where)
         self.committed = committed
         self.where = where
+        self.signum = signal.Signals(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_of(self.signum)
 
     def __str__(self) -> str:
+        how = "interrupted" if self.signum == signal.SIGINT else f"stopped by {self.signum.name}"
         if not self.committed:
-            return "interrupted before this run committed any row: nothing was written; run the same command again to start it"
+            return f"{how} before this run committed any row: nothing was written; run the same command again to start it"
         return (
-            f"interrupted: {self.committed} processed rows were committed to {self.where} and are kept; "
+            f"{how}: {self.committed} processed rows were committed to {self.where} and are kept; "
             "run the same command again to resume where it stopped"
         )
 
@@ -114,10 +122,10 @@ def run_job(config: RunConfig, *, progress: bool = True, echo=None) -> RunSummar
     committed = [0]
     try:
         return _run(config, progress, echo or (lambda message: print(message, file=sys.stderr)), committed)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Before Ray (listing, resume state) or after it (the final merge):
         # parts committed by this run stay where they are.
-        raise RunInterrupted(committed[0], parts_location(config)) from None
+        raise RunInterrupted(committed[0], parts_location(config), getattr(exc, "signum", signal.SIGINT)) from None
 
 
 def _run(config: RunConfig, progress: bool, echo, committed: list[int]) -> RunSummary:
@@ -166,6 +174,7 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
         ctrl_c = CtrlC()
         try:
             with ctrl_c, ray_session(config), native_stderr_filter():
+                ctrl_c.reclaim()
                 ctrl_c.check()
                 plan = current_plan(config)
                 stage = StageConfig(run=config, identity=identity, torch_threads=plan.torch_threads)

@@ -41,7 +41,7 @@ changed and failures that can change (missing, unreadable, model errors);
 --retry-errors also retries files that were not images, truncated or too
 large. Images that cannot be decoded become rows with status=error; the
 exit code is non-zero only when the run itself fails (Ray, storage, missing
-weights). Ctrl-C keeps every committed row; the same command resumes.
+weights). Ctrl-C or SIGTERM keeps every committed row; the same command resumes.
 """
 
 def _max_crops_default_note() -> str:
@@ -120,7 +120,7 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
         summary = run_job(config, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
     except RunInterrupted as exc:
         click.echo(f"\ncaptioner: {exc}", err=True)
-        sys.exit(130)
+        sys.exit(exc.exit_code)
     except LeaseHeld as exc:
         raise as_click_error(exc) from exc
     except ProbeFileError as exc:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from schemas import STATUS_ERROR, STATUS_OK
 from tests import fault_doubles
 from tests.fixtures.images import make_jpegs
 from tests.cli import run_cli
+from tests.fixtures.faults import Captioner, assert_no_process_left
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,47 +154,12 @@ def test_a_killed_model_worker_is_restarted_and_its_batch_retried(fault_ray, tmp
 # ---- the driver is killed -------------------------------------------------------------
 
 
-def _start_run(src: Path, out: Path, config: Path, clip_dir: Path, log) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always its own embedded Ray
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(src), "--out", str(out), "--config", str(config)]
-    command += ["--no-caption", "--no-probes", "--embed-model", str(clip_dir), "--no-progress"]
-    # Its own session, so the whole process group (driver, GCS, raylet) can be killed at once.
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_for(condition, timeout_s: float, what: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"the run exited ({proc.returncode}) before {what}:\n{log_path.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
 def _running(process: psutil.Process) -> bool:
     # A zombie has exited; only its parent's (or init's) wait is missing.
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _reap(processes: list[psutil.Process], timeout_s: float = 90) -> list[str]:
-    """Wait for the killed run's processes to exit; kill and name any that stay.
-
-    A worker the raylet was forking at the moment of the kill can miss the
-    group's SIGKILL; it exits once it gives up on the dead GCS, which Ray
-    allows 60 s (gcs_rpc_server_reconnect_timeout_s). Usually all are gone at once.
-    """
-    deadline = time.monotonic() + timeout_s
-    while any(map(_running, processes)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    stray = []
-    for process in filter(_running, processes):
-        stray.append(f"{process.pid} {process.name()}")
-        process.kill()  # one of ours, by pid: never a global `ray stop`
-    return stray
 
 
 @pytest.mark.subprocess
@@ -206,21 +170,14 @@ def test_killed_driver_then_rerun_gives_every_image_exactly_once(fault_ray, tmp_
     parts = tmp_path / "captions.parquet.parts"
     config = tmp_path / "run.yaml"
     config.write_text("rows_per_part: 10\n")
-    log_path = tmp_path / "run.log"
+    command = ["run", src, "--out", out, "--config", config, "--no-caption", "--no-probes", "--embed-model", tiny_clip_dir]
 
-    with open(log_path, "wb") as log:
-        proc = _start_run(src, out, config, tiny_clip_dir, log)
-        try:
-            _wait_for(lambda: any(parts.glob("part-*.parquet")), 180, "the first part file", proc, log_path)
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            os.killpg(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    # Ray's workers are in process groups of their own; they must still go with their raylet.
-    assert _reap(family) == [], "processes of the killed run outlived it"
+    with Captioner(*command, "--no-progress", log=tmp_path / "run.log") as run:
+        run.wait_for(lambda: any(parts.glob("part-*.parquet")), 180, "the first part file")
+        run.kill()  # SIGKILL to the whole process group
+        assert run.proc.returncode == -signal.SIGKILL
+        # Ray's workers are in process groups of their own; they must still go with the run (jobs/session_guard.py).
+        assert_no_process_left(run.tag, within_s=10)
 
     assert not out.exists(), "the run finished before it was killed; the test proves nothing"
     committed = [pq.read_table(p).num_rows for p in parts.glob("part-*.parquet")]

@@ -201,3 +201,19 @@ def test_the_interrupt_message_names_only_a_location_that_exists():
     assert "committed to /o/c.parquet.parts/" in str(RunInterrupted(3, parts_location(single)))
     nothing = str(RunInterrupted(0, parts_location(single)))
     assert "nothing was written" in nothing and "/o/c.parquet" not in nothing
+
+
+def test_sigterm_is_a_stop_like_ctrl_c_with_its_own_exit_code():
+    from jobs.interrupt import CtrlC, StopRequested
+    from jobs.run import RunInterrupted
+
+    with CtrlC() as ctrl_c:
+        os.kill(os.getpid(), signal.SIGTERM)  # a supervisor's stop: only noted, like Ctrl-C
+        time.sleep(0.05)
+        with pytest.raises(StopRequested) as stopped:
+            ctrl_c.check()
+    assert stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert RunInterrupted(3, "/o/", signal.SIGTERM).exit_code == 143
+    assert RunInterrupted(3, "/o/").exit_code == 130
+    assert str(RunInterrupted(3, "/o/", signal.SIGTERM)).startswith("stopped by SIGTERM: 3 processed rows were committed to /o/")
