@@ -202,8 +202,12 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
             # threads, each its own batch, and the stage's feeder hands them to the
             # model as one call (pipeline/stages/feeder.py). Threads, not an async
             # __call__: Ray Data runs an async UDF's batches 4 at a time per task
-            # whatever the stage asks, so the count would not be the plan's.
-            threads = {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True}
+            # whatever the stage asks, so the count would not be the plan's. No
+            # tasks queued beyond those: the feeder already holds the next engine
+            # call, and each queued block of crops (about 5 MB an image) would
+            # sit in the object store.
+            threads = {"max_concurrent_calls_per_actor": in_flight, "max_tasks_in_flight_per_actor": in_flight,
+                       "enable_true_multi_threading": True}  # fmt: skip
             # Ray Data hands the constructor its arguments through the object
             # store whatever the class looks like, and Ray logs an error-level
             # line for it; jobs/quiet.py keeps that one line off the terminal.
