@@ -96,7 +96,8 @@ class DeviceRecordingCaptioner(Moondream2Captioner):
 
         folder = Path(os.environ[FAULT_DIR_ENV]) / "devices"
         folder.mkdir(exist_ok=True)
-        record = {"gpu_ids": [str(i) for i in ray.get_gpu_ids()], "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        record = {"gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+                  "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
         (folder / f"{os.getpid()}.json").write_text(json.dumps(record))
         super().__init__(ref, config, "cpu", **kwargs)  # the declared GPUs are not there to allocate on
 

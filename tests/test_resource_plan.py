@@ -143,3 +143,5 @@ def test_four_declared_gpus_get_four_caption_actors_each_on_its_own_card(four_gp
     records = [json.loads(path.read_text()) for path in (four_gpu_ray / "devices").glob("*.json")]
     assert sorted(r["gpu_ids"] for r in records) == [["0"], ["1"], ["2"], ["3"]]
     assert all(r["cuda_visible"] == r["gpu_ids"][0] for r in records)  # what torch would see as cuda:0
+    calls = [int(line) for line in (four_gpu_ray / "calls").read_text().split()]
+    assert sum(calls) == 8  # every image through an engine call once, from its crops made in the decode stage
