@@ -1,18 +1,21 @@
 """The Ray side of a run: the session, the resource plan and the dataset.
 
 ``ray_session`` joins ``--address`` or starts an embedded local Ray, quietly.
-``plan_resources`` turns the config into CPU/GPU shares that fit the cluster
-it is given: values left at their defaults shrink to fit (a 2-CPU head runs
-the job), values set in the config are taken as asked and a run that cannot
-fit is refused instead of waiting for ever. ``build_dataset`` wires the
-stages: decode as CPU tasks, the caption and embed models as actor pools,
-then the conform step.
+``plan_resources`` turns the config into actor counts and CPU/GPU shares that
+fit the cluster it is given: values left at their defaults shrink to fit (a
+2-CPU head runs the job), values set in the config are taken as asked and a
+run that cannot fit is refused instead of waiting for ever. On CUDA there is
+one caption actor per GPU, each on a card of its own, holding enough Ray
+batches to keep its engine full (:func:`caption_flow`). ``build_dataset``
+wires the stages: decode as CPU tasks, the caption and embed models as actor
+pools, then the conform step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -22,6 +25,7 @@ import pyarrow as pa
 
 from jobs.session_guard import SessionGuard
 from pipeline.config import RunConfig
+from pipeline.models.moondream.defaults import CALLS_IN_FLIGHT, MAX_BATCHES_IN_FLIGHT, for_device, images_per_call
 from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
 from pipeline.stages.contract import LISTED
 
@@ -40,6 +44,15 @@ class RayUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class CaptionFlow:
+    """How images reach a caption actor's engine."""
+
+    batch_size: int  # rows per Ray batch
+    batches_in_flight: int  # Ray batches one actor holds at once (Ray runs its calls in that many threads)
+    images_per_call: int | None  # engine calls merge batches up to this many images; None: a call per batch
+
+
+@dataclass(frozen=True)
 class ResourcePlan:
     use_gpu: bool
     model_actor_cpus: float
@@ -47,34 +60,63 @@ class ResourcePlan:
     conform_cpus: float
     caption_gpus: float
     embed_gpus: float
+    caption_actors: int  # 0 when the caption model has nothing to do
+    embed_actors: int  # 0 without embeddings
+    caption: CaptionFlow
 
     @property
     def torch_threads(self) -> int:
         return max(1, int(round(self.model_actor_cpus)))
 
 
-def _model_actor_count(config: RunConfig) -> int:
-    return config.caption.runs_model * config.ray.caption_actors + config.embed.enabled * config.ray.embed_actors
+def caption_flow(config: RunConfig, use_gpu: bool) -> CaptionFlow:
+    """Ray batches in flight per caption actor, and the engine call they merge into.
+
+    Filling (the GPU default): one engine call takes enough images for every
+    sequence slot (caption + probes per image, pipeline/models/moondream/defaults.py)
+    and the actor holds CALLS_IN_FLIGHT times that, so the next call is queued
+    when one ends. Otherwise one batch at a time, each its own call.
+    """
+    caption = config.caption
+    defaults = for_device("cuda" if use_gpu else "cpu")
+    batch = caption.batch_size
+    asked = config.ray.caption_batches_in_flight
+    if asked == 1 or (asked is None and not defaults.fill_engine):
+        return CaptionFlow(batch, 1, None)
+    if asked is None:
+        target = images_per_call(defaults, caption.max_sequences, caption.enabled + len(caption.probes))
+        asked = min(MAX_BATCHES_IN_FLIGHT, max(2, math.ceil(CALLS_IN_FLIGHT * target / batch)))
+    return CaptionFlow(batch, asked, max(batch, asked * batch // CALLS_IN_FLIGHT))
 
 
-def _cpus_needed(config: RunConfig, actor_cpus: float, decode_cpus: float, conform_cpus: float) -> float:
+def _actor_counts(config: RunConfig, cluster: dict[str, float], use_gpu: bool) -> tuple[int, int]:
+    """(caption, embed) actors; an unset caption count is one per whole GPU on CUDA, one on CPU."""
+    caption = config.ray.caption_actors
+    if caption is None:
+        caption = max(1, int(cluster.get("GPU", 0) + 1e-9)) if use_gpu else 1
+    return caption * config.caption.runs_model, config.ray.embed_actors * config.embed.enabled
+
+
+def _cpus_needed(actors: int, actor_cpus: float, decode_cpus: float, conform_cpus: float) -> float:
     """Logical CPUs for the model actors plus one decode and one conform task."""
-    return _model_actor_count(config) * actor_cpus + decode_cpus + conform_cpus
+    return actors * actor_cpus + decode_cpus + conform_cpus
 
 
 def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) -> ResourcePlan:
-    """CPU/GPU shares for this run on a cluster with ``cluster`` resources (ray.cluster_resources())."""
+    """Actors and CPU/GPU shares for this run on a cluster with ``cluster`` resources (ray.cluster_resources())."""
     ray_config = config.ray
+    caption_actors, embed_actors = _actor_counts(config, cluster, use_gpu)
+    actors = caption_actors + embed_actors
     actor_cpus = 1.0 if use_gpu else (ray_config.model_actor_cpus or DEFAULT_MODEL_ACTOR_CPUS)
     decode_cpus = ray_config.decode_cpus or DEFAULT_DECODE_CPUS
     conform_cpus = CONFORM_CPUS
     available = cluster.get("CPU", 0.0)
-    needed = _cpus_needed(config, actor_cpus, decode_cpus, conform_cpus)
+    needed = _cpus_needed(actors, actor_cpus, decode_cpus, conform_cpus)
     # Shrink what the user left to us, all in proportion, until the plan fits.
     if needed > available > 0:
         fixed = 0.0
         if ray_config.model_actor_cpus is not None and not use_gpu:
-            fixed += _model_actor_count(config) * actor_cpus
+            fixed += actors * actor_cpus
         if ray_config.decode_cpus is not None:
             fixed += decode_cpus
         flexible = needed - fixed
@@ -85,11 +127,8 @@ def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) 
             if ray_config.decode_cpus is None:
                 decode_cpus = max(_MIN_SHARE, decode_cpus * scale)
             conform_cpus = max(_MIN_SHARE, conform_cpus * scale)
-            needed = _cpus_needed(config, actor_cpus, decode_cpus, conform_cpus)
-    gpus_needed = (
-        config.caption.runs_model * ray_config.caption_actors * ray_config.caption_gpus
-        + config.embed.enabled * ray_config.embed_actors * ray_config.embed_gpus
-    )
+            needed = _cpus_needed(actors, actor_cpus, decode_cpus, conform_cpus)
+    gpus_needed = caption_actors * ray_config.caption_gpus + embed_actors * ray_config.embed_gpus
     problems = []
     if available + 1e-9 < needed:
         problems.append(f"{needed:g} CPUs (the cluster has {available:g})")
@@ -97,7 +136,7 @@ def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) 
         problems.append(f"{gpus_needed:g} GPUs (the cluster has {cluster.get('GPU', 0):g})")
     if problems:
         raise RayUnavailable(
-            f"this run needs {' and '.join(problems)}: {_model_actor_count(config)} model actor(s) plus decode and "
+            f"this run needs {' and '.join(problems)}: {actors} model actor(s) plus decode and "
             "conform tasks. Lower ray.model_actor_cpus / ray.decode_cpus / ray.caption_gpus / ray.embed_gpus or the "
             "actor counts in --config (or leave them unset to fit the cluster), or add nodes to the cluster."
         )
@@ -108,6 +147,9 @@ def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) 
         conform_cpus=conform_cpus,
         caption_gpus=ray_config.caption_gpus,
         embed_gpus=ray_config.embed_gpus,
+        caption_actors=caption_actors,
+        embed_actors=embed_actors,
+        caption=caption_flow(config, use_gpu),
     )
 
 
@@ -142,11 +184,14 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
         batch_format="pyarrow",
         num_cpus=plan.decode_cpus,
     )
+    flow = plan.caption
     model_stages = [
-        (stage.runs_captioner, CaptionStage, config.caption.batch_size, config.ray.caption_actors, plan.caption_gpus),
-        (stage.runs_embedder, EmbedStage, config.embed.batch_size, config.ray.embed_actors, plan.embed_gpus),
-    ]
-    for enabled, stage_class, batch_size, actors, gpus in model_stages:
+        # (enabled, class, constructor kwargs, batch size, actors, GPU share, batches in flight per actor)
+        (stage.runs_captioner, CaptionStage, {"images_per_call": flow.images_per_call}, flow.batch_size,
+         plan.caption_actors, plan.caption_gpus, flow.batches_in_flight),
+        (stage.runs_embedder, EmbedStage, {}, config.embed.batch_size, plan.embed_actors, plan.embed_gpus, 1),
+    ]  # fmt: skip
+    for enabled, stage_class, kwargs, batch_size, actors, gpus, in_flight in model_stages:
         if enabled:
             # Fault tolerance is Ray Data's default for actor pools: an actor that
             # dies (OOM kill, lost node, segfault) is restarted and its in-flight
@@ -154,15 +199,25 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
             resources = {"num_gpus": gpus, "num_cpus": plan.model_actor_cpus} if plan.use_gpu else {
                 "num_cpus": plan.model_actor_cpus
             }
+            # Several batches in flight: Ray runs that many of the actor's calls in
+            # threads, each its own batch, and the stage's feeder hands them to the
+            # model as one call (pipeline/stages/feeder.py). Threads, not an async
+            # __call__: Ray Data runs an async UDF's batches 4 at a time per task
+            # whatever the stage asks, so the count would not be the plan's. No
+            # tasks queued beyond those: the feeder already holds the next engine
+            # call, and each queued block of crops (about 5 MB an image) would
+            # sit in the object store.
+            threads = {"max_concurrent_calls_per_actor": in_flight, "max_tasks_in_flight_per_actor": in_flight,
+                       "enable_true_multi_threading": True}  # fmt: skip
             # Ray Data hands the constructor its arguments through the object
             # store whatever the class looks like, and Ray logs an error-level
             # line for it; jobs/quiet.py keeps that one line off the terminal.
             dataset = dataset.map_batches(
                 stage_class,
-                fn_constructor_kwargs={"stage": stage},
+                fn_constructor_kwargs={"stage": stage, **kwargs},
                 batch_size=batch_size,
                 batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=actors),
+                compute=ray.data.ActorPoolStrategy(size=actors, **(threads if in_flight > 1 else {})),
                 **resources,
             )
     return dataset.map_batches(

@@ -101,7 +101,8 @@ class CaptionConfig(_Section):
     max_crops: Annotated[StrictInt, Field(ge=1, le=12)] | None = None
     dtype: Annotated[StrictStr, _one_of(CAPTION_DTYPES)] = "auto"
     # Moondream: sequences (caption + probes of all images) decoded at once; a
-    # cap on the engine's per-step memory. None: the engine's default.
+    # cap on the engine's per-step memory. None: the device's default
+    # (pipeline/models/moondream/defaults.py: 384 on a GPU, 64 on CPU).
     max_sequences: PositiveInt | None = None
     # Moondream: torch.compile the decoder step (slower start, faster steady state on GPUs).
     compile: StrictBool = False
@@ -131,16 +132,23 @@ class EmbedConfig(_Section):
 class RayConfig(_Section):
     # None: start an embedded local Ray; else the address of a running cluster.
     address: StrictStr | None = None
-    caption_actors: PositiveInt = 1
+    # None: one caption actor per GPU of the cluster on CUDA, one on CPU.
+    caption_actors: PositiveInt | None = None
     embed_actors: PositiveInt = 1
+    # Ray batches one caption actor holds at once; engine calls merge up to half
+    # of the images they hold. None: the device's default (moondream/defaults.py):
+    # on a GPU enough to fill the engine twice over, on CPU one.
+    caption_batches_in_flight: PositiveInt | None = None
     # Logical CPUs reserved per model actor on CPU, and per decode task. None
     # (the default) lets the plan fit the cluster it is given; a number is
     # taken as asked, and a run that cannot fit is refused.
     model_actor_cpus: PositiveFloat | None = None
     decode_cpus: PositiveFloat | None = None
-    # GPU share per model actor when running on CUDA (caption and embed share a card).
-    caption_gpus: PositiveFloat = 0.5
-    embed_gpus: PositiveFloat = 0.5
+    # GPU share per model actor when running on CUDA (caption and embed share a
+    # card). Above 0.5, two caption actors never share one: Ray packs
+    # fractional shares onto the fullest card that fits.
+    caption_gpus: PositiveFloat = 0.75
+    embed_gpus: PositiveFloat = 0.25
     decode_batch_size: PositiveInt = 16
 
 

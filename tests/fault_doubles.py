@@ -12,6 +12,16 @@ puts in the input on purpose:
     on the first batch holding a VICTIM_SIZE image, writes its process id to
     ``$CAPTIONER_FAULT_DIR/victim.pid`` and waits to be killed from outside;
     once ``killed`` exists in that folder it embeds normally (the retry).
+``MemoryBoundCaptioner`` (backend ``memory_bound``)
+    Moondream as if on a card that holds MEMORY_IMAGES images: a bigger
+    ``describe`` call raises ``torch.OutOfMemoryError``, and so does any call
+    holding an OOM_SIZE image, even alone; the size of every call is kept in
+    ``calls``.
+``DeviceRecordingCaptioner`` (backend ``device_recording``)
+    Moondream that writes the GPU Ray assigned its actor (``ray.get_gpu_ids()``
+    and CUDA_VISIBLE_DEVICES) to ``$CAPTIONER_FAULT_DIR/devices/PID.json`` and
+    then runs on the CPU, so a Ray with declared but absent GPUs can plan for
+    them; the image count of every engine call goes to ``$CAPTIONER_FAULT_DIR/calls``.
 
 Model stages build their backend on Ray workers, so the backends must be
 registered there too: the tests' Ray runs ``register`` as its
@@ -20,22 +30,30 @@ registered there too: the tests' Ray runs ``register`` as its
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
+import torch
+
 from pipeline.models.hf_vlm import TransformersCaptioner
+from pipeline.models.moondream import Moondream2Captioner
 from pipeline.models.openclip import OpenClipEmbedder
 from pipeline.models.registry import register_captioner, register_embedder
 
 POISON_SIZE = (37, 29)
 VICTIM_SIZE = (41, 23)
+OOM_SIZE = (43, 31)
+MEMORY_IMAGES = 3
 FAULT_DIR_ENV = "CAPTIONER_FAULT_DIR"
 
 
 def register() -> None:
     register_captioner("poisoned", "tests.fault_doubles:PoisonedCaptioner")
     register_embedder("killable", "tests.fault_doubles:KillableEmbedder")
+    register_captioner("memory_bound", "tests.fault_doubles:MemoryBoundCaptioner")
+    register_captioner("device_recording", "tests.fault_doubles:DeviceRecordingCaptioner")
 
 
 class PoisonedCaptioner(TransformersCaptioner):
@@ -58,3 +76,32 @@ class KillableEmbedder(OpenClipEmbedder):
                     time.sleep(0.05)
                 raise RuntimeError("injected fault: the test never killed this worker")
         return super().embed_images(images)
+
+
+class MemoryBoundCaptioner(Moondream2Captioner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[int] = []
+
+    def describe(self, images, questions, *, caption=True):
+        self.calls.append(len(images))
+        if len(images) > MEMORY_IMAGES or any(getattr(image, "size", None) == OOM_SIZE for image in images):
+            raise torch.OutOfMemoryError(f"injected fault: CUDA out of memory with {len(images)} images")
+        return super().describe(images, questions, caption=caption)
+
+
+class DeviceRecordingCaptioner(Moondream2Captioner):
+    def __init__(self, ref, config, device, **kwargs):
+        import ray
+
+        folder = Path(os.environ[FAULT_DIR_ENV]) / "devices"
+        folder.mkdir(exist_ok=True)
+        record = {"gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+                  "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
+        (folder / f"{os.getpid()}.json").write_text(json.dumps(record))
+        super().__init__(ref, config, "cpu", **kwargs)  # the declared GPUs are not there to allocate on
+
+    def describe_prepared(self, inputs, questions, *, caption=True):
+        with open(Path(os.environ[FAULT_DIR_ENV]) / "calls", "a") as log:
+            log.write(f"{len(inputs)}\n")
+        return super().describe_prepared(inputs, questions, caption=caption)

@@ -1,15 +1,24 @@
-"""The resource plan fits the cluster it is given (no Ray needed: cluster resources are data)."""
+"""The resource plan fits the cluster it is given (no Ray needed: cluster resources are data), and on a
+Ray with declared GPUs it puts one caption actor on each (the one Ray test here)."""
 
 from __future__ import annotations
 
+import json
+import os
+
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.ray_plan import RayUnavailable, plan_resources
 from pipeline.config import RunConfig
+from pipeline.models.moondream import defaults
+from pipeline.probes import default_probes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config(**ray):
-    return RunConfig.from_dict({"source": "/p", "output": "/o.parquet", "ray": ray})
+def config(caption=None, **ray):
+    return RunConfig.from_dict({"source": "/p", "output": "/o.parquet", "ray": ray, "caption": caption or {}})
 
 
 def test_defaults_shrink_to_fit_a_two_cpu_head():
@@ -34,4 +43,105 @@ def test_gpus_are_counted():
     with pytest.raises(RayUnavailable, match="1 GPUs"):
         plan_resources(config(), {"CPU": 8.0, "GPU": 0.5}, use_gpu=True)
     plan = plan_resources(config(), {"CPU": 8.0, "GPU": 1.0}, use_gpu=True)
-    assert plan.use_gpu and plan.caption_gpus == 0.5
+    assert plan.use_gpu and plan.caption_gpus + plan.embed_gpus == 1.0  # caption and embed share the card
+
+
+# ---- every GPU of a workstation, each engine full (issue 15) ------------------------------------
+
+
+def test_one_caption_actor_per_gpu_each_too_big_to_share_a_card():
+    plan = plan_resources(config(), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True)
+    assert (plan.caption_actors, plan.embed_actors) == (4, 1)
+    # Ray packs fractional shares onto the fullest card that fits them: two 0.5 shares would land on
+    # one card (seen with ray.get_gpu_ids()); above a half, each caption actor has a card of its own.
+    assert plan.caption_gpus > 0.5
+    assert 4 * plan.caption_gpus + plan.embed_gpus <= 4.0
+    assert plan_resources(config(), {"CPU": 16.0, "GPU": 4.0}, use_gpu=False).caption_actors == 1  # --device cpu
+    assert plan_resources(config(caption_actors=2), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True).caption_actors == 2
+    with pytest.raises(RayUnavailable, match=r"needs 6\.25 GPUs \(the cluster has 4\)"):
+        plan_resources(config(caption_actors=8), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True)
+
+
+@pytest.mark.parametrize("probes", [0, 5, 20])
+def test_on_a_gpu_each_caption_actor_keeps_enough_images_in_flight_to_fill_its_engine(probes):
+    questions = list(default_probes())[:probes] + [f"Is there a thing number {i}?" for i in range(probes - 5)]
+    plan = plan_resources(config({"probes": questions}), {"CPU": 16.0, "GPU": 1.0}, use_gpu=True)
+    flow, per_image = plan.caption, 1 + probes
+    in_flight = flow.batches_in_flight * flow.batch_size
+    assert in_flight >= 64 and in_flight * per_image >= defaults.GPU.max_sequences
+    # Half of what is in flight is one engine call; the other half waits for the next one.
+    assert flow.images_per_call * 2 <= in_flight
+    assert flow.images_per_call >= min(defaults.GPU.min_images_per_call, in_flight // 2)
+    assert flow.batches_in_flight <= defaults.MAX_BATCHES_IN_FLIGHT
+
+
+def test_on_cpu_a_caption_actor_takes_one_batch_at_a_time_as_before():
+    flow = plan_resources(config({"probes": list(default_probes())}), {"CPU": 2.0}, use_gpu=False).caption
+    assert (flow.batch_size, flow.batches_in_flight, flow.images_per_call) == (8, 1, None)
+    # Asked for: several batches merge on CPU too (how the feeder is measured without a GPU).
+    flow = plan_resources(config(caption_batches_in_flight=4), {"CPU": 2.0}, use_gpu=False).caption
+    assert (flow.batches_in_flight, flow.images_per_call) == (4, 16)
+
+
+def test_the_engine_sizes_come_from_the_one_table_of_device_defaults(tmp_path, monkeypatch):
+    from pipeline.config import CaptionConfig
+    from pipeline.models.registry import build_captioner, resolve_captioner
+    from tests.fixtures.moondream_cache import local_moondream_dir
+
+    model = local_moondream_dir(tmp_path / "md")
+    monkeypatch.setattr(defaults, "CPU", defaults.DeviceDefaults(max_sequences=7, vision_batch_crops=3,
+                                                                  fill_engine=False, min_images_per_call=1))
+    engine = build_captioner(resolve_captioner(str(model)), CaptionConfig(), "cpu").engine
+    assert (engine.max_sequences, engine.vision_batch_crops) == (7, 3)
+    engine = build_captioner(resolve_captioner(str(model)), CaptionConfig(max_sequences=5), "cpu").engine
+    assert engine.max_sequences == 5  # the config, when it says
+
+
+@pytest.fixture(scope="module")
+def four_gpu_ray(tmp_path_factory, starts_ray):
+    """A Ray whose node declares 4 GPUs it does not have; its workers know the device-recording double."""
+    from pipeline.models import registry
+    from tests import fault_doubles
+    from tests.fixtures.ray import own_ray
+
+    fault_dir = tmp_path_factory.mktemp("devices")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
+        fault_doubles.register()
+        with own_ray(num_gpus=4, runtime_env={
+            "worker_process_setup_hook": "tests.fault_doubles.register",
+            "env_vars": {fault_doubles.FAULT_DIR_ENV: str(fault_dir), "PYTHONPATH": REPO},
+        }):  # fmt: skip
+            yield fault_dir
+
+
+def test_four_declared_gpus_get_four_caption_actors_each_on_its_own_card(four_gpu_ray, tmp_path, monkeypatch):
+    import ray.data
+
+    from jobs.caption_job import run_job
+    from jobs.ray_plan import current_plan
+    from tests.fixtures.images import make_jpegs
+    from tests.fixtures.moondream_cache import local_moondream_dir
+
+    make_jpegs(tmp_path / "photos", 8, size=(64, 48))
+    run = RunConfig.from_dict({
+        "source": str(tmp_path / "photos"), "output": str(tmp_path / "out.parquet"), "device": "auto",
+        "caption": {"model": f"device_recording:{local_moondream_dir(tmp_path / 'md')}", "probes": ["Is it red?"],
+                    "max_new_tokens": 2, "answer_max_new_tokens": 2, "max_crops": 1, "batch_size": 2},
+        "embed": {"enabled": False},
+        "ray": {"decode_batch_size": 2},  # a block for each actor
+    })  # fmt: skip
+    assert current_plan(run).caption_actors == 4  # auto: the cluster has GPUs, so the plan is for CUDA
+    # Every actor up before the first batch, so that each one records its card.
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
+
+    summary = run_job(run, progress=False, echo=lambda message: None)
+
+    assert summary.ok == summary.listed == 8
+    uris = pq.read_table(tmp_path / "out.parquet", columns=["uri"]).column("uri").to_pylist()
+    assert len(set(uris)) == len(uris) == 8  # one row per input
+    records = [json.loads(path.read_text()) for path in (four_gpu_ray / "devices").glob("*.json")]
+    assert sorted(r["gpu_ids"] for r in records) == [["0"], ["1"], ["2"], ["3"]]
+    assert all(r["cuda_visible"] == r["gpu_ids"][0] for r in records)  # what torch would see as cuda:0
+    calls = [int(line) for line in (four_gpu_ray / "calls").read_text().split()]
+    assert sum(calls) == 8  # every image through an engine call once, from its crops made in the decode stage

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +24,12 @@ from pipeline.config import RunConfig
 from pipeline.models.identity import identity_for_run
 from pipeline.models.moondream.preprocess import MoondreamPreprocessor
 from pipeline.models.openclip import OpenClipPreprocessor
+from pipeline.models import registry
 from pipeline.models.registry import resolve_captioner, resolve_embedder
 from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
 from pipeline.stages.contract import LISTED
 from schemas import STATUS_ERROR, STATUS_OK
+from tests import fault_doubles
 from tests.fixtures.hf_cache import use_hf_cache
 from tests.fixtures.moondream_cache import local_moondream_dir
 
@@ -190,3 +194,91 @@ def test_decode_skips_pixels_only_when_every_model_prepares_its_own_input(tmp_pa
     assert both.column("embed_input")[0].is_valid
     mixed = decode_batch(_listed([path]), stage=_stage_config(tmp_path, str(tiny_vlm_dir), str(tiny_clip_dir)))
     assert len(mixed.column("pixels")[0].as_py()) == 300 * 200 * 3 and mixed.column("embed_input")[0].is_valid
+
+
+# ---- the caption actor's feeding loop and out-of-memory retries (issue 15) --------------------
+
+
+def _pngs(folder: Path, sizes) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (width, height) in enumerate(sizes):
+        pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        paths.append(folder / f"p{i:03d}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def _wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.01)
+
+
+def test_the_caption_feeder_merges_concurrent_batches_into_engine_calls_and_gives_each_its_own_rows(
+    tmp_path, moondream_dir, offline, monkeypatch
+):
+    from pipeline.models.moondream.engine import MoondreamEngine
+
+    stage = _stage_config(tmp_path, str(moondream_dir), None)
+    paths = _pngs(tmp_path / "images", [(40 + i, 30 + i) for i in range(16)])
+    batches = [decode_batch(_listed(paths[start : start + 2]), stage=stage) for start in range(0, 16, 2)]
+    alone = [CaptionStage(stage)(batch) for batch in batches]  # one engine call per batch, as on CPU
+
+    fed = CaptionStage(stage, images_per_call=8)
+    calls, generate = [], MoondreamEngine.generate
+
+    def counted(engine, images, requests):
+        if not calls:  # hold the first call until every other batch waits behind it, as on a busy GPU
+            _wait_until(lambda: len(images) + 2 * len(fed.feeder._queue) == 16)
+        calls.append(len(images))
+        return generate(engine, images, requests)
+
+    monkeypatch.setattr(MoondreamEngine, "generate", counted)
+    with ThreadPoolExecutor(8) as threads:  # Ray Data's calls of one actor, a batch each
+        outs = list(threads.map(fed, batches))
+
+    # Whole batches merged up to the cap: the first call has what had come in, the next one is full.
+    assert sum(calls) == 16 and max(calls) == calls[1] == 8 and len(calls) <= 3, calls
+    for batch, out, expected in zip(batches, outs, alone):
+        assert out.schema.equals(stage.columns_after("caption").schema)
+        assert out.column("uri").to_pylist() == batch.column("uri").to_pylist()  # one row per input, in order
+        assert set(out.column("status").to_pylist()) == {STATUS_OK}
+        assert out.column("caption").to_pylist() == expected.column("caption").to_pylist()
+        assert out.column("answers").to_pylist() == expected.column("answers").to_pylist()
+
+
+@pytest.fixture
+def fault_backends(monkeypatch):
+    """The fault doubles, registered through the real registry for this test only."""
+    monkeypatch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
+    fault_doubles.register()
+
+
+@pytest.mark.parametrize("fed", [False, True], ids=["batch-per-call", "feeder"])
+def test_a_batch_out_of_gpu_memory_is_retried_at_half_size_then_per_image_then_becomes_an_error_row(
+    fed, tmp_path, moondream_dir, offline, fault_backends
+):
+    stage = _stage_config(tmp_path, f"memory_bound:{moondream_dir}", None)
+    sizes = [(40 + i, 30) for i in range(8)]
+    sizes[5] = fault_doubles.OOM_SIZE  # out of memory even alone
+    paths = _pngs(tmp_path / "images", sizes)
+    caption = CaptionStage(stage, images_per_call=8 if fed else None)
+
+    out = caption(decode_batch(_listed(paths), stage=stage))
+
+    # 8 (out of memory), then halves: 4 (out of memory) -> 2 + 2; 4 -> 2 (the OOM image's) -> 1 + 1; 2.
+    assert caption.captioner.calls == [8, 4, 2, 2, 4, 2, 1, 1, 2]
+    assert out.column("uri").to_pylist() == [str(p) for p in paths]
+    rows = out.to_pylist()
+    for i, row in enumerate(rows):
+        if i == 5:
+            assert (row["status"], row["error_kind"]) == (STATUS_ERROR, "model")
+            assert "OutOfMemoryError" in row["error"] and row["caption"] is None
+        else:
+            assert row["status"] == STATUS_OK and row["caption"] is not None
+    # The actor lives on: its next batch is captioned.
+    again = caption(decode_batch(_listed(paths[:2]), stage=stage))
+    assert again.column("status").to_pylist() == [STATUS_OK, STATUS_OK]

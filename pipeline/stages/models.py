@@ -1,9 +1,11 @@
 """Model stages (Ray actors): caption + probes, and the image embedding.
 
 The model is built once per actor in ``__init__``; ``__call__`` gets a whole
-batch, runs the model on its ok rows in one call, and returns the batch with
-its own columns added. A model failure is split down to the image that
-caused it (:func:`call_with_bisection`) and becomes that image's error row.
+batch, runs the model on its ok rows in one call (on a GPU the caption stage
+merges several batches into that call, pipeline/stages/feeder.py), and
+returns the batch with its own columns added. A model failure, an
+out-of-memory error included, is split down to the image that caused it
+(:func:`call_with_bisection`) and becomes that image's error row.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.stages.config import StageConfig
+from pipeline.stages.feeder import ModelFeeder
 from pipeline.stages.contract import CAPTIONED, EMBEDDED, PREPARED_INPUT, STATUS_COLUMNS
 from schemas import STATUS_ERROR, STATUS_OK
 from schemas.errors import exception_text
@@ -25,25 +28,39 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-
-def call_with_bisection(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:
+def call_with_bisection(
+    fn: Callable[[list[T]], list[R]], items: list[T], on_failure: Callable[[Exception], None] | None = None
+) -> list[R | Exception]:
     """Run ``fn`` on the whole list; if it raises, split and retry the halves.
 
     One poisoned image then costs its own row, not its whole batch: the result
-    holds, per item, either fn's output or the exception it alone raised.
+    holds, per item, either fn's output or the exception it alone raised. A
+    batch too big for the GPU's memory is retried the same way, at half size
+    down to single images; ``on_failure`` runs after each failure, before the
+    retry (it frees what the failed attempt left cached).
     """
     if not items:
         return []
     try:
         results = fn(items)
     except Exception as exc:  # noqa: BLE001 - any model failure becomes a row error
+        if on_failure is not None:
+            on_failure(exc)
         if len(items) == 1:
             return [exc]
         middle = len(items) // 2
-        return call_with_bisection(fn, items[:middle]) + call_with_bisection(fn, items[middle:])
+        return call_with_bisection(fn, items[:middle], on_failure) + call_with_bisection(fn, items[middle:], on_failure)
     if len(results) != len(items):
         raise RuntimeError(f"model returned {len(results)} results for {len(items)} inputs")
     return list(results)
+
+
+def release_gpu_memory(exc: Exception) -> None:
+    """After a CUDA out-of-memory error: hand the failed attempt's cached blocks back before the smaller retry."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _ModelStage:
@@ -92,7 +109,7 @@ class _ModelStage:
                     items.append(exc)
         ready = [k for k, item in enumerate(items) if not isinstance(item, Exception)]
         results: list = list(items)
-        for k, result in zip(ready, call_with_bisection(fn, [items[k] for k in ready])):
+        for k, result in zip(ready, self._call_model(fn, [items[k] for k in ready])):
             results[k] = result
         failed = {row: result for row, result in zip(rows, results) if isinstance(result, Exception)}
         if failed:
@@ -104,14 +121,22 @@ class _ModelStage:
             columns[prepared_name] = pa.nulls(batch.num_rows, prepared.type)
         return columns, rows, results
 
+    def _call_model(self, fn: Callable[[list], list], items: list) -> list:
+        """Per item, fn's result or the exception that item alone raised."""
+        return call_with_bisection(fn, items, on_failure=release_gpu_memory)
+
     def _finish(self, columns: dict) -> pa.Table:
         return self.stage.columns_after(self.name).table(columns)
 
 
 class CaptionStage(_ModelStage):
+    """Caption + probes. With ``images_per_call``, the actor serves several Ray batches at once (Ray Data
+    runs its calls in threads, jobs/ray_plan.py) and one feeding thread merges them into engine calls of
+    up to that many images; without, each batch is its own call."""
+
     name = "caption"
 
-    def __init__(self, stage: StageConfig):
+    def __init__(self, stage: StageConfig, images_per_call: int | None = None):
         super().__init__(stage)
         from pipeline.models import build_captioner, resolve_captioner
 
@@ -119,15 +144,20 @@ class CaptionStage(_ModelStage):
         self.questions = tuple(config.probes)
         self.write_caption = config.enabled
         self.captioner = build_captioner(resolve_captioner(config.model), config, stage.run.device)
+        self.feeder = ModelFeeder(images_per_call, super()._call_model) if images_per_call else None
+
+    def _call_model(self, fn: Callable[[list], list], items: list) -> list:
+        return self.feeder(fn, items) if self.feeder is not None else super()._call_model(fn, items)
+
+    # Bound methods, so that the feeder can tell the two kinds of input apart (==) and merge like with like.
+    def _describe(self, images: list) -> list:
+        return self.captioner.describe(images, self.questions, caption=self.write_caption)
+
+    def _describe_prepared(self, inputs: list) -> list:
+        return self.captioner.describe_prepared(inputs, self.questions, caption=self.write_caption)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        def describe(images):
-            return self.captioner.describe(images, self.questions, caption=self.write_caption)
-
-        def describe_prepared(inputs):
-            return self.captioner.describe_prepared(inputs, self.questions, caption=self.write_caption)
-
-        columns, rows, results = self._run(batch, describe, describe_prepared)
+        columns, rows, results = self._run(batch, self._describe, self._describe_prepared)
         n = batch.num_rows
         captions, truncated, answers, yes_probs, answers_truncated = ([None] * n for _ in range(5))
         for row, result in zip(rows, results):

@@ -64,7 +64,8 @@ class Moondream2Captioner(Captioner):
         max_sequences: int | None = None,
         compile: bool = False,
     ):
-        from pipeline.models.moondream.engine import DEFAULT_MAX_SEQUENCES, MoondreamEngine
+        from pipeline.models.moondream.defaults import for_device
+        from pipeline.models.moondream.engine import MoondreamEngine
         from pipeline.models.moondream.tokenizer import NO_WORDS, YES_WORDS, MoondreamTokenizer, NotStarmieTokenizer
         from pipeline.models.moondream.weights import load_model
 
@@ -87,9 +88,11 @@ class Moondream2Captioner(Captioner):
         # The crop geometry is the loaded model's (its config.json), as in cpu_preprocessor.
         self.geometry: CropGeometry = model.config.vision.crop_geometry
         self.max_crops = int(max_crops or crop_count(config, self.geometry))
+        device_defaults = for_device(self.device)  # the one owner of the engine's sizes per device
         self.engine = MoondreamEngine(
             model,
-            max_sequences=max_sequences or getattr(config, "max_sequences", None) or DEFAULT_MAX_SEQUENCES,
+            max_sequences=max_sequences or getattr(config, "max_sequences", None) or device_defaults.max_sequences,
+            vision_batch_crops=device_defaults.vision_batch_crops,
             yes_ids=self.tokenizer.single_token_ids(YES_WORDS),
             no_ids=self.tokenizer.single_token_ids(NO_WORDS),
             compile=compile or bool(getattr(config, "compile", False)),
