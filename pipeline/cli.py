@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from pipeline import __version__
+from pipeline import __version__, exit_codes
 from pipeline.config import (
     CAPTION_DTYPES,
     CAPTION_LENGTHS,
@@ -21,7 +21,7 @@ from pipeline.config import (
     load_run_config,
     with_overrides,
 )
-from pipeline.options import default_note, device_option, storage_option
+from pipeline.options import default_note, device_option, storage_failure, storage_option
 
 RUN_EXAMPLES = """
 \b
@@ -40,8 +40,11 @@ models and probes and never duplicates a row. It retries images whose file
 changed and failures that can change (missing, unreadable, model errors);
 --retry-errors also retries files that were not images, truncated or too
 large. Images that cannot be decoded become rows with status=error; the
-exit code is non-zero only when the run itself fails (Ray, storage, missing
-weights). Ctrl-C keeps every committed row; the same command resumes.
+exit code is non-zero only when the run itself fails: 1 for what the message
+says to fix (config, source, output, weights, Ray), 3 when storage failed
+under the run (a store stalled or refused, a disk filled; committed rows are
+kept and the same command resumes), 130 for Ctrl-C, which keeps every
+committed row too.
 """
 
 def _max_crops_default_note() -> str:
@@ -110,19 +113,20 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
     """
     from jobs.caption_job import RayUnavailable, run_job
     from jobs.run import RunInterrupted
-    from pipeline.output import OutputError
     from pipeline.probes import ProbeFileError, default_probes, load_probes
-    from pipeline.sources import SourceError
+    from pipeline.storage import StorageError
 
     try:
         config = _run_config(source, output, config_file, probes_file, storage_options, no_caption, no_probes, no_embed, flags)
         summary = run_job(config, progress=not no_progress, echo=lambda m: click.echo(m, err=True))
     except RunInterrupted as exc:
         click.echo(f"\ncaptioner: {exc}", err=True)
-        sys.exit(130)
+        sys.exit(exit_codes.INTERRUPTED)
     except ProbeFileError as exc:
         raise click.ClickException(f"{exc}. {PROBE_FILE_FIX}") from exc
-    except (ConfigError, SourceError, OutputError, RayUnavailable) as exc:
+    except StorageError as exc:
+        raise storage_failure(exc) from exc
+    except (ConfigError, RayUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:
         _raise_model_unavailable(exc)
