@@ -211,13 +211,15 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
         # the run is being torn down, so a rerun does not redo them.
         waiting.stop()
         bar.close()
-        _commit(writer, None, summary, config)
-        # Close Ray Data's iterator while Ray is up: left to the garbage
-        # collector, it reports its metrics after ray.shutdown, which starts
-        # a second Ray (agents and all) as the process exits.
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        try:
+            _commit(writer, None, summary, config)
+        finally:
+            # Close Ray Data's iterator while Ray is up: left to the garbage
+            # collector, it reports its metrics after ray.shutdown, which starts
+            # a second Ray (agents and all) as the process exits.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
     summary.error_kinds = dict(kinds)
     return writer.schema
 

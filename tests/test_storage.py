@@ -149,3 +149,64 @@ def test_the_decoder_and_the_sources_read_the_same_bytes_and_fail_the_same_way(w
     with pytest.raises(FileNotFoundError):
         sources.read_bytes(gone)
     assert load_image(gone, DecodeConfig()).error_kind == "missing"
+
+
+# ---- deadlines and attempts (pipeline/storage_limits.py) ------------------------------
+
+
+def test_every_bucket_filesystem_gets_a_deadline_and_bounded_attempts():
+    from pipeline import storage_limits
+
+    fs, _ = storage.open_filesystem("s3://bucket/photos", {"endpoint_url": "http://127.0.0.1:1"})
+    limits = storage_limits.Limits()
+    assert fs.config_kwargs["connect_timeout"] == fs.config_kwargs["read_timeout"] == limits.timeout_s
+    assert fs.config_kwargs["retries"] == {"max_attempts": limits.attempts, "mode": "standard"}
+    assert fs.retries == 1  # no s3fs retry loop around botocore's
+    # captioner's own keys set the policy and never reach the backend.
+    fs, _ = storage.open_filesystem("s3://bucket/photos", {"timeout_s": "1.5", "attempts": "2"})
+    assert fs.config_kwargs["read_timeout"] == 1.5 and fs.config_kwargs["retries"]["max_attempts"] == 2
+    assert "timeout_s" not in fs.storage_options and "attempts" not in fs.storage_options
+    with pytest.raises(storage.SourceError, match="timeout_s=soon is not a positive number"):
+        storage.open_filesystem("s3://bucket/photos", {"timeout_s": "soon"})
+
+
+def test_the_stated_bound_is_the_one_applied_and_the_readme_states_it():
+    from pipeline.storage_limits import Limits
+
+    assert Limits(timeout_s=10, attempts=3).waited_for_s == 3 * 2 * 10 + (1 + 2)
+    assert Limits(timeout_s=1.5, attempts=1).waited_for_s == 3
+    default = Limits()
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"times out after {default.timeout_s:g} s" in readme and f"tried {default.attempts} times" in readme
+    assert f"at most {default.waited_for_s:g} s" in readme
+
+
+def test_timeouts_refusals_and_full_disks_are_told_apart_from_bad_files():
+    ReadTimeoutError = type("ReadTimeoutError", (Exception,), {})
+    EndpointConnectionError = type("EndpointConnectionError", (Exception,), {})
+    assert storage.is_unavailable(ReadTimeoutError("Read timeout on endpoint URL"))
+    assert storage.is_unavailable(ConnectionRefusedError(111, "Connection refused"))
+    wrapped = RuntimeError("decode failed")
+    wrapped.__cause__ = EndpointConnectionError("Could not connect")
+    assert storage.is_unavailable(wrapped)
+    assert not storage.is_unavailable(FileNotFoundError(2, "No such file"))
+    assert not storage.is_unavailable(PermissionError(13, "Permission denied"))
+
+    assert storage.is_full_disk(OSError(28, "No space left on device"))
+    assert storage.is_full_disk(RuntimeError('IO Error: Could not write file "x.duckdb": No space left on device'))
+    assert not storage.is_full_disk(OSError(5, "Input/output error"))
+
+    error = storage.explain(ReadTimeoutError("Read timeout"), "s3://b/photos", doing="list",
+                            storage_options={"endpoint_url": "http://10.0.0.9:9000", "timeout_s": "4"})
+    assert error.outage and "http://10.0.0.9:9000 did not answer" in str(error) and "after 4 s" in str(error)
+    assert not storage.explain(PermissionError(13, "denied"), "s3://b/photos", doing="list").outage
+
+
+def test_a_storage_outage_exits_3_and_any_other_storage_error_1():
+    from pipeline import exit_codes
+    from pipeline.options import storage_failure
+
+    down = storage.SourceError("down")
+    down.outage = True
+    assert storage_failure(down).exit_code == exit_codes.STORAGE_FAILED == 3
+    assert storage_failure(storage.SourceError("no such bucket")).exit_code == exit_codes.FAILED == 1
