@@ -19,7 +19,10 @@ import time
 
 import pyarrow as pa
 
-from pipeline.storage import UNAVAILABLE_FIX, StorageError, explain, unavailable_reason, full_disk_reason, is_full_disk, is_unavailable, storage_limits_of
+from pipeline.storage import (
+    UNAVAILABLE_FIX, StorageError, explain, full_disk_fix, full_disk_reason, is_full_disk, is_unavailable, storage_limits_of,
+    unavailable_reason,
+)
 from schemas import STATUS_OK
 from schemas.errors import STORAGE_ERROR_KINDS
 
@@ -62,7 +65,7 @@ def wrap_write_failure(exc: BaseException, *, doing: str, output: str, committed
     if not (is_full_disk(exc) or is_unavailable(exc)):
         return exc
     if is_full_disk(exc):
-        fix = f"free space on {where.rstrip('/')} and rerun the same command: it resumes from the committed rows"
+        fix = f"{full_disk_fix(exc, where.rstrip('/'))} and rerun the same command: it resumes from the committed rows"
         return RunStorageFailed(f"cannot {doing} {output}: {full_disk_reason(exc)}. {_kept(committed, where)}. Fix: {fix}")
     error = explain(exc, output, doing=doing, role="output", storage_options=storage_options)
     return RunStorageFailed(f"{error}. {_kept(committed, where)}; {RETRY_HINT}")

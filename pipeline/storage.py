@@ -161,6 +161,13 @@ def full_disk_reason(exc: BaseException) -> str:
     return "no space left"
 
 
+def full_disk_fix(exc: BaseException, where: str) -> str:
+    """What to do about the full-disk error in ``exc`` at ``where``: free space, or make it writable."""
+    if full_disk_reason(exc) == os.strerror(errno.EROFS):
+        return f"make {where} writable again (it is on a read-only filesystem)"
+    return f"free space on {where}"
+
+
 def storage_limits_of(storage_options: dict[str, Any] | None) -> Limits:
     """How long a storage call is waited for with these options (pipeline.storage_limits)."""
     try:
@@ -187,7 +194,6 @@ def explain(exc: BaseException, uri: str, *, doing: str, role: Role = "source",
     code = str(service_error(exc).get("Code", ""))
     reason = _reason(exc)
     remote = not is_local(uri)
-    limits = storage_limits_of(storage_options)
     if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError"} or code in (
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
@@ -208,7 +214,7 @@ def explain(exc: BaseException, uri: str, *, doing: str, role: Role = "source",
         error.outage = True
         return error
     if is_full_disk(exc):
-        error = kind(f"cannot {doing} {uri}: {full_disk_reason(exc)}. Fix: free space on {display(uri)} and rerun the same command")
+        error = kind(f"cannot {doing} {uri}: {full_disk_reason(exc)}. Fix: {full_disk_fix(exc, display(uri))} and rerun the same command")
         error.outage = True
         return error
     if isinstance(exc, (FileExistsError, NotADirectoryError)):

@@ -35,7 +35,7 @@ from tests.fixtures.images import make_jpegs
 
 pytestmark = pytest.mark.subprocess
 
-# A stalled request fails after 2 x 1.5 s (connect, answer) x 2 attempts + 1 s backoff at most.
+# A stalled request fails after 2 attempts x 2 x 1.5 s (connect, answer) + 1 s backoff: 7 s at most.
 FAST_DEADLINE = ["--storage-option", "timeout_s=1.5", "--storage-option", "attempts=2"]
 MODELS = ["--no-caption", "--no-probes", "--no-progress"]
 
@@ -96,8 +96,9 @@ def test_a_store_that_stops_answering_mid_run_fails_it_in_bounded_time(moment, s
     assert code == exit_codes.STORAGE_FAILED, output[-3000:]
     line = assert_one_line_error(output, bucket.endpoint, "rerun")
     assert "rows" in line and "kept" in line, line
-    # 5 s is the deadline; the rest is Ray's start and shutdown on a loaded machine.
-    assert waited < 60, f"the run took {waited:.0f} s to give up"
+    # The deadline is 7 s; the rest is Ray's start, the model's load and the shutdown, up to a minute or
+    # more on a loaded machine. Without a deadline the run hung for 541 s before it was killed.
+    assert waited < 150, f"the run took {waited:.0f} s to give up"
     if moment == "stalled":
         assert "waiting for rows" in output, output[-3000:]
     # The finished file of the first run is as it was (nothing was merged into it).

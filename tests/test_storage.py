@@ -195,6 +195,8 @@ def test_timeouts_refusals_and_full_disks_are_told_apart_from_bad_files():
     assert storage.is_full_disk(OSError(28, "No space left on device"))
     assert storage.is_full_disk(RuntimeError('IO Error: Could not write file "x.duckdb": No space left on device'))
     assert not storage.is_full_disk(OSError(5, "Input/output error"))
+    assert storage.full_disk_fix(OSError(28, "No space left on device"), "/data") == "free space on /data"
+    assert "writable" in storage.full_disk_fix(OSError(30, "Read-only file system"), "/data")
 
     error = storage.explain(ReadTimeoutError("Read timeout"), "s3://b/photos", doing="list",
                             storage_options={"endpoint_url": "http://10.0.0.9:9000", "timeout_s": "4"})

@@ -281,11 +281,11 @@ def build_index(
 
 def _disk_full(exc: Exception, db_path: Path, existed: bool) -> SearchError:
     """A full disk while building (DuckDB says so in its own IOException text), as one line."""
-    from pipeline.storage import full_disk_reason
+    from pipeline.storage import full_disk_fix, full_disk_reason
 
     kept = f"the old index {db_path} is untouched" if existed else f"no index was written at {db_path}"
     error = SearchError(f"cannot build the index {db_path}: {full_disk_reason(exc)}; {kept}. "
-                        f"Fix: free space on {db_path.parent} and rerun the same command")
+                        f"Fix: {full_disk_fix(exc, str(db_path.parent))} and rerun the same command")
     error.outage = True  # the CLI exits with pipeline.exit_codes.STORAGE_FAILED
     return error
 
