@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -212,3 +213,48 @@ def test_a_storage_outage_exits_3_and_any_other_storage_error_1():
     down.outage = True
     assert storage_failure(down).exit_code == exit_codes.STORAGE_FAILED == 3
     assert storage_failure(storage.SourceError("no such bucket")).exit_code == exit_codes.FAILED == 1
+
+
+def test_the_bar_says_what_it_waits_for_when_no_row_comes():
+    import io
+
+    from tqdm import tqdm
+
+    from jobs.run_faults import WaitingNote
+
+    bar = tqdm(total=3, file=io.StringIO(), disable=False)
+    note = WaitingNote(bar, {"timeout_s": "0.2", "attempts": "2"}, remote=True)
+    note.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "waiting for rows" not in (bar.postfix or "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        note.stop()
+    assert "waiting for rows: none for" in bar.postfix and "times out after 0.2 s" in bar.postfix, bar.postfix
+    assert not note._thread.is_alive()
+    bar.close()
+
+
+def test_once_a_store_refuses_a_decode_worker_stops_asking_it(monkeypatch):
+    """Each read that fails so would wait out the deadline again: the rest of the worker's images
+    become 'storage' rows at once, naming the read that failed."""
+    import socket
+    from types import SimpleNamespace
+
+    from pipeline.config import DecodeConfig
+    from pipeline.stages import decode as decode_stage
+    from tests.fixtures.s3 import set_fake_aws_env
+
+    set_fake_aws_env(monkeypatch)
+    monkeypatch.setattr(decode_stage, "_STORAGE_DOWN", {})
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    options = {"endpoint_url": endpoint, "timeout_s": "1", "attempts": "1"}
+    stage = SimpleNamespace(run=SimpleNamespace(decode=DecodeConfig()))
+    started = time.monotonic()
+    rows = decode_stage._load_all([f"s3://b/{i}.jpg" for i in range(3)], stage, options)
+    assert [r.error_kind for r in rows] == ["storage"] * 3
+    assert "EndpointConnectionError" in rows[0].error and "not read: the storage failed on s3://b/0.jpg" in rows[2].error
+    assert time.monotonic() - started < 10
