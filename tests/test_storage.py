@@ -258,3 +258,11 @@ def test_once_a_store_refuses_a_decode_worker_stops_asking_it(monkeypatch):
     assert [r.error_kind for r in rows] == ["storage"] * 3
     assert "EndpointConnectionError" in rows[0].error and "not read: the storage failed on s3://b/0.jpg" in rows[2].error
     assert time.monotonic() - started < 10
+
+
+def test_the_readme_lists_every_exit_code():
+    from pipeline import exit_codes
+
+    readme = (REPO / "README.md").read_text()
+    for code in exit_codes.MEANINGS:
+        assert f"\n| {code} |" in readme, f"exit code {code} is not in the README's table"
