@@ -212,3 +212,32 @@ def test_a_full_disk_during_captioner_index_leaves_the_old_index(tmp_path, tiny_
         with Captioner("index", out, "--db", db, "--fresh", log=tmp_path / "index3.log") as again:
             code, output = _finish(again, 120)
         assert code == exit_codes.OK, output[-3000:]
+
+
+def test_an_output_bucket_gone_before_the_commit_is_one_line(stoppable_s3, tmp_path, tiny_clip_dir):
+    """Local images, parts to a bucket whose endpoint goes away after the listing: the commit
+    fails in one line naming the endpoint, exit 3; with the endpoint back the rerun writes each image once."""
+    import pyarrow.parquet as pq
+
+    photos = _local_photos(tmp_path, 4)
+    before = snapshot(tmp_path / "photos")
+    bucket = stoppable_s3.bucket()
+    args = [tmp_path / "photos", "--out", bucket.url("out/"), "--embed-model", tiny_clip_dir, *MODELS,
+            *bucket.cli_options, *FAST_DEADLINE]
+    with _run(tmp_path, "gone", *args) as gone:
+        gone.wait_for(lambda: "images listed" in gone.output(), 120, "the listing")
+        stoppable_s3.kill()
+        code, output = _finish(gone)
+    assert code == exit_codes.STORAGE_FAILED, output[-3000:]
+    assert_one_line_error(output, "cannot commit rows to", bucket.endpoint, "rerun")
+
+    stoppable_s3.start()
+    bucket = stoppable_s3.bucket(bucket.name)
+    with _run(tmp_path, "rerun", *args) as rerun:
+        code, output = _finish(rerun)
+    assert code == exit_codes.OK, output[-3000:]
+    fs = bucket.filesystem()
+    parts = [key for key in bucket.keys("out/") if key.startswith("out/part-")]
+    uris = sorted(u for key in parts for u in pq.read_table(f"{bucket.name}/{key}", filesystem=fs)["uri"].to_pylist())
+    assert uris == sorted(str(p) for p in photos)
+    assert_untouched(before, tmp_path / "photos")
