@@ -28,7 +28,6 @@ from schemas.errors import STORAGE_ERROR_KINDS
 
 #: The bar says what it waits for once no row came for this long (or one storage deadline, if shorter).
 WAITING_NOTE_AFTER_S = 10.0
-RETRY_HINT = "rerun the same command once the storage is back: it resumes and retries them"
 
 
 class RunStorageFailed(StorageError):
@@ -68,7 +67,7 @@ def wrap_write_failure(exc: BaseException, *, doing: str, output: str, committed
         fix = f"{full_disk_fix(exc, where.rstrip('/'))} and rerun the same command: it resumes from the committed rows"
         return RunStorageFailed(f"cannot {doing} {output}: {full_disk_reason(exc)}. {_kept(committed, where)}. Fix: {fix}")
     error = explain(exc, output, doing=doing, role="output", storage_options=storage_options)
-    return RunStorageFailed(f"{error}. {_kept(committed, where)}; {RETRY_HINT}")
+    return RunStorageFailed(f"{error}. {_kept(committed, where)}")
 
 
 class WaitingNote:
