@@ -23,12 +23,14 @@ import contextlib
 import signal
 import threading
 
+from pipeline import exit_codes
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def exit_code_of(signum: int) -> int:
-    """The exit code of a run stopped by ``signum``: 128 + the signal, as a shell reports it (130 Ctrl-C, 143 SIGTERM)."""
-    return 128 + int(signum)
+    """The exit code of a run stopped by ``signum`` (130 Ctrl-C, 143 SIGTERM), as pipeline/exit_codes.py decides."""
+    return exit_codes.stopped_by(signum)
 
 
 class StopRequested(KeyboardInterrupt):

@@ -22,12 +22,13 @@ import pyarrow as pa
 from jobs.interrupt import CtrlC, exit_code_of
 from jobs.quiet import native_stderr_filter
 from jobs.ray_plan import build_dataset, current_plan, ray_session
+from jobs.run_faults import WaitingNote, batch_failed, is_storage_failure, wrap_write_failure
 from pipeline.config import RunConfig
 from pipeline.output import OutputStore, PartWriter
 from pipeline.output.parts import parts_folder_of
 from pipeline.models.identity import identity_for_run
 from pipeline.preflight import preflight
-from pipeline.sources import list_images, read_bytes, stored_uri
+from pipeline.sources import is_local, list_images, read_bytes, stored_uri
 from pipeline.stages import StageConfig
 from schemas import STATUS_OK, RunMetadata
 
@@ -183,7 +184,12 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
             # _process committed every row that reached the driver, interrupted or not.
             committed[0] = summary.processed
     lease.check()  # never merge over the rows of a run that took the output over
-    summary.total_rows = store.finalize(schema, run=identity)
+    try:
+        summary.total_rows = store.finalize(schema, run=identity)
+    except Exception as exc:
+        # A full disk (or a store gone) during the merge: the parts stay where they are for the rerun.
+        raise wrap_write_failure(exc, doing="merge the rows into", output=config.output, committed=summary.processed,
+                                 where=parts_location(config), storage_options=storage_options) from exc
     summary.elapsed_s = time.monotonic() - started
     return summary
 
@@ -197,15 +203,18 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
     bar = tqdm(total=summary.listed - summary.skipped, unit="img", desc=_progress_label(config),
                disable=not progress, dynamic_ncols=True, leave=False)
     batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+    waiting = WaitingNote(bar, config.storage_options_dict(), remote=not (is_local(config.source) and is_local(config.output)))
+    waiting.start()
     try:
         while True:
             # The only place a Ctrl-C lands at once: waiting for Ray, with
             # every row received so far already handed to the writer.
             with ctrl_c.interruptible():
                 table = next(batches, None)
+            waiting.arrived()
             if table is None:
                 break
-            writer.add(table)
+            _commit(writer, table, summary, config)
             statuses = table["status"].to_pylist()
             ok = sum(status == STATUS_OK for status in statuses)
             summary.ok += ok
@@ -214,19 +223,34 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
             summary.processed += len(statuses)
             bar.set_postfix(ok=summary.ok, errors=summary.errors, refresh=False)
             bar.update(len(statuses))
+            if is_storage_failure(table):  # the store is down: every other read would wait as long
+                raise batch_failed(table, config.source, summary.processed, parts_location(config),
+                                   config.storage_options_dict())
     finally:
         # Rows that reached the driver are finished work: commit them even when
         # the run is being torn down, so a rerun does not redo them.
-        writer.flush()
+        waiting.stop()
         bar.close()
-        # Close Ray Data's iterator while Ray is up: left to the garbage
-        # collector, it reports its metrics after ray.shutdown, which starts
-        # a second Ray (agents and all) as the process exits.
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        try:
+            _commit(writer, None, summary, config)
+        finally:
+            # Close Ray Data's iterator while Ray is up: left to the garbage
+            # collector, it reports its metrics after ray.shutdown, which starts
+            # a second Ray (agents and all) as the process exits.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
     summary.error_kinds = dict(kinds)
     return writer.schema
+
+
+def _commit(writer: PartWriter, table: pa.Table | None, summary: RunSummary, config: RunConfig) -> None:
+    """Hand ``table`` to the writer (None: flush); a full disk or a failed store becomes one line."""
+    try:
+        writer.add(table) if table is not None else writer.flush()
+    except Exception as exc:
+        raise wrap_write_failure(exc, doing="commit rows to", output=config.output, committed=writer.committed,
+                                 where=parts_location(config), storage_options=config.storage_options_dict()) from exc
 
 
 def _sha256_of(uri: str, storage_options: dict | None) -> str | None:

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from pipeline import __version__
+from pipeline import __version__, exit_codes
 from pipeline.config import (
     CAPTION_DTYPES,
     CAPTION_LENGTHS,
@@ -21,9 +21,10 @@ from pipeline.config import (
     load_run_config,
     with_overrides,
 )
-from pipeline.options import default_note, device_option, storage_option
+from pipeline.storage_limits import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT_S
+from pipeline.options import default_note, device_option, storage_failure, storage_option
 
-RUN_EXAMPLES = """
+RUN_EXAMPLES = f"""
 \b
 Examples:
   captioner run ./photos --out captions.parquet
@@ -40,9 +41,16 @@ models and probes and never duplicates a row. It retries images whose file
 changed and failures that can change (missing, unreadable, model errors);
 --retry-errors also retries files that were not images, truncated or too
 large. Images that cannot be decoded become rows with status=error; the
-exit code is non-zero only when the run itself fails (Ray, storage, missing
-weights). Ctrl-C or SIGTERM keeps every committed row; the same command resumes.
+exit code is non-zero only when the run itself fails: {exit_codes.FAILED} for what the message
+says to fix (config, source, output, weights, Ray), {exit_codes.STORAGE_FAILED} when storage failed
+under the run (a store stalled or refused, a disk filled; committed rows are
+kept and the same command resumes), {exit_codes.BUSY} when another run holds the output's lease (nothing done),
+{exit_codes.INTERRUPTED} for Ctrl-C and {exit_codes.TERMINATED} for SIGTERM, which keep every
+committed row too.
 """
+
+STORAGE_DEADLINE = f"timeout_s={DEFAULT_TIMEOUT_S:g}, attempts={DEFAULT_ATTEMPTS}"
+
 
 def _max_crops_default_note() -> str:
     """``--max-crops`` defaults to the checkpoint's own bound unless the config sets one."""
@@ -97,7 +105,8 @@ def main() -> None:
 @click.option("--no-embed", is_flag=True, help="Skip the image embedding; captions and probes only.")
 @click.option("--retry-errors", is_flag=True, help="Also retry images that failed for a permanent reason (not an image, truncated, too large). Missing, unreadable, model errors and changed files are always retried.")
 @click.option("--max-pixels", type=int, help=f"Refuse images larger than this many pixels (decompression-bomb guard). {default_note('decode.max_pixels')}")
-@storage_option("fsspec option for bucket sources/outputs (repeatable), e.g. endpoint_url=..., anon=true.")
+@storage_option("fsspec option for bucket sources/outputs (repeatable), e.g. endpoint_url=..., anon=true; "
+                f"timeout_s=SECONDS and attempts=N bound every storage call. [default: {STORAGE_DEADLINE}]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output made with other models or probes instead of refusing.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 def run(source, output, config_file, probes_file, storage_options, no_caption, no_probes, no_embed, no_progress, **flags) -> None:
@@ -111,9 +120,8 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
     from jobs.caption_job import RayUnavailable, run_job
     from jobs.run import RunInterrupted
     from pipeline.lease import LeaseHeld, as_click_error
-    from pipeline.output import OutputError
     from pipeline.probes import ProbeFileError, default_probes, load_probes
-    from pipeline.sources import SourceError
+    from pipeline.storage import StorageError
 
     try:
         config = _run_config(source, output, config_file, probes_file, storage_options, no_caption, no_probes, no_embed, flags)
@@ -125,7 +133,9 @@ def run(source, output, config_file, probes_file, storage_options, no_caption, n
         raise as_click_error(exc) from exc
     except ProbeFileError as exc:
         raise click.ClickException(f"{exc}. {PROBE_FILE_FIX}") from exc
-    except (ConfigError, SourceError, OutputError, RayUnavailable) as exc:
+    except StorageError as exc:
+        raise storage_failure(exc) from exc
+    except (ConfigError, RayUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:
         _raise_model_unavailable(exc)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from pipeline.config import DecodeConfig
-from pipeline.storage import read_bytes
+from pipeline.storage import is_unavailable, read_bytes
 from schemas.errors import error_text
 
 # Every error_kind, its permanence and the error-text cap live beside the schema (schemas/errors.py).
@@ -91,6 +91,9 @@ def load_image(uri: str, config: DecodeConfig, storage_options: dict[str, Any] |
     except PermissionError as exc:
         return _failed(DecodedImage(uri), "unreadable", f"permission denied reading {uri}: {exc.strerror or exc}")
     except Exception as exc:  # I/O and network errors of any backend: an error row, not a crashed run
+        if is_unavailable(exc):
+            return _failed(DecodedImage(uri), "storage", f"cannot read {uri}: the storage did not answer "
+                           f"({type(exc).__name__}: {exc})")
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
         return _failed(DecodedImage(uri), "unreadable", f"cannot read {uri}: {reason}")
     return decode_bytes(uri, data, config)

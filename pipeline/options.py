@@ -33,6 +33,21 @@ def default_note(key: str, extra: str = "") -> str:
     return f"[default: {config_default(key)}{extra}]"
 
 
+def storage_failure(exc: BaseException) -> click.ClickException:
+    """A StorageError (or SearchError caused by one) as click's one-line error; exit status 3
+    (pipeline.exit_codes.STORAGE_FAILED) when the storage itself failed, 1 otherwise."""
+    from pipeline import exit_codes
+
+    error = click.ClickException(str(exc))
+    cause = exc
+    while cause is not None:
+        if getattr(cause, "outage", False):
+            error.exit_code = exit_codes.STORAGE_FAILED
+            break
+        cause = cause.__cause__
+    return error
+
+
 def parse_storage_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
     """``KEY=VALUE`` strings as sorted pairs; None when none were given."""
     if not values:

@@ -142,7 +142,7 @@ def _list_remote(source: str, wanted: frozenset[str], storage_options: dict[str,
     except SourceError:
         raise
     except Exception as exc:  # backends raise their own types (auth, network, ...)
-        raise explain(exc, source, doing="list", role="source") from exc
+        raise explain(exc, source, doing="list", role="source", storage_options=storage_options) from exc
 
     prefix = root.rstrip("/") + "/"
     items = []

@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 import fsspec
 
+from pipeline import storage_limits
+from pipeline.storage_limits import Limits, limits_of
+
 Role = Literal["source", "output"]
 
 _FILE_PREFIX = "file://"
@@ -33,7 +36,15 @@ _BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
 class StorageError(Exception):
-    """A source or output cannot be used; the message says how to fix it."""
+    """A source or output cannot be used; the message says how to fix it.
+
+    ``outage``: the storage itself failed (it stopped answering, refused the
+    connection, or the disk is full), not the user's settings; rerunning the
+    same command once it is back resumes (the CLI exits with
+    pipeline.exit_codes.STORAGE_FAILED).
+    """
+
+    outage = False
 
 
 class SourceError(StorageError):
@@ -83,7 +94,11 @@ def open_filesystem(
     """
     kind = error_class(role)
     try:
-        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        options, limits = storage_limits.backend_options(protocol_of(uri), storage_options)
+    except storage_limits.LimitError as exc:
+        raise kind(f"cannot open {uri}: {exc}") from exc
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **options)
     except ImportError as exc:
         protocol = protocol_of(uri)
         raise kind(
@@ -93,9 +108,76 @@ def open_filesystem(
         raise kind(f"cannot open {uri}: {exc}; use a local path or a URL fsspec knows (s3://, gs://, ...)") from exc
     except TypeError as exc:  # an option the backend does not take
         raise kind(f"cannot open {uri}: {exc}; check the --storage-option names for {protocol_of(uri)}://") from exc
+    storage_limits.bound_backend_retries(fs, limits)
+    return fs, path
 
 
-def explain(exc: BaseException, uri: str, *, doing: str, role: Role = "source") -> StorageError:
+# Exception class names (matched by name: none of these packages need be importable here)
+# that mean the store did not answer in time or refused the connection: the storage is
+# down or unreachable, not the file bad. botocore, aiohttp, fsspec and the builtins.
+_UNAVAILABLE_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerTimeoutError", "ServerDisconnectedError", "FSTimeoutError",
+    "ConnectionError", "TimeoutError",
+})
+# errno values that mean the disk (or quota) is full, or the filesystem became read-only.
+_FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def _chain(exc: BaseException | None):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the storage timed out or refused the connection."""
+    return any({cls.__name__ for cls in type(e).__mro__} & _UNAVAILABLE_NAMES for e in _chain(exc))
+
+
+def is_full_disk(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk, a full quota or a read-only filesystem.
+
+    pyarrow and DuckDB raise their own types with the OS text in the message."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _FULL_DISK_ERRNOS:
+            return True
+        text = str(e)
+        if any(os.strerror(code) in text for code in _FULL_DISK_ERRNOS):
+            return True
+    return False
+
+
+def full_disk_reason(exc: BaseException) -> str:
+    """The OS's words for the full-disk error in ``exc`` (e.g. "No space left on device")."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _FULL_DISK_ERRNOS:
+            return os.strerror(e.errno)
+        for code in _FULL_DISK_ERRNOS:
+            if os.strerror(code) in str(e):
+                return os.strerror(code)
+    return "no space left"
+
+
+def full_disk_fix(exc: BaseException, where: str) -> str:
+    """What to do about the full-disk error in ``exc`` at ``where``: free space, or make it writable."""
+    if full_disk_reason(exc) == os.strerror(errno.EROFS):
+        return f"make {where} writable again (it is on a read-only filesystem)"
+    return f"free space on {where}"
+
+
+def storage_limits_of(storage_options: dict[str, Any] | None) -> Limits:
+    """How long a storage call is waited for with these options (pipeline.storage_limits)."""
+    try:
+        return limits_of(storage_options)
+    except storage_limits.LimitError:
+        return Limits()
+
+
+def explain(exc: BaseException, uri: str, *, doing: str, role: Role = "source",
+            storage_options: dict[str, Any] | None = None) -> StorageError:
     """A StorageError for a backend failure while ``doing`` something with ``uri``, naming the fix.
 
     Backends raise their own types (botocore, google-auth, aiohttp ...); the
@@ -127,15 +209,32 @@ def explain(exc: BaseException, uri: str, *, doing: str, role: Role = "source") 
     if isinstance(exc, PermissionError) or code in ("AccessDenied", "403", "AllAccessDisabled"):
         fix = "check the bucket policy, credentials and --storage-option values" if remote else "make it accessible to this user"
         return kind(f"cannot {doing} {uri}: access denied ({reason}). Fix: {fix}")
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError"}:
-        return kind(
-            f"cannot {doing} {uri}: the storage endpoint does not answer ({reason}). Fix: check the network and "
-            "--storage-option endpoint_url"
-        )
+    if remote and is_unavailable(exc):
+        error = kind(f"cannot {doing} {uri}: {unavailable_reason(reason, storage_options)}. Fix: {UNAVAILABLE_FIX}")
+        error.outage = True
+        return error
+    if is_full_disk(exc):
+        error = kind(f"cannot {doing} {uri}: {full_disk_reason(exc)}. Fix: {full_disk_fix(exc, display(uri))} and rerun the same command")
+        error.outage = True
+        return error
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
         return kind(f"cannot {doing} {uri}: {reason} (a parent of the path is a file, not a folder)")
     fix = "check the bucket name, credentials and --storage-option values" if remote else "check the path"
     return kind(f"cannot {doing} {uri}: {reason}. Fix: {fix}")
+
+
+UNAVAILABLE_FIX = "check that the store is up, the network and --storage-option endpoint_url, then rerun the same command"
+
+
+def unavailable_reason(reason: str, storage_options: dict[str, Any] | None) -> str:
+    """Why a store counts as down, with the endpoint and the deadline it was given (pipeline.storage_limits)."""
+    return (f"the storage endpoint{_endpoint_of(storage_options)} did not answer ({reason}; "
+            f"{storage_limits_of(storage_options).describe()})")
+
+
+def _endpoint_of(storage_options: dict[str, Any] | None) -> str:
+    endpoint = (storage_options or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f" {endpoint}" if endpoint else ""
 
 
 def _reason(exc: BaseException) -> str:

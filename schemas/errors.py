@@ -17,6 +17,9 @@ _KINDS = {
     # Reading the bytes.
     "missing": (False, "the file was listed but is gone when read"),
     "unreadable": (False, "the bytes could not be read (permission, I/O or network error)"),
+    # The store, not the file: it did not answer within its deadline (pipeline.storage_limits) or
+    # refused the connection. A run whose images all fail so is a storage failure (exit 3).
+    "storage": (False, "the storage did not answer in time or refused the connection; a rerun retries it"),
     # Decoding them (pipeline.decode).
     "empty": (True, "zero bytes"),
     "not_image": (True, "the bytes are something else (text, HTML, PDF, unknown binary)"),
@@ -36,6 +39,8 @@ ERROR_KINDS = MappingProxyType({kind: meaning for kind, (_, meaning) in _KINDS.i
 PERMANENT_ERROR_KINDS = frozenset(kind for kind, (permanent, _) in _KINDS.items() if permanent)
 #: The longest ``error`` text a row carries.
 MAX_ERROR_CHARS = 500
+#: The kinds that say the storage failed, not the image: a batch of only these fails the run.
+STORAGE_ERROR_KINDS = frozenset({"storage"})
 
 
 def error_text(message: str) -> str:

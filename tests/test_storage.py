@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -149,3 +150,119 @@ def test_the_decoder_and_the_sources_read_the_same_bytes_and_fail_the_same_way(w
     with pytest.raises(FileNotFoundError):
         sources.read_bytes(gone)
     assert load_image(gone, DecodeConfig()).error_kind == "missing"
+
+
+# ---- deadlines and attempts (pipeline/storage_limits.py) ------------------------------
+
+
+def test_every_bucket_filesystem_gets_a_deadline_and_bounded_attempts():
+    from pipeline import storage_limits
+
+    fs, _ = storage.open_filesystem("s3://bucket/photos", {"endpoint_url": "http://127.0.0.1:1"})
+    limits = storage_limits.Limits()
+    assert fs.config_kwargs["connect_timeout"] == fs.config_kwargs["read_timeout"] == limits.timeout_s
+    assert fs.config_kwargs["retries"] == {"max_attempts": limits.attempts, "mode": "standard"}
+    assert fs.retries == 1  # no s3fs retry loop around botocore's
+    # captioner's own keys set the policy and never reach the backend.
+    fs, _ = storage.open_filesystem("s3://bucket/photos", {"timeout_s": "1.5", "attempts": "2"})
+    assert fs.config_kwargs["read_timeout"] == 1.5 and fs.config_kwargs["retries"]["max_attempts"] == 2
+    assert "timeout_s" not in fs.storage_options and "attempts" not in fs.storage_options
+    with pytest.raises(storage.SourceError, match="timeout_s=soon is not a positive number"):
+        storage.open_filesystem("s3://bucket/photos", {"timeout_s": "soon"})
+
+
+def test_the_stated_bound_is_the_one_applied_and_the_readme_states_it():
+    from pipeline.storage_limits import Limits
+
+    assert Limits(timeout_s=10, attempts=3).waited_for_s == 3 * 2 * 10 + (1 + 2)
+    assert Limits(timeout_s=1.5, attempts=1).waited_for_s == 3
+    default = Limits()
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"times out after {default.timeout_s:g} s" in readme and f"tried {default.attempts} times" in readme
+    assert f"at most {default.waited_for_s:g} s" in readme
+
+
+def test_timeouts_refusals_and_full_disks_are_told_apart_from_bad_files():
+    ReadTimeoutError = type("ReadTimeoutError", (Exception,), {})
+    EndpointConnectionError = type("EndpointConnectionError", (Exception,), {})
+    assert storage.is_unavailable(ReadTimeoutError("Read timeout on endpoint URL"))
+    assert storage.is_unavailable(ConnectionRefusedError(111, "Connection refused"))
+    wrapped = RuntimeError("decode failed")
+    wrapped.__cause__ = EndpointConnectionError("Could not connect")
+    assert storage.is_unavailable(wrapped)
+    assert not storage.is_unavailable(FileNotFoundError(2, "No such file"))
+    assert not storage.is_unavailable(PermissionError(13, "Permission denied"))
+
+    assert storage.is_full_disk(OSError(28, "No space left on device"))
+    assert storage.is_full_disk(RuntimeError('IO Error: Could not write file "x.duckdb": No space left on device'))
+    assert not storage.is_full_disk(OSError(5, "Input/output error"))
+    assert storage.full_disk_fix(OSError(28, "No space left on device"), "/data") == "free space on /data"
+    assert "writable" in storage.full_disk_fix(OSError(30, "Read-only file system"), "/data")
+
+    error = storage.explain(ReadTimeoutError("Read timeout"), "s3://b/photos", doing="list",
+                            storage_options={"endpoint_url": "http://10.0.0.9:9000", "timeout_s": "4"})
+    assert error.outage and "http://10.0.0.9:9000 did not answer" in str(error) and "after 4 s" in str(error)
+    assert not storage.explain(PermissionError(13, "denied"), "s3://b/photos", doing="list").outage
+
+
+def test_a_storage_outage_exits_3_and_any_other_storage_error_1():
+    from pipeline import exit_codes
+    from pipeline.options import storage_failure
+
+    down = storage.SourceError("down")
+    down.outage = True
+    assert storage_failure(down).exit_code == exit_codes.STORAGE_FAILED == 3
+    assert storage_failure(storage.SourceError("no such bucket")).exit_code == exit_codes.FAILED == 1
+
+
+def test_the_bar_says_what_it_waits_for_when_no_row_comes():
+    import io
+
+    from tqdm import tqdm
+
+    from jobs.run_faults import WaitingNote
+
+    bar = tqdm(total=3, file=io.StringIO(), disable=False)
+    note = WaitingNote(bar, {"timeout_s": "0.2", "attempts": "2"}, remote=True)
+    note.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "waiting for rows" not in (bar.postfix or "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        note.stop()
+    assert "waiting for rows: none for" in bar.postfix and "times out after 0.2 s" in bar.postfix, bar.postfix
+    assert not note._thread.is_alive()
+    bar.close()
+
+
+def test_once_a_store_refuses_a_decode_worker_stops_asking_it(monkeypatch):
+    """Each read that fails so would wait out the deadline again: the rest of the worker's images
+    become 'storage' rows at once, naming the read that failed."""
+    import socket
+    from types import SimpleNamespace
+
+    from pipeline.config import DecodeConfig
+    from pipeline.stages import decode as decode_stage
+    from tests.fixtures.s3 import set_fake_aws_env
+
+    set_fake_aws_env(monkeypatch)
+    monkeypatch.setattr(decode_stage, "_STORAGE_DOWN", {})
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    options = {"endpoint_url": endpoint, "timeout_s": "1", "attempts": "1"}
+    stage = SimpleNamespace(run=SimpleNamespace(decode=DecodeConfig()))
+    started = time.monotonic()
+    rows = decode_stage._load_all([f"s3://b/{i}.jpg" for i in range(3)], stage, options)
+    assert [r.error_kind for r in rows] == ["storage"] * 3
+    assert "EndpointConnectionError" in rows[0].error and "not read: the storage failed on s3://b/0.jpg" in rows[2].error
+    assert time.monotonic() - started < 10
+
+
+def test_the_readme_lists_every_exit_code():
+    from pipeline import exit_codes
+
+    readme = (REPO / "README.md").read_text()
+    for code in exit_codes.MEANINGS:
+        assert f"\n| {code} |" in readme, f"exit code {code} is not in the README's table"

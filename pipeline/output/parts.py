@@ -107,6 +107,8 @@ class PartWriter:
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.schema: pa.Schema | None = None
+        # Rows written to part files so far (what a failed run says it kept).
+        self.committed = 0
 
     def add(self, table: pa.Table) -> None:
         if self.schema is None:
@@ -119,11 +121,15 @@ class PartWriter:
             while rows.num_rows >= self.rows_per_part:
                 self.store.write_part(rows.slice(0, self.rows_per_part))
                 rows = rows.slice(self.rows_per_part)
-            self.buffer, self.buffered = [rows], rows.num_rows
+                # Kept current part by part: after a failed write (a full disk) the buffer
+                # holds exactly the rows not committed, and a flush does not write any twice.
+                self.buffer, self.buffered = [rows], rows.num_rows
+                self.committed += self.rows_per_part
 
     def flush(self) -> None:
         if self.buffered:
             self.store.write_part(pa.concat_tables(self.buffer))
+            self.committed += self.buffered
         self.buffer, self.buffered = [], 0
 
 

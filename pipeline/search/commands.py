@@ -21,6 +21,7 @@ from pipeline.options import (
     index_option,
     probe_option,
     query_device,
+    storage_failure,
 )
 from pipeline.search.errors import SearchError
 from pipeline.search.index import (
@@ -41,7 +42,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SearchError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise storage_failure(exc) from exc  # exit 3 for a full disk, 1 otherwise
         except LeaseHeld as exc:  # another `captioner index` builds this --db
             raise as_click_error(exc) from exc
 

@@ -285,7 +285,7 @@ def _build_index(sources, db_path, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construc
     ):
         return BuildReport(previous, rebuilt=False, seconds=time.perf_counter() - started, ignored=tuple(ignored))
 
-    from pipeline.storage import Folder, temp_name
+    from pipeline.storage import Folder, is_full_disk, temp_name
 
     # The one temporary-name rule (pipeline.storage): a dot-name beside the index, renamed into place.
     tmp = db_path.with_name(temp_name(db_path.name))
@@ -312,8 +312,10 @@ def _build_index(sources, db_path, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construc
         # A leftover WAL next to the old file would be replayed onto the new one.
         _remove_db_files(db_path, keep_main=True)
         Folder(str(db_path.parent)).move(tmp.name, db_path.name)
-    except BaseException:
+    except BaseException as exc:
         _remove_db_files(tmp)
+        if isinstance(exc, Exception) and is_full_disk(exc):
+            raise _disk_full(exc, db_path, existing is not None) from exc
         raise
     return BuildReport(
         info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings, probe_sets=probe_sets,
@@ -332,6 +334,17 @@ def _raise_if_changed(files, fingerprint, storage_options, cause) -> None:
     if fingerprint is not None and now != fingerprint:
         changed = next(path for (path, *a), (_, *b) in zip(now, fingerprint) if a != b)
         raise _SourcesChanged(f"{changed} was rewritten") from cause
+
+
+def _disk_full(exc: Exception, db_path: Path, existed: bool) -> SearchError:
+    """A full disk while building (DuckDB says so in its own IOException text), as one line."""
+    from pipeline.storage import full_disk_fix, full_disk_reason
+
+    kept = f"the old index {db_path} is untouched" if existed else f"no index was written at {db_path}"
+    error = SearchError(f"cannot build the index {db_path}: {full_disk_reason(exc)}; {kept}. "
+                        f"Fix: {full_disk_fix(exc, str(db_path.parent))} and rerun the same command")
+    error.outage = True  # the CLI exits with pipeline.exit_codes.STORAGE_FAILED
+    return error
 
 
 def _source_key(source) -> str:

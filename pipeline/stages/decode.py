@@ -16,7 +16,7 @@ import pyarrow as pa
 from pipeline.stages.config import StageConfig
 from pipeline.stages.contract import DECODED
 from schemas import STATUS_ERROR, STATUS_OK
-from schemas.errors import exception_text
+from schemas.errors import STORAGE_ERROR_KINDS, error_text, exception_text
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,36 @@ def _build(stage: StageConfig, which: str):
     return None
 
 
+# Storage found down by this worker process: (protocol, options) -> (until when, the failed read).
+# Ray hands a process many small blocks; without this each would wait out the deadline again.
+_STORAGE_DOWN: dict[tuple, tuple[float, object]] = {}
+
+
+def _load_all(locations: list[str], stage: StageConfig, options: dict) -> list:
+    """Each location read and decoded. Once the storage failed (after its deadline and retries,
+    pipeline.storage_limits), reads from it are not tried again for as long as one call may wait:
+    each would wait as long again, and the driver ends the run on a batch of such rows."""
+    import time
+
+    from pipeline.decode import DecodedImage, load_image
+    from pipeline.storage import protocol_of, storage_limits_of
+
+    decoded = []
+    for location in locations:
+        key = (protocol_of(location), tuple(sorted(options.items())))
+        down = _STORAGE_DOWN.get(key)
+        if down is not None and time.monotonic() < down[0]:
+            failed = down[1]
+            decoded.append(DecodedImage(location, error_kind="storage",
+                                        error=error_text(f"not read: the storage failed on {failed.uri} ({failed.error})")))
+            continue
+        result = load_image(location, stage.run.decode, options)
+        if result.error_kind in STORAGE_ERROR_KINDS:
+            _STORAGE_DOWN[key] = (time.monotonic() + storage_limits_of(options).waited_for_s, result)
+        decoded.append(result)
+    return decoded
+
+
 def decode_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
     from pipeline.decode import load_image
 
@@ -62,7 +92,7 @@ def decode_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
 
     options = stage.run.storage_options_dict()
     locations = [raw.decode("utf-8", "surrogateescape") for raw in batch.column("location").to_pylist()]
-    decoded = [load_image(location, stage.run.decode, options) for location in locations]
+    decoded = _load_all(locations, stage, options)
     n = len(decoded)
     status = [STATUS_OK if d.ok else STATUS_ERROR for d in decoded]
     kinds, errors = [d.error_kind for d in decoded], [d.error for d in decoded]
