@@ -243,9 +243,15 @@ class Lease:
             mine, self._mine = self._mine, None
             if mine is None or self.lost:
                 return
-            current = self._read()
-            if current is not None and current[0] == mine:
-                self._delete_if_unchanged(current[0], current[1])
+            try:
+                current = self._read()
+                if current is not None and current[0] == mine:
+                    self._delete_if_unchanged(current[0], current[1])
+            except Exception as exc:  # noqa: BLE001 - the store failed: that error, not this one, is the news
+                # Releasing runs in a finally: raising here would hide why the command
+                # stopped. A lease left behind names a process that is gone, so the
+                # next run takes it over as stale.
+                log.warning("could not remove the lease %s (%s); the next run takes it over", self.what, type(exc).__name__)
 
     def __enter__(self) -> "Lease":
         return self.acquire()

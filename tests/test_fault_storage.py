@@ -151,8 +151,8 @@ def test_a_full_disk_mid_run_keeps_committed_parts(tmp_path, tiny_clip_dir):
     with small_disk(tmp_path / "disk", "1m") as disk:
         out = disk / "out"
         args = [tmp_path / "photos", "--out", f"{out}/", "--config", config, "--embed-model", tiny_clip_dir, *MODELS]
-        # Room for the saved config and a few parts of two rows, not for all six.
-        filler = fill_disk(disk, leave_bytes=20_000)
+        # Room for the saved config, the lease file and a few parts of two rows, not for all six.
+        filler = fill_disk(disk, leave_bytes=28_000)
         before_photos = snapshot(tmp_path / "photos")
         with _run(tmp_path, "full", *args) as full:
             code, output = _finish(full)
