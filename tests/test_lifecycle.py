@@ -17,11 +17,10 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.sources import listing_covers
 from schemas import STATUS_OK, check_schema
 from tests.cli import cli, run_cli
 from tests.fixtures.images import make_jpegs
-
-pytestmark = pytest.mark.ray
 
 PROBES = ["Is there text in the image?", "What colour is the sky?"]
 
@@ -50,6 +49,7 @@ def exported_uris(out, tmp_path) -> set[str]:
         return {record["uri"] for record in csv.DictReader(handle)}
 
 
+@pytest.mark.ray
 def test_a_deleted_file_leaves_index_search_and_exports_and_comes_back_without_model_work(
     ray_local, tmp_path, tiny_clip_dir
 ):
@@ -84,6 +84,7 @@ def test_a_deleted_file_leaves_index_search_and_exports_and_comes_back_without_m
     assert "4 already done, 0 to process" in run_cli(photos, *args).output
 
 
+@pytest.mark.ray
 def test_keep_gone_keeps_the_rows_of_files_no_longer_in_the_source(ray_local, tmp_path, tiny_clip_dir):
     photos = tmp_path / "photos"
     images = make_jpegs(photos, 3)
@@ -100,6 +101,7 @@ def test_keep_gone_keeps_the_rows_of_files_no_longer_in_the_source(ray_local, tm
     assert indexed_uris(out, tmp_path / "index.duckdb") == sorted(map(str, images[1:]))
 
 
+@pytest.mark.ray
 def test_a_run_over_another_source_into_the_same_output_records_nothing_gone(ray_local, tmp_path, tiny_clip_dir):
     # One output may collect several sources: only files under the source listed now can be gone.
     first, second = tmp_path / "first", tmp_path / "second"
@@ -112,6 +114,7 @@ def test_a_run_over_another_source_into_the_same_output_records_nothing_gone(ray
     assert sorted(r["status"] for r in rows_by_uri(out).values()) == [STATUS_OK] * 4
 
 
+@pytest.mark.ray
 def test_a_renamed_folder_reuses_captions_probes_and_embeddings(
     ray_local, tmp_path, tiny_vlm_dir, tiny_clip_dir
 ):
@@ -148,3 +151,15 @@ def test_a_renamed_folder_reuses_captions_probes_and_embeddings(
     assert [u for u in indexed_uris(out, db) if "/trip/" in u] == []
     assert searched_uris(db) == exported_uris(out, tmp_path) == {u for u in after if "/trip/" not in u}
     assert "5 already done, 0 to process" in run_cli(photos, *args).output
+
+
+def test_only_uris_a_listing_of_the_source_would_give_can_be_gone(tmp_path):
+    photos = tmp_path / "photos"
+    covers = listing_covers(str(photos), extensions=(".jpg", ".png"))
+    assert covers(f"{photos}/a.jpg") and covers(f"{photos}/deep/er/B.PNG")
+    assert not covers(f"{tmp_path}/photos2/a.jpg")  # a sibling folder whose name starts the same
+    assert not covers(f"{tmp_path}/elsewhere/a.jpg") and not covers(f"{photos}/notes.txt")
+    assert not covers(f"{photos}/.thumbs/a.jpg")  # hidden: never listed
+    assert listing_covers(f"{photos}/a.jpg", extensions=(".png",))(f"{photos}/a.jpg")  # a file source: itself
+    bucket = listing_covers("s3://bucket/album/", extensions=(".jpg",))
+    assert bucket("s3://bucket/album/2024/x.jpg") and not bucket("s3://bucket/album-old/x.jpg")
