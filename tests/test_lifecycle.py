@@ -20,6 +20,7 @@ import pytest
 from pipeline.sources import listing_covers
 from schemas import STATUS_OK, check_schema
 from tests.cli import cli, run_cli
+from tests.fixtures.faults import assert_each_image_once
 from tests.fixtures.images import make_jpegs
 
 PROBES = ["Is there text in the image?", "What colour is the sky?"]
@@ -67,7 +68,7 @@ def test_a_deleted_file_leaves_index_search_and_exports_and_comes_back_without_m
     again = run_cli(photos, *args)
     assert "3 already done, 0 to process" in again.output and "1 gone from the source" in again.output
     rows = rows_by_uri(out)
-    assert rows[str(deleted)]["status"] == "gone"  # the output records it, once
+    assert_each_image_once(out, [p for p in images if p != deleted], gone=[deleted])  # recorded once
     assert {u for u, r in rows.items() if r["status"] == STATUS_OK} == {str(p) for p in images if p != deleted}
     assert indexed_uris(out, db) == sorted(str(p) for p in images if p != deleted)
     assert str(deleted) not in searched_uris(db)
@@ -82,6 +83,7 @@ def test_a_deleted_file_leaves_index_search_and_exports_and_comes_back_without_m
     assert returned["status"] == STATUS_OK and returned["embedding"] == first[str(deleted)]["embedding"]
     assert indexed_uris(out, db) == sorted(str(p) for p in images)
     assert "4 already done, 0 to process" in run_cli(photos, *args).output
+    assert_each_image_once(out, images)
 
 
 @pytest.mark.ray
@@ -151,6 +153,7 @@ def test_a_renamed_folder_reuses_captions_probes_and_embeddings(
     assert [u for u in indexed_uris(out, db) if "/trip/" in u] == []
     assert searched_uris(db) == exported_uris(out, tmp_path) == {u for u in after if "/trip/" not in u}
     assert "5 already done, 0 to process" in run_cli(photos, *args).output
+    assert_each_image_once(out, sorted(photos.rglob("*.jpg")), gone=sorted(p for p in before if "/trip/" in p))
 
 
 def test_only_uris_a_listing_of_the_source_would_give_can_be_gone(tmp_path):
