@@ -264,11 +264,10 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
 def _commit_changes(store: OutputStore, state, changes, identity: RunMetadata, summary: RunSummary,
                     config: RunConfig) -> pa.Schema | None:
     """Commit the gone and reused rows (before the stages run: they need no Ray); their schema, None if none."""
-    rows = change_rows(store.fs, state, changes, identity, store.merge_cache_bytes)
-    if rows is None:
-        return None
     writer = PartWriter(store, config.rows_per_part)
-    _commit(writer, rows, summary, config)
+    for rows in change_rows(store.fs, state, changes, identity, cache_bytes=store.merge_cache_bytes,
+                            chunk_rows=config.rows_per_part):
+        _commit(writer, rows, summary, config)
     _commit(writer, None, summary, config)
     return writer.schema
 

@@ -126,8 +126,10 @@ def test_a_renamed_folder_reuses_captions_probes_and_embeddings(
     probes = tmp_path / "probes.yaml"
     probes.write_text("\n".join(f"- {q}" for q in PROBES))
     out = tmp_path / "captions.parquet"
+    config = tmp_path / "run.yaml"
+    config.write_text("rows_per_part: 2\n")  # the 6 copied rows (3 gone, 3 reused) are committed 2 at a time
     args = ["--out", out, "--caption-model", tiny_vlm_dir, "--embed-model", f"open_clip:{tiny_clip_dir}",
-            "--probes", probes]
+            "--probes", probes, "--config", config]
     run_cli(photos, *args)
     before = rows_by_uri(out)
 

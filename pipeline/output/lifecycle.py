@@ -25,7 +25,7 @@ import collections
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -85,33 +85,38 @@ def plan_changes(
     return changes
 
 
-def change_rows(fs, state: ResumeState, changes: Changes, identity: RunMetadata, cache_bytes: int) -> pa.Table | None:
-    """The gone rows and reused rows of ``changes`` as one table of the current schema (None: nothing to write)."""
-    copied = changes.gone + [donor for donor, _ in changes.reused.values()]
-    if not copied:
-        return None
+def change_rows(fs, state: ResumeState, changes: Changes, identity: RunMetadata, *, cache_bytes: int,
+                chunk_rows: int) -> Iterator[pa.Table]:
+    """The gone rows, then the reused rows, of ``changes``: tables of the current schema, ``chunk_rows`` at most each.
+
+    In chunks so that a deleted folder of many images is copied a part at a time, not held in memory at once.
+    """
     run = dataclasses.replace(identity, embedding_dim=state.run.embedding_dim if state.run else None)
-    schema = output_schema(run.embedding_dim, run)
-    reader = RowGroupReader(fs, state.files, schema, cache_bytes)
-    located = [state.current[uri] for uri in copied]
+    reader = RowGroupReader(fs, state.files, output_schema(run.embedding_dim, run), cache_bytes)
+    # (uri of the new row, the row copied, its status, the listed item for a reused row)
+    copies = [(uri, uri, STATUS_GONE, None) for uri in changes.gone] + [
+        (uri, donor, STATUS_OK, item) for uri, (donor, item) in changes.reused.items()
+    ]
+    for start in range(0, len(copies), chunk_rows):
+        yield _copied(reader, state, copies[start : start + chunk_rows])
+
+
+def _copied(reader: RowGroupReader, state: ResumeState, copies: list) -> pa.Table:
+    located = [state.current[donor] for _, donor, _, _ in copies]
     rows = reader.take(np.array([row.file for row in located]), np.array([row.row for row in located]))
-    count, gone = rows.num_rows, len(changes.gone)
-    reused = list(changes.reused.items())
-    now = datetime.now(timezone.utc)
-    status = [STATUS_GONE] * gone + [STATUS_OK] * len(reused)
+    count = rows.num_rows
+    listed_size = rows["bytes"].to_pylist()
+    listed_mtime = rows["source_mtime"].cast(pa.int64()).to_pylist()
+    for i, (_, _, _, item) in enumerate(copies):
+        if item is not None:  # a reused row describes the file now listed under its new uri
+            listed_size[i], listed_mtime[i] = item.size, mtime_micros(item.mtime)
     replaced = {
         "schema_version": pa.array([SCHEMA_VERSION] * count, pa.int16()),
-        "status": pa.array(status, pa.string()),
-        "processed_at": pa.array([now] * count, pa.timestamp("us", tz="UTC")),
-        # A reused row describes the file now listed under its new uri.
-        "uri": pa.array(changes.gone + [uri for uri, _ in reused], pa.string()),
-        "bytes": pa.concat_arrays([rows["bytes"].combine_chunks().slice(0, gone),
-                                   pa.array([item.size for _, (_, item) in reused], pa.int64())]),
-        "source_mtime": pa.concat_arrays([
-            rows["source_mtime"].combine_chunks().slice(0, gone),
-            pa.array([mtime_micros(item.mtime) for _, (_, item) in reused], pa.int64()).cast(
-                pa.timestamp("us", tz="UTC")),
-        ]),
+        "uri": pa.array([uri for uri, _, _, _ in copies], pa.string()),
+        "status": pa.array([status for _, _, status, _ in copies], pa.string()),
+        "bytes": pa.array(listed_size, pa.int64()),
+        "source_mtime": pa.array(listed_mtime, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        "processed_at": pa.array([datetime.now(timezone.utc)] * count, pa.timestamp("us", tz="UTC")),
     }
     for name, values in replaced.items():
         at = rows.schema.get_field_index(name)
