@@ -185,6 +185,7 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
              + (f", {summary.gone} gone from the source (recorded)" if summary.gone else ""))
 
     schema = _commit_changes(store, state, changes, identity, summary, config)
+    copied = committed[0] = summary.reused + summary.gone  # kept whatever happens next
     if pending:
         # From here on a Ctrl-C only sets a flag, acted on where nothing is
         # half done: after ray.init, between batches, never inside a commit
@@ -199,7 +200,7 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
                 schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress, ctrl_c) or schema
         finally:
             # _process committed every row that reached the driver, interrupted or not.
-            committed[0] = summary.processed
+            committed[0] = copied + summary.processed
     lease.check()  # never merge over the rows of a run that took the output over
     try:
         summary.total_rows = store.finalize(schema, run=identity)

@@ -3,6 +3,9 @@
 Which row is current for an image is decided in one place, pipeline.rows.
 Resume reads only key columns, which every schema version has (source_mtime,
 new in v3, is read as null from older files), so files of older versions stay valid.
+A uri whose current row is ``gone`` (schema v4: its file left the source) is
+never done: listed again, its file is new to the run (or reuses that row,
+pipeline.output.lifecycle).
 """
 
 from __future__ import annotations
