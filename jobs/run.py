@@ -25,10 +25,11 @@ from jobs.ray_plan import build_dataset, current_plan, ray_session
 from jobs.run_faults import WaitingNote, batch_failed, is_storage_failure, wrap_write_failure
 from pipeline.config import RunConfig
 from pipeline.output import OutputStore, PartWriter
+from pipeline.output.lifecycle import change_rows, plan_changes
 from pipeline.output.parts import parts_folder_of
 from pipeline.models.identity import identity_for_run
 from pipeline.preflight import preflight
-from pipeline.sources import is_local, list_images, read_bytes, stored_uri
+from pipeline.sources import is_local, list_images, listing_covers, read_bytes, stored_uri
 from pipeline.stages import StageConfig
 from schemas import STATUS_OK, RunMetadata
 
@@ -40,6 +41,8 @@ class RunSummary:
     output: str
     listed: int
     skipped: int
+    reused: int = 0  # rows copied from a file with the same bytes that left the source (moved, renamed, back)
+    gone: int = 0  # files no longer in the source, recorded (status gone)
     processed: int = 0
     ok: int = 0
     errors: int = 0
@@ -53,9 +56,12 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.error_kinds.items()))
+        reused = f", {self.reused} reused from files with the same bytes" if self.reused else ""
+        gone = [f"gone        {self.gone} files no longer in the source, recorded"] if self.gone else []
         return [
             f"output      {self.output} ({self.total_rows} rows)",
-            f"listed      {self.listed} images, {self.skipped} already done, {self.processed} processed",
+            f"listed      {self.listed} images, {self.skipped} already done{reused}, {self.processed} processed",
+            *gone,
             f"ok          {self.ok}",
             f"errors      {self.errors}" + (f" ({kinds})" if self.errors else ""),
             f"elapsed     {self.elapsed_s:.1f} s, {self.images_per_s:.2f} images/s",
@@ -160,14 +166,26 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
         if not state.is_done(stored_uri(item.uri), item.size, item.mtime, retry_errors=config.retry_errors,
                              digest=functools.partial(_sha256_of, item.uri, storage_options))
     ]
-    store.save_config(config.to_json())
     summary = RunSummary(output=config.output, listed=len(items), skipped=len(items) - len(pending))
+    # Files that left the source, and pending files that are one of them moved (pipeline.output.lifecycle).
+    changes = plan_changes(
+        items, pending, state,
+        covers=listing_covers(config.source, extensions=config.decode.extensions),
+        digest=functools.partial(_sha256_of, storage_options=storage_options),
+        record_gone=not config.keep_gone and config.limit is None,
+    )
+    pending = changes.pending
+    summary.reused, summary.gone = len(changes.reused), len(changes.gone)
+    store.save_config(config.to_json())
     if not items:
         echo(f"captioner: no images found under {config.source} (extensions: {' '.join(config.decode.extensions)})")
-    else:
-        echo(f"captioner: {len(items)} images listed, {summary.skipped} already done, {len(pending)} to process")
+    if items or changes.gone:
+        echo(f"captioner: {len(items)} images listed, {summary.skipped} already done, {len(pending)} to process"
+             + (f", {summary.reused} reused (same bytes as a file no longer there)" if summary.reused else "")
+             + (f", {summary.gone} gone from the source (recorded)" if summary.gone else ""))
 
-    schema = None
+    schema = _commit_changes(store, state, changes, identity, summary, config)
+    copied = committed[0] = summary.reused + summary.gone  # kept whatever happens next
     if pending:
         # From here on a Ctrl-C only sets a flag, acted on where nothing is
         # half done: after ray.init, between batches, never inside a commit
@@ -179,10 +197,10 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
                 ctrl_c.check()
                 plan = current_plan(config)
                 stage = StageConfig(run=config, identity=identity, torch_threads=plan.torch_threads)
-                schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress, ctrl_c)
+                schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress, ctrl_c) or schema
         finally:
             # _process committed every row that reached the driver, interrupted or not.
-            committed[0] = summary.processed
+            committed[0] = copied + summary.processed
     lease.check()  # never merge over the rows of a run that took the output over
     try:
         summary.total_rows = store.finalize(schema, run=identity)
@@ -200,7 +218,7 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
 
     writer = PartWriter(store, config.rows_per_part)
     kinds: collections.Counter[str] = collections.Counter()
-    bar = tqdm(total=summary.listed - summary.skipped, unit="img", desc=_progress_label(config),
+    bar = tqdm(total=summary.listed - summary.skipped - summary.reused, unit="img", desc=_progress_label(config),
                disable=not progress, dynamic_ncols=True, leave=False)
     batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     waiting = WaitingNote(bar, config.storage_options_dict(), remote=not (is_local(config.source) and is_local(config.output)))
@@ -241,6 +259,17 @@ def _process(dataset, store: OutputStore, summary: RunSummary, config: RunConfig
             if close is not None:
                 close()
     summary.error_kinds = dict(kinds)
+    return writer.schema
+
+
+def _commit_changes(store: OutputStore, state, changes, identity: RunMetadata, summary: RunSummary,
+                    config: RunConfig) -> pa.Schema | None:
+    """Commit the gone and reused rows (before the stages run: they need no Ray); their schema, None if none."""
+    writer = PartWriter(store, config.rows_per_part)
+    for rows in change_rows(store.fs, state, changes, identity, cache_bytes=store.merge_cache_bytes,
+                            chunk_rows=config.rows_per_part):
+        _commit(writer, rows, summary, config)
+    _commit(writer, None, summary, config)
     return writer.schema
 
 

@@ -40,7 +40,10 @@ Re-running into the same --out skips images already done with the same
 models and probes and never duplicates a row. It retries images whose file
 changed and failures that can change (missing, unreadable, model errors);
 --retry-errors also retries files that were not images, truncated or too
-large. Images that cannot be decoded become rows with status=error; the
+large. Files of this source that are no longer there are recorded as gone
+(index, search, page and exports stop returning them; --keep-gone keeps
+them), and a file moved or renamed with the same bytes reuses its row
+instead of going through the models again. Images that cannot be decoded become rows with status=error; the
 exit code is non-zero only when the run itself fails: {exit_codes.FAILED} for what the message
 says to fix (config, source, output, weights, Ray), {exit_codes.STORAGE_FAILED} when storage failed
 under the run (a store stalled or refused, a disk filled; committed rows are
@@ -104,6 +107,7 @@ def main() -> None:
 @click.option("--no-probes", is_flag=True, help="Ask no probe questions.")
 @click.option("--no-embed", is_flag=True, help="Skip the image embedding; captions and probes only.")
 @click.option("--retry-errors", is_flag=True, help="Also retry images that failed for a permanent reason (not an image, truncated, too large). Missing, unreadable, model errors and changed files are always retried.")
+@click.option("--keep-gone", is_flag=True, help=f"Keep the rows of files no longer in the source (a source pruned after captioning, or only part of the collection) instead of recording them gone. {default_note('keep_gone')}")
 @click.option("--max-pixels", type=int, help=f"Refuse images larger than this many pixels (decompression-bomb guard). {default_note('decode.max_pixels')}")
 @storage_option("fsspec option for bucket sources/outputs (repeatable), e.g. endpoint_url=..., anon=true; "
                 f"timeout_s=SECONDS and attempts=N bound every storage call. [default: {STORAGE_DEADLINE}]")
@@ -171,6 +175,7 @@ def _run_config(source, output, config_file, probes_file, storage_options, no_ca
             "limit": flags["limit"],
             "overwrite": True if flags["overwrite"] else None,
             "retry_errors": True if flags["retry_errors"] else None,
+            "keep_gone": True if flags["keep_gone"] else None,
             "storage_options": storage_options,
             "caption.model": flags["caption_model"],
             "caption.length": flags["caption_length"],

@@ -160,6 +160,9 @@ class RunConfig(_Section):
     overwrite: StrictBool = False
     # Rerun files that failed for a permanent reason (not an image, truncated...).
     retry_errors: StrictBool = False
+    # Keep the rows of files no longer in the source (a source pruned after captioning, or
+    # only part of the collection) instead of recording them gone (pipeline.output.lifecycle).
+    keep_gone: StrictBool = False
     # Rows are committed to the output every this many images, so a crash loses
     # at most one part's worth of work.
     rows_per_part: PositiveInt = 1000

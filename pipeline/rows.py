@@ -10,6 +10,10 @@ current row is the newest:
      its ``x.parquet.parts/``);
   3. on a tie within a file, the later row.
 
+A uri whose current row has status ``gone`` (schema v4: the file left the
+source) is gone: readers skip it (:func:`sql_is_live`). A later row, when the
+file comes back, is newer and makes it live again; nothing else is needed.
+
 ``NEWEST_FIRST`` is that order. :func:`newest_rows` applies it to Arrow key
 columns; :func:`sql_is_newest` writes the same order as a DuckDB window
 predicate for the index. Both are generated from ``NEWEST_FIRST``.
@@ -20,6 +24,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from schemas import STATUS_GONE
+
+STATUS = "status"
 
 # Key columns of a row: the image, when it was produced, where it is stored.
 URI = "uri"
@@ -70,3 +78,13 @@ def sql_is_newest(*, file: str = "filename", row: str = "file_row_number") -> st
     columns = {PROCESSED_AT: PROCESSED_AT, FILE: file, ROW: row}
     order = ", ".join(f"{columns[name]} DESC" for name in NEWEST_FIRST)
     return f"row_number() OVER (PARTITION BY {URI} ORDER BY {order}) = 1"
+
+
+def is_gone(status: str | None) -> bool:
+    """True when a uri whose current row has ``status`` is no longer in the source."""
+    return status == STATUS_GONE
+
+
+def sql_is_live(status: str = STATUS) -> str:
+    """DuckDB predicate true unless the current row's ``status`` says the uri is gone."""
+    return f"{status} IS DISTINCT FROM '{STATUS_GONE}'"

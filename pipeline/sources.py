@@ -23,7 +23,8 @@ from pipeline.storage import SourceError, explain, is_local, local_path, modifie
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SourceError", "SourceItem", "is_local", "list_images", "local_path", "mtime_micros", "read_bytes", "stored_uri",
+    "SourceError", "SourceItem", "is_local", "list_images", "listing_covers", "local_path", "mtime_micros", "read_bytes",
+    "stored_uri",
 ]
 
 
@@ -73,6 +74,33 @@ def list_images(
         items = _list_remote(source, wanted, storage_options)
     items.sort(key=lambda item: item.uri)
     return items if limit is None else items[:limit]
+
+
+def listing_covers(source: str, *, extensions: tuple[str, ...]):
+    """A test ``covers(uri)``: would a listing of ``source`` (these ``extensions``) give ``uri`` were the file there?
+
+    What a rerun may record as gone when it is not listed: only rows of this
+    source, so that an output that also holds another source's rows keeps
+    them. ``uri`` as stored (:func:`stored_uri`).
+    """
+    source = os.fspath(source)
+    wanted = frozenset(ext.lower() for ext in extensions)
+    if is_local(source):
+        root, separator = local_path(source).rstrip(os.sep) or os.sep, os.sep
+    else:
+        # Listed uris carry the protocol (fs.unstrip_protocol); so does a bucket source as the user names it.
+        root, separator = source.rstrip("/"), "/"
+    root = stored_uri(root)
+
+    def covers(uri: str) -> bool:
+        if uri == root:  # the source is this one file
+            return True
+        if not uri.startswith(root.rstrip(separator) + separator):
+            return False
+        relative = uri[len(root.rstrip(separator)) + 1:]
+        return _has_extension(relative, wanted) and not any(part.startswith(".") for part in relative.split(separator))
+
+    return covers
 
 
 def _has_extension(name: str, wanted: frozenset[str]) -> bool:

@@ -1,18 +1,19 @@
 """The Parquet contract between the captioning job and every reader.
 
 Writers build their Arrow schema with :func:`output_schema` (the current
-version, v3). Readers call :func:`check_schema` before trusting a file (it
-accepts every version this captioner reads: v1, v2 and v3) and normalise what they
+version, v4). Readers call :func:`check_schema` before trusting a file (it
+accepts every version this captioner reads: v1, v2, v3 and v4) and normalise what they
 read with :func:`upgrade_table` (Arrow) or :func:`upgrade_sql` (DuckDB). Bump
 ``SCHEMA_VERSION`` (and add a module derived from the previous one) for any
 change an older reader could misread; keep the old module as its frozen
 definition and its golden file under tests/golden/.
 """
 
-from schemas import v1, v2, v3
+from schemas import v1, v2, v3, v4
 from schemas.base import (
     META_PREFIX,
     STATUS_ERROR,
+    STATUS_GONE,
     STATUS_OK,
     RunMetadata,
     SchemaMismatch,
@@ -20,14 +21,14 @@ from schemas.base import (
 )
 from schemas.upgrade import readable, upgrade_schema, upgrade_sql, upgrade_table
 
-SCHEMA_VERSION = v3.SCHEMA_VERSION
-PROBE_TYPE = v3.PROBE_TYPE
-COLUMN_NAMES = v3.COLUMN_NAMES
-output_schema = v3.output_schema
-describe = v3.describe
+SCHEMA_VERSION = v4.SCHEMA_VERSION
+PROBE_TYPE = v4.PROBE_TYPE
+COLUMN_NAMES = v4.COLUMN_NAMES
+output_schema = v4.output_schema
+describe = v4.describe
 
 # Every version a reader accepts.
-VERSIONS = {v1.SCHEMA_VERSION: v1.V1, v2.SCHEMA_VERSION: v2.V2, v3.SCHEMA_VERSION: v3.V3}
+VERSIONS = {v1.SCHEMA_VERSION: v1.V1, v2.SCHEMA_VERSION: v2.V2, v3.SCHEMA_VERSION: v3.V3, v4.SCHEMA_VERSION: v4.V4}
 
 
 def check_schema(schema, *, where: str = "file") -> RunMetadata:
@@ -51,6 +52,7 @@ __all__ = [
     "PROBE_TYPE",
     "SCHEMA_VERSION",
     "STATUS_ERROR",
+    "STATUS_GONE",
     "STATUS_OK",
     "VERSIONS",
     "RunMetadata",

@@ -15,6 +15,8 @@ import pyarrow as pa
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# Schema v4: the file left the source (schemas/v4.py); the row is a copy of its last one.
+STATUS_GONE = "gone"
 META_PREFIX = "captioner."
 # The column whose type depends on the embedder's width (see embedding_type).
 EMBEDDING = "embedding"

@@ -26,12 +26,18 @@ from schemas import SCHEMA_VERSION, check_schema
 from tests.test_output import make_rows
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
-# file -> (sha256, rows, ok rows, (a text query, the uri it finds first))
+# file -> (sha256, rows of images still in the source (not gone), ok rows, (a text query, the uri it finds first))
 GOLDEN = {
     "v1.parquet": ("2c9252a26489b1f073daaf75daf6871c050b100c0c4483396bf7bce577add707", 5, 4, ("kettle", "/photos/kitchen.jpg")),
     "v2.parquet": ("6f08bb88bac78e908038e2fe44cdc4cb0cc606a5acbac87a58ae3ca6927ed16e", 5, 4, ("bakery", "/photos/shopfront.png")),
     "v3.parquet": ("19e0231949680af011ce19d381a93b68bd7fdf73f8afa20c3c7fe184d794711d", 5, 4, ("harbour", "/photos/harbour.png")),
+    "v4.parquet": ("62cb5f081df943e274c84c1d3bfeeb66d48f7d706414ca5e35c0b7630d8e1fa5", 5, 4, ("lighthouse", "/photos/lighthouse.png")),
 }
+
+
+def _gone(path) -> int:
+    """Rows of files that left the source (status gone, schema v4 on)."""
+    return pq.read_table(path, columns=["status"])["status"].to_pylist().count("gone")
 
 
 @pytest.fixture(params=sorted(GOLDEN))
@@ -47,7 +53,7 @@ def test_golden_file_passes_check_schema(golden):
     run = check_schema(pq.read_schema(path), where=str(path))
     assert run.embed_model and run.caption_model and run.embedding_dim == 4
     assert run.schema_version == int(path.stem[1:])
-    assert pq.read_metadata(path).num_rows == rows
+    assert pq.read_metadata(path).num_rows == rows + _gone(path)
 
 
 def test_golden_file_resumes_as_an_existing_output(golden, tmp_path):
@@ -60,9 +66,13 @@ def test_golden_file_resumes_as_an_existing_output(golden, tmp_path):
     assert state.rows == rows and state.errors == rows - ok
     table = pq.read_table(out)
     recorded = table["source_mtime"].to_pylist() if "source_mtime" in table.column_names else [None] * rows
-    for uri, size, image_id, mtime in zip(
-        table["uri"].to_pylist(), table["bytes"].to_pylist(), table["image_id"].to_pylist(), recorded
+    for uri, size, image_id, mtime, status in zip(
+        table["uri"].to_pylist(), table["bytes"].to_pylist(), table["image_id"].to_pylist(), recorded,
+        table["status"].to_pylist(),
     ):
+        if status == "gone":  # the file left the source: listed again, it is never done as it is
+            assert state.current[uri].gone and not state.is_done(uri, size, mtime.timestamp(), digest=lambda: image_id)
+            continue
         # ok rows, and the error row: a permanent failure. Done while the file is the one the row was made from:
         # the same size and recorded mtime, or (no mtime recorded, as in every v1/v2 row) the same bytes.
         listed = mtime.timestamp() if mtime else 1.6e9
@@ -79,7 +89,7 @@ def test_golden_file_resumes_as_an_existing_output(golden, tmp_path):
 
     # A rerun (written as today's schema) that adds one image merges with the old file into one current-version file.
     store.write_part(make_rows(["/photos/new.jpg"], run=run, at=table["processed_at"][0].as_py() + timedelta(days=1)))
-    assert store.finalize(None) == rows + 1
+    assert store.finalize(None) == table.num_rows + 1
     merged = pq.read_table(out)
     assert check_schema(merged.schema).schema_version == SCHEMA_VERSION
     assert "/photos/new.jpg" in merged["uri"].to_pylist()
@@ -156,7 +166,7 @@ def _sql(db, sql) -> list[dict]:
 def test_every_version_indexes_together_and_v3_keeps_its_source_mtime(tmp_path):
     sources = tmp_path / "outputs"
     sources.mkdir()
-    for name in GOLDEN:
+    for name in ("v1.parquet", "v2.parquet", "v3.parquet"):
         shutil.copy(GOLDEN_DIR / name, sources / name)
     db = tmp_path / "index.duckdb"
     # The golden files were asked different probe sets: merging them needs the flag (see above).
@@ -172,3 +182,17 @@ def test_every_version_indexes_together_and_v3_keeps_its_source_mtime(tmp_path):
         ("/photos/menu.png", 1763627403750), ("/photos/terrier.png", 1763627402500),
     ]  # fmt: skip
     assert _sql(db, "SELECT count(*) AS n FROM images WHERE source_mtime IS NULL")[0]["n"] == 11
+
+
+def test_a_v4_gone_row_is_not_indexed_and_indexes_beside_every_older_version(tmp_path):
+    sources = tmp_path / "outputs"
+    sources.mkdir()
+    for name in GOLDEN:
+        shutil.copy(GOLDEN_DIR / name, sources / name)
+    db = tmp_path / "index.duckdb"
+    result = CliRunner().invoke(main, ["index", str(sources), "--db", str(db), "--mixed-probes"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "20 rows, 16 searchable (status ok), 16 with embeddings" in result.output
+    uris = [r["uri"] for r in _sql(db, "SELECT uri FROM images")]
+    assert "/photos/old-name.png" not in uris and "/photos/lighthouse.png" in uris and "/photos/harbour.png" in uris
+    assert "/photos/old-name.png" not in _search(db, "lighthouse", "--mode", "text", "--limit", "50")

@@ -23,7 +23,7 @@ def v2_table() -> pa.Table:
 
 def test_v3_is_v2_plus_source_mtime_after_bytes():
     v2, v3 = schemas.v2.output_schema(4), schemas.v3.output_schema(4)
-    assert SCHEMA_VERSION == 3 and output_schema(4).names == v3.names
+    assert schemas.v3.SCHEMA_VERSION == 3 and output_schema(4).names == v3.names  # v4 added no column
     at = v2.names.index("bytes") + 1
     assert v3.names == [*v2.names[:at], "source_mtime", *v2.names[at:]]
     field = v3.field("source_mtime")
@@ -36,7 +36,7 @@ def test_v3_is_v2_plus_source_mtime_after_bytes():
 def test_upgrade_table_gives_v2_rows_a_null_source_mtime():
     table = v2_table()
     upgraded = upgrade_table(table)
-    assert check_schema(upgraded.schema).schema_version == 3
+    assert check_schema(upgraded.schema).schema_version == SCHEMA_VERSION
     assert upgraded.schema.equals(output_schema(4, read_metadata(upgraded.schema)), check_metadata=True)
     assert upgraded["source_mtime"].to_pylist() == [None, None]  # unknown, never a made-up time
     for name in table.column_names:
@@ -58,7 +58,7 @@ def test_upgrade_sql_composes_every_step_up_to_v3(tmp_path):
 
 
 def test_describe_prints_v3_with_source_mtime():
-    text = schemas.describe(8)
+    text = schemas.v3.describe(8)
     assert text.startswith("captioner Parquet schema v3")
     assert text.index("  bytes ") < text.index("source_mtime") < text.index("  format ")
 

@@ -3,6 +3,9 @@
 Which row is current for an image is decided in one place, pipeline.rows.
 Resume reads only key columns, which every schema version has (source_mtime,
 new in v3, is read as null from older files), so files of older versions stay valid.
+A uri whose current row is ``gone`` (schema v4: its file left the source) is
+never done: listed again, its file is new to the run (or reuses that row,
+pipeline.output.lifecycle).
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ _STATE_COLUMNS = ["uri", "status", "error_kind", "image_id", "bytes", "source_mt
 class RowState:
     """What resume needs of an image's current row."""
 
-    ok: bool
+    ok: bool  # status ok; for a gone row (a copy of the file's last row): that row was ok
     permanent: bool  # an error that the same bytes would give again (see schemas.errors)
     size: int | None
     processed_at: float  # epoch seconds
     mtime_us: int | None = None  # the source's mtime as listed for this row (source_mtime); None: not recorded
     image_id: str | None = None  # sha256 of the bytes the row was made from
+    gone: bool = False  # the file left the source (status gone): never done, a copy to reuse (pipeline.output.lifecycle)
+    file: int = 0  # where the row is: the rank of its file in ResumeState.files, and its position there
+    row: int = 0
 
 
 @dataclass
@@ -42,14 +48,16 @@ class ResumeState:
 
     run: RunMetadata | None = None
     current: dict[str, RowState] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # the output's data files, in rank order (RowState.file)
 
     @property
     def rows(self) -> int:
-        return len(self.current)
+        """Images the output holds (uris whose file left the source not counted)."""
+        return sum(not row.gone for row in self.current.values())
 
     @property
     def errors(self) -> int:
-        return sum(not row.ok for row in self.current.values())
+        return sum(not row.ok and not row.gone for row in self.current.values())
 
     def is_done(
         self,
@@ -73,7 +81,7 @@ class ResumeState:
         unreadable and model errors are always retried.
         """
         row = self.current.get(uri)
-        if row is None:
+        if row is None or row.gone:
             return False
         if not row.ok and (retry_errors or not row.permanent):
             return False
@@ -96,6 +104,7 @@ def load_state(fs, files: list[str], run: RunMetadata, display) -> ResumeState:
     """
     state = ResumeState()
     ranks = row_rule.rank_files(files)
+    state.files = sorted(ranks, key=ranks.get)
     tables = []
     for path in files:
         state.run = check_file(fs, path, run, display)
@@ -109,12 +118,15 @@ def load_state(fs, files: list[str], run: RunMetadata, display) -> ResumeState:
     current = row_rule.newest_rows(pa.concat_tables(tables))
     seconds = current["processed_at"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy() / 1e6
     mtimes = current["source_mtime"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
-    for uri, status, kind, image_id, size, when, mtime_us in zip(
+    for uri, status, kind, image_id, size, when, mtime_us, rank, position in zip(
         current["uri"].to_pylist(), current["status"].to_pylist(), current["error_kind"].to_pylist(),
         current["image_id"].to_pylist(), current["bytes"].to_pylist(), seconds.tolist(), mtimes,
+        current[row_rule.FILE].to_pylist(), current[row_rule.ROW].to_pylist(),
     ):
-        ok = status == STATUS_OK
-        state.current[uri] = RowState(ok, not ok and kind in PERMANENT_ERROR_KINDS, size, when, mtime_us, image_id)
+        gone = row_rule.is_gone(status)
+        ok = status == STATUS_OK or (gone and kind is None)  # a gone row keeps the error_kind of the row it copied
+        permanent = not ok and not gone and kind in PERMANENT_ERROR_KINDS
+        state.current[uri] = RowState(ok, permanent, size, when, mtime_us, image_id, gone, rank, position)
     return state
 
 

@@ -8,7 +8,8 @@ Source files of every readable schema version are indexed together: rows of
 older versions are upgraded in the query that reads them (schemas.upgrade_sql),
 so the tables have the current version's columns (v1 rows: null yes_prob,
 probe ``truncated`` and ``caption_truncated``). Which row of a uri is current
-is pipeline.rows' rule (sql_is_newest).
+is pipeline.rows' rule (sql_is_newest); a uri whose current row is ``gone``
+(its file left the source) is not indexed at all (sql_is_live).
 
 Searchable = status 'ok'; error rows stay in ``images`` for SQL. Re-indexing
 rebuilds everything into a temporary file that replaces the old one only once
@@ -32,7 +33,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.rows import sql_is_newest
+from pipeline.rows import sql_is_live, sql_is_newest
 from pipeline.search import contract
 from pipeline.search.contract import INDEX_FORMAT, IndexInfo, read_info
 from pipeline.search.errors import SearchError
@@ -420,7 +421,8 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
     # that ran the captioner and the embedding from the newest ok row that ran
     # the embedder, each with its model columns, both among rows of the same
     # bytes (image_id): an embeddings-only output indexed over a captioned one
-    # keeps the captions.
+    # keeps the captions. A uri whose newest row says the file left the source (status
+    # gone, schema v4) is left out: no reader of the index returns it.
     caption_cols = ["caption", "caption_truncated", "probes", "caption_model", "caption_revision", "probe_set_hash"]
     embed_cols = ["embed_model", "embed_revision"]
     newest = sql_is_newest(file="source_file", row="source_row")
@@ -449,6 +451,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
             FROM base AS b
             LEFT JOIN captioned AS c ON c.uri = b.uri
             LEFT JOIN embedded AS e ON e.uri = b.uri
+            WHERE {sql_is_live("b.status")}
             ORDER BY id
             """,
             [files_of for files_of in versions.values()],
