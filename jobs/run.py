@@ -172,13 +172,15 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
         items, pending, state,
         covers=listing_covers(config.source, extensions=config.decode.extensions),
         digest=functools.partial(_sha256_of, storage_options=storage_options),
-        record_gone=not config.keep_gone and config.limit is None,
+        # An empty listing is likelier a failed mount or a wrong prefix than an emptied collection.
+        record_gone=not config.keep_gone and config.limit is None and bool(items),
     )
     pending = changes.pending
     summary.reused, summary.gone = len(changes.reused), len(changes.gone)
     store.save_config(config.to_json())
     if not items:
-        echo(f"captioner: no images found under {config.source} (extensions: {' '.join(config.decode.extensions)})")
+        kept = "; recorded nothing as gone (an empty listing is more often a failed mount than an emptied folder)" if state.current else ""
+        echo(f"captioner: no images found under {config.source} (extensions: {' '.join(config.decode.extensions)}){kept}")
     if items or changes.gone:
         echo(f"captioner: {len(items)} images listed, {summary.skipped} already done, {len(pending)} to process"
              + (f", {summary.reused} reused (same bytes as a file no longer there)" if summary.reused else "")

@@ -168,3 +168,21 @@ def test_only_uris_a_listing_of_the_source_would_give_can_be_gone(tmp_path):
     assert listing_covers(f"{photos}/a.jpg", extensions=(".png",))(f"{photos}/a.jpg")  # a file source: itself
     bucket = listing_covers("s3://bucket/album/", extensions=(".jpg",))
     assert bucket("s3://bucket/album/2024/x.jpg") and not bucket("s3://bucket/album-old/x.jpg")
+
+
+@pytest.mark.ray
+def test_a_source_that_lists_nothing_records_nothing_gone(ray_local, tmp_path, tiny_clip_dir):
+    """An empty listing is far likelier a mount that failed or a mistyped prefix than a collection
+    emptied on purpose: the rerun says so and records nothing, so the index keeps every image."""
+    photos = tmp_path / "photos"
+    images = make_jpegs(photos, 3)
+    out = tmp_path / "captions.parquet"
+    args = ["--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes"]
+    run_cli(photos, *args)
+    for image in images:
+        image.unlink()  # what an unmounted share looks like: the folder is there, empty
+
+    again = run_cli(photos, *args)
+    assert "gone from the source" not in again.output
+    assert "recorded nothing as gone" in again.output
+    assert_each_image_once(out, images)
