@@ -297,15 +297,14 @@ class _Batch:
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril().view(1, 1, width, width)
 
         def write(layer, k, v):
-            e.pools.suffix_k[layer, slot_index, :, :width] = k
-            e.pools.suffix_v[layer, slot_index, :, :width] = v
+            e.pools.suffix_k[layer][slot_index, :, :width] = k
+            e.pools.suffix_v[layer][slot_index, :, :width] = v
             return k, v
 
-        stacked_k = torch.stack([k for k, _ in caches])
-        stacked_v = torch.stack([v for _, v in caches])
+        prefix_k, prefix_v = [k for k, _ in caches], [v for _, v in caches]
         del caches
         positions = (e.prefix_len + torch.arange(width, device=device)).expand(n, width)
-        hidden = step.run_suffix(text, torch.tensor(tokens, device=device), positions, stacked_k, stacked_v, write,
+        hidden = step.run_suffix(text, torch.tensor(tokens, device=device), positions, prefix_k, prefix_v, write,
                                  causal, g, e.matmul)
         lengths_t = torch.tensor(lengths, device=device)
         logits = text.logits(hidden[torch.arange(n, device=device), lengths_t - 1])

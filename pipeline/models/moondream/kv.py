@@ -28,23 +28,29 @@ class KVPools:
         self.static = static  # mark for torch.compile: fixed addresses (CUDA graphs replay on them)
         self.prefix_k = self.prefix_v = self.suffix_k = self.suffix_v = None
 
-    def _zeros(self, rows: int, length: int) -> torch.Tensor:
-        # Zeros, not empty: masked positions get probability 0, and 0 * NaN garbage would still be NaN.
-        t = torch.zeros(self.n_layers, rows, self.heads, length, self.head_dim, dtype=self.dtype, device=self.device)
-        if self.static:
-            torch._dynamo.mark_static_address(t)
-        return t
+    def _zeros(self, rows: int, length: int) -> list[torch.Tensor]:
+        """One (rows, heads, length, head_dim) tensor per layer: separate tensors, not one stacked tensor, so
+        that a compiled step's index_put writes in place (into a view of a stacked tensor, inductor copied
+        the whole layer every step)."""
+        out = []
+        for _ in range(self.n_layers):
+            # Zeros, not empty: masked positions get probability 0, and 0 * NaN garbage would still be NaN.
+            t = torch.zeros(rows, self.heads, length, self.head_dim, dtype=self.dtype, device=self.device)
+            if self.static:
+                torch._dynamo.mark_static_address(t)
+            out.append(t)
+        return out
 
     @property
     def suffix_length(self) -> int:
-        return 0 if self.suffix_k is None else self.suffix_k.shape[3]
+        return 0 if self.suffix_k is None else self.suffix_k[0].shape[2]
 
     def reserve(self, images: int, slots: int, length: int) -> None:
         """Between calls (nothing live): at least ``images`` prefix rows, ``slots`` suffix rows of ``length``."""
-        if self.prefix_k is None or self.prefix_k.shape[1] < images:
+        if self.prefix_k is None or self.prefix_k[0].shape[0] < images:
             self.prefix_k = self.prefix_v = None  # free before allocating the replacement
             self.prefix_k, self.prefix_v = self._zeros(images, self.prefix_len), self._zeros(images, self.prefix_len)
-        if self.suffix_k is None or self.suffix_k.shape[1] < slots or self.suffix_length < length:
+        if self.suffix_k is None or self.suffix_k[0].shape[0] < slots or self.suffix_length < length:
             length = max(length, self.suffix_length)
             self.suffix_k = self.suffix_v = None
             self.suffix_k, self.suffix_v = self._zeros(slots, length), self._zeros(slots, length)
@@ -55,11 +61,13 @@ class KVPools:
             return
         old = self.suffix_length
         for name in ("suffix_k", "suffix_v"):
-            fresh = self._zeros(getattr(self, name).shape[1], length)
-            fresh[:, :, :, :old] = getattr(self, name)
+            layers = getattr(self, name)
+            fresh = self._zeros(layers[0].shape[0], length)
+            for new, layer in zip(fresh, layers):
+                new[:, :, :old] = layer
             setattr(self, name, fresh)
 
     def write_prefix(self, rows: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for layer, (k, v) in enumerate(caches):
-            self.prefix_k[layer, rows] = k
-            self.prefix_v[layer, rows] = v
+            self.prefix_k[layer][rows] = k
+            self.prefix_v[layer][rows] = v

@@ -76,7 +76,7 @@ Writer = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.
 def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, visible, group: int, matmul: str):
     """(N, Q) suffix tokens at absolute ``positions`` through the decoder -> (N, Q, dim) hidden states.
     ``write(layer, k, v)`` stores the new keys/values and returns the suffix keys/values to attend to;
-    prefix_k/v (layers, M, H, P, d)."""
+    prefix_k/v: per layer (M, H, P, d)."""
     x = text.embed(tokens)
     cos, sin = text.rope_cos[positions], text.rope_sin[positions]
     for i, block in enumerate(text.blocks):
@@ -91,22 +91,21 @@ def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Wr
 def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, *, slots: int,
                   group: int, length: int, prefix_len: int, matmul: str) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
-    (slots, vocab) logits. Pools: (layers, rows, H, positions, d); the first ``slots`` suffix rows, the
+    (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` suffix rows, the
     first ``slots // group`` prefix rows and the first ``length`` suffix positions take part."""
     pos = state.pos[:slots]
-    heads, head_dim = suffix_k.shape[2], suffix_k.shape[4]
-    where = pos.view(slots, 1, 1, 1).expand(slots, heads, 1, head_dim)
+    rows = torch.arange(slots, device=pos.device)
 
     def write(layer, k, v):
-        keys, values = suffix_k[layer, :slots], suffix_v[layer, :slots]
-        keys.scatter_(2, where, k)
-        values.scatter_(2, where, v)
-        return keys[:, :, :length], values[:, :, :length]
+        keys, values = suffix_k[layer], suffix_v[layer]
+        keys[rows, :, pos] = k[:, :, 0]
+        values[rows, :, pos] = v[:, :, 0]
+        return keys[:slots, :, :length], values[:slots, :, :length]
 
     visible = (torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)).view(slots, 1, 1, length)
     m = slots // group
     hidden = run_suffix(text, state.tokens[:slots].view(slots, 1), (prefix_len + pos).view(slots, 1),
-                        prefix_k[:, :m], prefix_v[:, :m], write, visible, group, matmul)
+                        [k[:m] for k in prefix_k], [v[:m] for v in prefix_v], write, visible, group, matmul)
     return text.logits(hidden[:, -1])
 
 
