@@ -31,12 +31,12 @@ def mid_size(text_layers: int = 2, vision_layers: int = 2) -> MoondreamConfig:
 
 
 def tiny_widths(text_layers: int = 24) -> MoondreamConfig:
-    """The official layer count at tiny widths, a 1,024-token vocabulary and 126-pixel crops (an 82-token
+    """The official layer count at tiny widths (dim 32, one 32-dim head), a 1,024-token vocabulary and 126-pixel crops (an 82-token
     image prefix instead of 730): arithmetic is negligible, so time per step is host time (Python,
     dispatch, kernel launches: what a GPU would wait on). Crops: ``prepare_image(..., tiny.vision.crop_geometry)``."""
     return MoondreamConfig(
-        TextConfig(dim=64, ff_dim=128, n_layers=text_layers, vocab_size=1024, n_heads=1, n_kv_heads=1),
-        VisionConfig(enc_dim=32, enc_n_layers=1, enc_ff_dim=64, enc_n_heads=1, proj_out_dim=64, proj_inner_dim=128,
+        TextConfig(dim=32, ff_dim=64, n_layers=text_layers, vocab_size=1024, n_heads=1, n_kv_heads=1),
+        VisionConfig(enc_dim=32, enc_n_layers=1, enc_ff_dim=64, enc_n_heads=1, proj_out_dim=32, proj_inner_dim=64,
                      crop_size=126, overlap_margin=1),
     )
 

@@ -56,9 +56,9 @@ class TracingEngine(MoondreamEngine):
             self._trace(batch, index, raw[k], first=True)
 
     def _decode(self, batch, length):
-        s, p, n = self.state, self.pools, batch.slots
+        s, p, n = self.state, self.pools, batch.lanes * batch.rows
         logits = step.decode_logits(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, s, slots=n,
-                                    group=batch.group, length=length, prefix_len=self.prefix_len, matmul=self.matmul)
+                                    lanes=batch.lanes, length=length, prefix_len=self.prefix_len, matmul=self.matmul)
         raw = logits.float().cpu()
         before = [t[:n].clone() for t in (s.active, s.produced, s.pos, s.tokens, s.hit_cap)]
         step.advance(s, logits, n)

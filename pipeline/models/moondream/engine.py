@@ -4,7 +4,7 @@ One ``generate`` call takes many images, each with its own list of prompts (capt
 1. encodes the crops of all images together (chunked by ``vision_batch_crops``);
 2. admits images into free rows of the prefix pool (kv.py: allocated once, one row per image in flight,
    ``max_sequences // G`` rows for G prompts per image): their prefixes (BOS + 729 image tokens) are
-   prefilled together, and all their prompts together into the image's G suffix slots;
+   prefilled together, and all their prompts together into the image's suffix slots (one per lane);
 3. decodes every slot in one fixed-shape step (step.py): tokens, positions, caps and the active mask stay
    on the device, the stopping rule is applied there, nothing is copied or compacted;
 4. looks at the device once every ``harvest_every`` steps (the only host syncs of the decode loop): finished
@@ -179,8 +179,9 @@ class MoondreamEngine:
 
     def _decode(self, batch: "_Batch", length: int) -> None:
         p = self.pools
-        self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, slots=batch.slots,
-                   group=batch.group, length=length, prefix_len=self.prefix_len, matmul=self.matmul)
+        self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state,
+                   slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
+                   matmul=self.matmul)
 
     def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,
                       yes_no: list[bool]) -> None:
@@ -217,12 +218,13 @@ class _Batch:
         self.requests = requests
         self.results = results
         live = [r for r in requests if r]
-        self.group = max(len(r) for r in live)  # G: suffix slots per image row
+        self.group = max(len(r) for r in live)  # G: lanes (suffix slots per image row)
         # Rows: what the caps allow, or fewer for a small call (a power of two, so that a compiled step sees
         # few distinct shapes).
         cap = max(1, min(engine.max_images, engine.max_sequences // self.group))
         self.rows = min(cap, 1 << (len(live) - 1).bit_length())
-        self.slots = self.rows * self.group
+        self.slots = self.rows * self.group  # slot j * rows + r: request j of the image in row r
+        self.lanes = self.group  # lanes the next steps run: all, or only lane 0 once no other is live
         self.row_image: list[int | None] = [None] * self.rows
         self.slot: list[Slot | None] = [None] * self.slots
         room = engine.room()
@@ -231,9 +233,9 @@ class _Batch:
         longest = max(len(r.prompt) + lim for per_image, lims in zip(requests, self.limits)
                       for r, lim in zip(per_image, lims))
         self.length_cap = bucket(longest, room)
-        out_width = max(lim for lims in self.limits for lim in lims) + 1
+        self.out_width = max(lim for lims in self.limits for lim in lims) + 1
         first = min(self.length_cap, bucket(self.prompt_width + engine.harvest_every, room))
-        engine._reserve(self.rows, self.slots, first, out_width)
+        engine._reserve(self.rows, self.slots, first, self.out_width)
 
     # -------------------------------------------------------------- loop
 
@@ -243,6 +245,7 @@ class _Batch:
             self.admit(pending)
             if all(image is None for image in self.row_image):
                 return
+            self.lanes = self.group if any(self.slot[self.rows :]) else 1
             needed = max(min(s.bound + e.harvest_every, s.prompt_len + s.limit) for s in self.slot if s)
             length = bucket(needed, self.length_cap)
             e.pools.grow_suffix(length)
@@ -274,16 +277,16 @@ class _Batch:
         for row, image in zip(rows, images):
             self.row_image[row] = image
 
-        # Prompts: G slots per image (an image with fewer prompts leaves the rest empty), prefilled together,
+        # Prompts: one slot per lane (an image with fewer prompts leaves the rest empty), prefilled together,
         # right-padded to the longest prompt of the call; keys/values go straight into the image's slots.
         width, n = self.prompt_width, len(rows) * g
         tokens, lengths, limits, real, yes_no, where = [], [], [], [], [], []
-        for row, image in zip(rows, images):
-            for j in range(g):
-                where.append(row * g + j)
+        for j in range(g):  # request-major, like the pool: the prefill's attention groups the same way
+            for row, image in zip(rows, images):
+                where.append(j * self.rows + row)
                 if j < len(self.requests[image]):
                     r, limit = self.requests[image][j], self.limits[image][j]
-                    self.slot[row * g + j] = Slot(image, j, len(r.prompt), limit, bound=len(r.prompt))
+                    self.slot[j * self.rows + row] = Slot(image, j, len(r.prompt), limit, bound=len(r.prompt))
                     prompt = list(r.prompt)
                 else:
                     r, limit, prompt = None, 1, [EOS_ID]
@@ -312,23 +315,23 @@ class _Batch:
                         torch.tensor(limits, device=device), lengths_t, yes_no)
 
     def harvest(self) -> None:
-        """The decode loop's one look at the device: read out sequences that stopped, free their rows."""
-        e, s = self.e, self.e.state
-        n = self.slots
-        active, produced, hit_cap = torch.stack([s.active[:n].long(), s.produced[:n], s.hit_cap[:n].long()]).tolist()
-        done = [k for k, slot in enumerate(self.slot) if slot and not active[k]]
-        if not done:
-            return
-        index = torch.tensor(done, device=e.device)
-        longest = max(produced[k] for k in done)
-        ids = s.out[index, :longest].tolist()
-        yes_probs = s.yes_prob[index].tolist()
-        for k, row_ids, yes_prob in zip(done, ids, yes_probs):
-            slot = self.slot[k]
+        """The decode loop's one look at the device (one transfer): which slots stopped, their ids, cap flags
+        and yes-probabilities; rows whose sequences all stopped are freed."""
+        s, n, width = self.e.state, self.slots, self.out_width
+        bits = s.yes_prob[:n].view(torch.int32).long()  # float32 carried bit for bit in the same transfer
+        flat = torch.cat([s.active[:n].long(), s.produced[:n], s.hit_cap[:n].long(), bits,
+                          s.out[:n, :width].reshape(-1)]).cpu().numpy()
+        active, produced, hit_cap = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
+        yes_probs = flat[3 * n : 4 * n].astype(np.int32).view(np.float32)
+        ids = flat[4 * n :].reshape(n, width)
+        for k, slot in enumerate(self.slot):
+            if slot is None or active[k]:
+                continue
+            yes_prob = float(yes_probs[k])
             self.results[slot.image][slot.index] = Generation(
-                tuple(row_ids[: produced[k]]), bool(hit_cap[k]), None if yes_prob != yes_prob else yes_prob
+                tuple(int(t) for t in ids[k, : produced[k]]), bool(hit_cap[k]), None if np.isnan(yes_prob) else yes_prob
             )
             self.slot[k] = None
         for row in range(self.rows):
-            if self.row_image[row] is not None and not any(self.slot[row * self.group : (row + 1) * self.group]):
+            if self.row_image[row] is not None and not any(self.slot[row :: self.rows]):
                 self.row_image[row] = None

@@ -1,10 +1,12 @@
 """The fixed-shape decode step: every slot steps every time, everything it needs stays on the device.
 
-Slots are laid out image-major: image row r of the prefix pool owns suffix slots r*G .. r*G+G-1 (G =
-prompts per image), so a prefix is attended by its G queries in one matmul, read once per step and
-never copied per prompt, with no index tensors. A step runs all N slots (finished or empty ones too:
-their results are masked, which keeps the shapes fixed) against a suffix of static length L (the
-pool's first L positions, a bucket of the longest live sequence, see kv.bucket).
+Slots are laid out request-major in lanes: slot j*M + r holds request j (lane j) of the image in prefix
+row r (M rows), so an image's queries are scored against its prefix in one matmul, the prefix read once
+per step and never copied per prompt, with no index tensors. A step runs the first ``lanes`` lanes, all
+their slots (finished or empty ones too: their results are masked, which keeps the shapes fixed),
+against a suffix of static length L (the pool's first L positions, a bucket of the longest live
+sequence, see kv.bucket). The engine runs every lane while any probe is live and lane 0 alone (the
+captions) once they have all stopped: two shapes, and a long caption does not drag idle probe slots.
 
 Stopping rule (reference ``_generate_answer``), applied on the device: the first token is the argmax
 of the prompt's last logits; a token equal to EOS ends the sequence and is not emitted; after
@@ -50,30 +52,31 @@ class SlotState:
         return [self.tokens, self.pos, self.produced, self.limit, self.active, self.hit_cap, self.out, self.yes_prob]
 
 
-def image_major_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_visible, group: int, matmul: str):
-    """Attention of N = M*G slots over their image's prefix plus their own suffix, one float32 softmax.
+def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_visible, lanes: int, matmul: str):
+    """Attention of N = lanes*M slots over their image's prefix plus their own suffix, one float32 softmax.
 
-    q (N, H, Q, d); prefix_k/v (M, H, P, d); suffix_k/v (N, H, T, d); suffix_visible (N or 1, 1, Q, T) bool.
-    Returns (N, H, Q, d) in q's dtype."""
+    Slots are request-major: slot j*M + r is request j of the image in prefix row r, so the lanes queries
+    of an image are scored against its prefix row in one matmul. q (N, H, Q, d); prefix_k/v (M, H, P, d);
+    suffix_k/v (N, H, T, d); suffix_visible (N or 1, 1, Q, T) bool. Returns (N, H, Q, d) in q's dtype."""
     n, heads, n_q, head_dim = q.shape
-    m, prefix_len = n // group, prefix_k.shape[2]
-    grouped = q.view(m, group, heads, n_q, head_dim).transpose(1, 2).reshape(m, heads, group * n_q, head_dim)
+    m, prefix_len = n // lanes, prefix_k.shape[2]
+    grouped = q.view(lanes, m, heads, n_q, head_dim).permute(1, 2, 0, 3, 4).reshape(m, heads, lanes * n_q, head_dim)
     prefix_scores = fp32_matmul(matmul, grouped, prefix_k.transpose(-1, -2))
-    prefix_scores = prefix_scores.view(m, heads, group, n_q, prefix_len).transpose(1, 2)
+    prefix_scores = prefix_scores.view(m, heads, lanes, n_q, prefix_len).permute(2, 0, 1, 3, 4)
     prefix_scores = prefix_scores.reshape(n, heads, n_q, prefix_len)
     suffix_scores = fp32_matmul(matmul, q, suffix_k.transpose(-1, -2)).masked_fill(~suffix_visible, float("-inf"))
     probs = torch.softmax(torch.cat([prefix_scores, suffix_scores], dim=-1) * (1.0 / math.sqrt(head_dim)), dim=-1)
     prefix_probs, suffix_probs = probs[..., :prefix_len], probs[..., prefix_len:]
-    prefix_probs = prefix_probs.reshape(m, group, heads, n_q, prefix_len).transpose(1, 2)
-    prefix_out = fp32_matmul(matmul, prefix_probs.reshape(m, heads, group * n_q, prefix_len), prefix_v)
-    prefix_out = prefix_out.view(m, heads, group, n_q, head_dim).transpose(1, 2).reshape(n, heads, n_q, head_dim)
+    prefix_probs = prefix_probs.reshape(lanes, m, heads, n_q, prefix_len).permute(1, 2, 0, 3, 4)
+    prefix_out = fp32_matmul(matmul, prefix_probs.reshape(m, heads, lanes * n_q, prefix_len), prefix_v)
+    prefix_out = prefix_out.view(m, heads, lanes, n_q, head_dim).permute(2, 0, 1, 3, 4).reshape(n, heads, n_q, head_dim)
     return (prefix_out + fp32_matmul(matmul, suffix_probs, suffix_v)).to(q.dtype)
 
 
 Writer = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, visible, group: int, matmul: str):
+def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, visible, lanes: int, matmul: str):
     """(N, Q) suffix tokens at absolute ``positions`` through the decoder -> (N, Q, dim) hidden states.
     ``write(layer, k, v)`` stores the new keys/values and returns the suffix keys/values to attend to;
     prefix_k/v: per layer (M, H, P, d)."""
@@ -83,16 +86,16 @@ def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Wr
         h = block.ln(x)
         q, k, v = block.attn.qkv_heads(h, cos, sin)
         suffix_k, suffix_v = write(i, k, v)
-        out = image_major_attention(q, prefix_k[i], prefix_v[i], suffix_k, suffix_v, visible, group, matmul)
+        out = shared_prefix_attention(q, prefix_k[i], prefix_v[i], suffix_k, suffix_v, visible, lanes, matmul)
         x = x + block.attn.merge(out) + block.mlp(h)
     return x
 
 
 def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, *, slots: int,
-                  group: int, length: int, prefix_len: int, matmul: str) -> torch.Tensor:
+                  lanes: int, length: int, prefix_len: int, matmul: str) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
-    (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` suffix rows, the
-    first ``slots // group`` prefix rows and the first ``length`` suffix positions take part."""
+    (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` = lanes * M suffix
+    slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part."""
     pos = state.pos[:slots]
     rows = torch.arange(slots, device=pos.device)
 
@@ -103,9 +106,9 @@ def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state
         return keys[:slots, :, :length], values[:slots, :, :length]
 
     visible = (torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)).view(slots, 1, 1, length)
-    m = slots // group
+    m = slots // lanes
     hidden = run_suffix(text, state.tokens[:slots].view(slots, 1), (prefix_len + pos).view(slots, 1),
-                        [k[:m] for k in prefix_k], [v[:m] for v in prefix_v], write, visible, group, matmul)
+                        [k[:m] for k in prefix_k], [v[:m] for v in prefix_v], write, visible, lanes, matmul)
     return text.logits(hidden[:, -1])
 
 
@@ -129,9 +132,9 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
 
 
 def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, *, slots: int,
-                group: int, length: int, prefix_len: int, matmul: str) -> None:
+                lanes: int, length: int, prefix_len: int, matmul: str) -> None:
     """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
-    logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, slots=slots, group=group,
+    logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, slots=slots, lanes=lanes,
                            length=length, prefix_len=prefix_len, matmul=matmul)
     advance(state, logits, slots)
 
