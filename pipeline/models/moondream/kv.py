@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-MIN_BUCKET = 64  # fewer distinct lengths (compiled variants); reading 64 suffix positions costs little next to a 730-token prefix
+MIN_BUCKET = 32
 
 
 def bucket(needed: int, cap: int) -> int:
