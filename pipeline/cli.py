@@ -98,7 +98,7 @@ def main() -> None:
 @click.option("--batch-size", type=int, help=f"Images per captioning batch. {default_note('caption.batch_size')}")
 @click.option("--max-crops", type=click.IntRange(1, 12), help=f"Moondream: local crops per image, fewer is faster on large images. {_max_crops_default_note()}")
 @click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help=f"Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. {default_note('caption.dtype')}")
-@click.option("--compile", "compile_model", is_flag=True, default=None, help="Moondream: torch.compile the decoder (slower start, faster on long GPU runs).")
+@click.option("--compile", "compile_model", is_flag=True, default=None, help="Moondream: torch.compile the decode step (fullgraph; CUDA graphs on a GPU), the vision encoder and the prefix prefill (slower start, faster on long GPU runs).")
 @click.option("--embed-batch-size", type=int, help=f"Images per embedding batch. {default_note('embed.batch_size')}")
 @device_option("Where models run; auto picks CUDA when the cluster has GPUs.")
 @click.option("--address", help="Address of a running Ray cluster (ray start --head). [default: start an embedded local Ray]")

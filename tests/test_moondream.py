@@ -25,6 +25,7 @@ from pipeline.models.moondream.tokenizer import MoondreamTokenizer
 from pipeline.models.moondream.vision import normalise_crops
 from pipeline.models.moondream.weights import load_model
 from tests.fixtures.moondream_cache import CHECKPOINT_DIR, FIXTURE_DIR, PARITY_IMAGE, tokenizer_bytes
+from tests.moondream_harness import Traced, TracingEngine
 
 LENGTHS = ("short", "normal", "long")
 
@@ -172,9 +173,9 @@ def test_fp32_greedy_ids_equal_reference(fp32_model, parity_crops, tokenizer):
     fed-back run still checks every step of that sequence."""
     ref, _ = _reference("fp32")
     pairs = _reference_requests(ref, tokenizer)
-    forced = [Request(r.prompt, r.max_tokens, forced_ids=tuple(e["ids"]), record_logits=True) for e, r in pairs]
+    forced = [Traced(r, forced_ids=tuple(e["ids"])) for e, r in pairs]
     # All five prompts of the image in one call: shared prefix, one decode loop.
-    (generations,) = MoondreamEngine(fp32_model).generate([parity_crops], [[r for _, r in pairs] + forced])
+    (generations,) = TracingEngine(fp32_model).generate([parity_crops], [[r for _, r in pairs] + forced])
     free, fed_back = generations[: len(pairs)], generations[len(pairs):]
     for (expected, _), got, fed in zip(pairs, free, fed_back):
         where = expected.get("question", "caption")
@@ -252,8 +253,8 @@ def test_bf16_step_by_step_with_reference_tokens_fed_back(parity_crops, tokenize
     _, fp32_tensors = _reference("fp32")
     model = _model(torch.bfloat16)
     pairs = _reference_requests(ref, tokenizer)
-    forced = [Request(r.prompt, r.max_tokens, forced_ids=tuple(e["ids"]), record_logits=True) for e, r in pairs]
-    (generations,) = MoondreamEngine(model).generate([parity_crops], [forced])
+    forced = [Traced(r, forced_ids=tuple(e["ids"])) for e, r in pairs]
+    (generations,) = TracingEngine(model).generate([parity_crops], [forced])
     with torch.inference_mode():
         embeddings = MoondreamEngine(model).embed_images([parity_crops])
     assert embeddings.dtype == torch.bfloat16
@@ -334,10 +335,9 @@ def test_yes_probability_is_taken_from_the_first_step_logits(fp32_model, parity_
     yes = tokenizer.single_token_ids(["Yes", "yes", " Yes", " yes"])
     no = tokenizer.single_token_ids(["No", "no", " No", " no"])
     assert yes and no
-    engine = MoondreamEngine(fp32_model, yes_ids=yes, no_ids=no)
+    engine = TracingEngine(fp32_model, yes_ids=yes, no_ids=no)
     prompt = QUERY_PREFIX + tuple(tokenizer.encode("Is there a person in the image?")) + QUERY_SUFFIX
-    (gens,) = engine.generate([parity_crops], [[Request(prompt, 2, yes_no=True, record_logits=True),
-                                                 Request(prompt, 2)]])
+    (gens,) = engine.generate([parity_crops], [[Traced(Request(prompt, 2, yes_no=True)), Request(prompt, 2)]])
     probs = torch.softmax(gens[0].logits[0], -1)
     expected = probs[list(yes)].sum() / (probs[list(yes)].sum() + probs[list(no)].sum())
     assert gens[0].yes_prob == pytest.approx(float(expected), rel=1e-5)

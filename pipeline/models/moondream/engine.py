@@ -1,41 +1,36 @@
-"""Batched, prefix-shared greedy generation for Moondream 2.
+"""Batched, prefix-shared greedy generation for Moondream 2, with static memory and a fixed-shape step.
 
-One ``generate`` call takes many images, each with its own list of prompts
-(caption and probes), and:
+One ``generate`` call takes many images, each with its own list of prompts (caption and probes), and:
 1. encodes the crops of all images together (chunked by ``vision_batch_crops``);
-2. admits images while the sequence cap allows: their prefixes (BOS + 729 image
-   tokens) are prefilled together into a prefix pool, one row per image, and
-   all their prompts are prefilled together into a suffix pool, one row per
-   sequence;
-3. decodes every live sequence of every admitted image in one step, each
-   attending to its image's prefix row (shared, never copied per prompt) and
-   its own suffix row;
-4. retires a sequence as soon as it stops (EOS, or its token cap, by the
-   reference's rule) and an image when its last sequence stops, compacting the
-   pools by moving the last live rows into the holes; freed capacity admits the
+2. admits images into free rows of the prefix pool (kv.py: allocated once, one row per image in flight,
+   ``max_sequences // G`` rows for G prompts per image): their prefixes (BOS + 729 image tokens) are
+   prefilled together, and all their prompts together into the image's suffix slots (one per lane);
+3. decodes every slot in one fixed-shape step (step.py): tokens, positions, caps and the active mask stay
+   on the device, the stopping rule is applied there, nothing is copied or compacted;
+4. looks at the device once every ``harvest_every`` steps (the only host syncs of the decode loop): finished
+   sequences are read out, an image row whose sequences have all stopped is free, and free rows admit the
    next images, so the batch stays full while long captions finish.
-Memory is bounded by ``max_sequences`` (suffix rows) and ``max_images``
-(prefix rows); both pools grow on demand up to those caps.
 
-Stopping rule (reference ``_generate_answer``): the first token is the argmax of
-the prompt's last logits; a token equal to EOS ends the sequence and is not
-emitted; after ``max_tokens`` emitted tokens the next token is computed and, if
-it is not EOS, the sequence is marked as having hit its cap. From the second
-step on, the answer token id (3) is masked out before the argmax.
+``compile=True`` compiles the decode step with ``fullgraph=True`` (on CUDA ``mode="reduce-overhead"``:
+CUDA graphs), plus, as before, the vision encoder and the prefix prefill (dynamic shapes). The prompt
+prefill stays eager (once per admission, not per token).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from pipeline.models.moondream.config import ANSWER_ID, BOS_ID, EOS_ID
+from pipeline.models.moondream import step
+from pipeline.models.moondream.config import BOS_ID, EOS_ID
+from pipeline.models.moondream.kv import KVPools, bucket
 from pipeline.models.moondream.model import MoondreamModel
 from pipeline.models.moondream.preprocess import MoondreamCrops
+from pipeline.models.moondream.text import fp32_matmul_kind
 from pipeline.models.moondream.vision import normalise_crops
 
 DEFAULT_MAX_SEQUENCES = 64
@@ -43,6 +38,9 @@ DEFAULT_MAX_SEQUENCES = 64
 # per pass) measured slower per crop than passes of 8.
 DEFAULT_VISION_BATCH_CROPS = {"cuda": 64, "cpu": 8}
 PREFIX_PREFILL_IMAGES = 8  # images per prefix prefill pass (bounds activation memory)
+# Decode steps between two looks at the device (harvest finished sequences, admit images). Each look is
+# a host sync; a sequence that stops waits up to this many steps in its slot. See bench/moondream.py.
+DEFAULT_HARVEST_EVERY = {"cuda": 8, "cpu": 4}
 
 
 @dataclass(frozen=True)
@@ -52,9 +50,6 @@ class Request:
     prompt: tuple[int, ...]
     max_tokens: int
     yes_no: bool = False  # compute the probability of "yes" at the first step
-    # Test/diagnostic only: feed these ids instead of the argmax (teacher forcing) and stop after them.
-    forced_ids: tuple[int, ...] | None = None
-    record_logits: bool = False  # keep every step's raw logits (float32, CPU)
 
 
 @dataclass(frozen=True)
@@ -62,65 +57,17 @@ class Generation:
     ids: tuple[int, ...]
     hit_cap: bool
     yes_prob: float | None = None
-    logits: torch.Tensor | None = None  # (steps, vocab) when Request.record_logits
 
 
 @dataclass
-class _Sequence:
+class Slot:
+    """Host-side record of a suffix slot's sequence (its tensors live in SlotState)."""
+
     image: int  # index of the image in the generate() call
     index: int  # index of the request among the image's requests
-    request: Request
-    limit: int = 0  # max_tokens, lowered where the context window would overflow
-    filled: int = 0  # suffix cache slots holding keys/values
-    ids: list[int] = field(default_factory=list)
-    pending: int | None = None  # emitted token not yet fed back
-    done: bool = False
-    hit_cap: bool = False
-    yes_prob: float | None = None
-    logits: list[torch.Tensor] = field(default_factory=list)
-
-
-class _KVPool:
-    """Per-layer key/value rows (rows, heads, length, head_dim); the live rows are packed at the front.
-    Capacity grows by doubling, up to ``max_rows`` rows; the length grows the same way."""
-
-    def __init__(self, n_layers: int, heads: int, head_dim: int, dtype, device, max_rows: int):
-        self.shape = (heads, head_dim)
-        self.dtype, self.device = dtype, device
-        self.max_rows = max_rows
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.n_layers = n_layers
-        self.rows = 0
-        self.length = 0
-
-    def ensure(self, rows: int, length: int, keep_length: int) -> None:
-        if rows <= self.rows and length <= self.length:
-            return
-        # Never fewer rows than asked for (an image with more prompts than the cap still runs alone).
-        new_rows = self.rows if rows <= self.rows else max(rows, min(self.max_rows, 2 * self.rows))
-        new_length = self.length if length <= self.length else max(length, 2 * self.length)
-        heads, head_dim = self.shape
-        for store in (self.k, self.v):
-            for i in range(self.n_layers):
-                # Zeros, not empty: masked slots get probability 0, and 0 * NaN garbage would still be NaN.
-                fresh = torch.zeros(new_rows, heads, new_length, head_dim, dtype=self.dtype, device=self.device)
-                if self.rows and keep_length:
-                    fresh[: self.rows, :, :keep_length] = store[i][:, :, :keep_length]
-                if self.rows:
-                    store[i] = fresh
-                else:
-                    store.append(fresh)
-        self.rows, self.length = new_rows, new_length
-
-    def move(self, sources: list[int], targets: list[int], length: int) -> None:
-        if not sources:
-            return
-        src = torch.tensor(sources, device=self.device)
-        dst = torch.tensor(targets, device=self.device)
-        for store in (self.k, self.v):
-            for layer in store:
-                layer[dst, :, :length] = layer[src, :, :length]
+    prompt_len: int
+    limit: int  # max_tokens, lowered where the context window would overflow
+    bound: int  # an upper bound of the suffix positions it has written (host arithmetic, no sync)
 
 
 class MoondreamEngine:
@@ -134,30 +81,37 @@ class MoondreamEngine:
         yes_ids: Sequence[int] = (),
         no_ids: Sequence[int] = (),
         compile: bool = False,
+        harvest_every: int | None = None,
     ):
         self.model = model
         self.config = model.config
         self.device = model.text.wte.device
         if vision_batch_crops is None:
             vision_batch_crops = DEFAULT_VISION_BATCH_CROPS.get(self.device.type, 8)
-        if max_sequences < 1 or vision_batch_crops < 1:
-            raise ValueError("max_sequences and vision_batch_crops must be at least 1")
+        self.harvest_every = harvest_every or DEFAULT_HARVEST_EVERY.get(self.device.type, 4)
+        if max_sequences < 1 or vision_batch_crops < 1 or self.harvest_every < 1:
+            raise ValueError("max_sequences, vision_batch_crops and harvest_every must be at least 1")
         self.dtype = model.text.wte.dtype
         self.max_sequences = max_sequences
         self.max_images = max_images or max_sequences
         self.vision_batch_crops = vision_batch_crops
-        self.yes_ids, self.no_ids = list(yes_ids), list(no_ids)
+        self.yes_ids = torch.tensor(list(yes_ids), dtype=torch.long, device=self.device)
+        self.no_ids = torch.tensor(list(no_ids), dtype=torch.long, device=self.device)
         t = self.config.text
         self.prefix_len = self.config.prefix_len
-        self._prefix = _KVPool(t.n_layers, t.n_kv_heads, t.head_dim, self.dtype, self.device, self.max_images)
-        self._suffix = _KVPool(t.n_layers, t.n_kv_heads, t.head_dim, self.dtype, self.device, max_sequences)
+        self.matmul = fp32_matmul_kind(self.dtype, self.device)
+        self.pools = KVPools(t.n_layers, t.n_kv_heads, t.head_dim, self.prefix_len, self.dtype, self.device,
+                             static=compile)
+        self.state: step.SlotState | None = None
+        self.compiled = compile
         self._encode_crops = model.vision.encode
         self._prefill_prefix = model.text.prefill_prefix
+        self._step = step.decode_step
         if compile:
-            # Shapes vary with crop and image counts; the decode step stays eager (its Python
-            # bookkeeping would break the graph every step).
             self._encode_crops = torch.compile(model.vision.encode, dynamic=True)
             self._prefill_prefix = torch.compile(model.text.prefill_prefix, dynamic=True)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(step.decode_step, fullgraph=True, mode=mode)
 
     # ------------------------------------------------------------------ vision
 
@@ -195,6 +149,10 @@ class MoondreamEngine:
         bos = text.embed(torch.tensor([BOS_ID], device=self.device)).expand(embeddings.shape[0], 1, -1)
         return self._prefill_prefix(torch.cat([bos, embeddings], dim=1))
 
+    def room(self) -> int:
+        """Suffix positions the context window leaves after the image prefix."""
+        return self.config.text.max_context - self.prefix_len
+
     @torch.inference_mode()
     def generate(
         self, images: Sequence[MoondreamCrops], requests: Sequence[Sequence[Request]]
@@ -202,7 +160,7 @@ class MoondreamEngine:
         """For each image, one Generation per request, in order."""
         if len(images) != len(requests):
             raise ValueError(f"{len(images)} images but {len(requests)} request lists")
-        room = self.config.text.max_context - self.prefix_len
+        room = self.room()
         for per_image in requests:
             for r in per_image:
                 if r.max_tokens < 1 or not r.prompt or len(r.prompt) >= room:
@@ -212,207 +170,168 @@ class MoondreamEngine:
         if not todo:
             return results  # type: ignore[return-value]
         embeddings = self.embed_images([images[i] for i in todo])
-        run = _Run(self, {image: embeddings[row] for row, image in enumerate(todo)}, requests, results)
-        run.until_done(deque(todo))
+        batch = _Batch(self, {image: embeddings[row] for row, image in enumerate(todo)}, requests, results)
+        batch.until_done(deque(todo))
         return results  # type: ignore[return-value]
 
-    # ------------------------------------------------------------------ helpers used by _Run
+    # ------------------------------------------------------------------ the step and the first token
+    # (a test harness overrides these two to record logits and force tokens; production runs them as is)
 
-    def first_step_yes_prob(self, logits: torch.Tensor) -> torch.Tensor | None:
-        if not self.yes_ids or not self.no_ids:
-            return None
-        probs = torch.softmax(logits.float(), dim=-1)
-        yes = probs[:, self.yes_ids].sum(-1)
-        no = probs[:, self.no_ids].sum(-1)
-        return yes / (yes + no).clamp_min(torch.finfo(torch.float32).tiny)
+    def _decode(self, batch: "_Batch", length: int) -> None:
+        p = self.pools
+        self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state,
+                   slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
+                   matmul=self.matmul)
+
+    def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,
+                      yes_no: list[bool]) -> None:
+        step.accept_first(self.state, where, logits, real, limits, lengths)
+        if self.yes_ids.numel() and self.no_ids.numel() and any(yes_no):
+            yes_no = torch.tensor(yes_no, device=self.device)
+            probs = torch.softmax(logits.float(), dim=-1)
+            yes, no = probs[:, self.yes_ids].sum(-1), probs[:, self.no_ids].sum(-1)
+            p = yes / (yes + no).clamp_min(torch.finfo(torch.float32).tiny)
+            self.state.yes_prob[where] = torch.where(yes_no, p, torch.full_like(p, float("nan")))
+        else:
+            self.state.yes_prob[where] = float("nan")
+
+    def _reserve(self, images: int, slots: int, length: int, width: int) -> None:
+        self.pools.reserve(images, slots, length)
+        s = self.state
+        if s is None or s.out.shape[0] < slots or s.out.shape[1] < width:
+            self.state = step.SlotState.allocate(max(slots, 0 if s is None else s.out.shape[0]),
+                                                 max(width, 0 if s is None else s.out.shape[1]), self.device)
+            if self.compiled:
+                for t in self.state.tensors():
+                    torch._dynamo.mark_static_address(t)
+        # Whatever an interrupted call left behind: no slot is live, every position in range.
+        self.state.active.zero_()
+        self.state.pos.zero_()
 
 
-class _Run:
-    """State of one generate() call: which images and sequences are live, in which pool rows."""
+class _Batch:
+    """One generate() call: which image holds which prefix row, which sequence which slot."""
 
     def __init__(self, engine: MoondreamEngine, embeddings, requests, results):
         self.e = engine
         self.embeddings = embeddings
         self.requests = requests
         self.results = results
-        self.seqs: list[_Sequence] = []  # suffix pool row -> sequence
-        self.images: list[int] = []  # prefix pool row -> image
-        self._layout: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        live = [r for r in requests if r]
+        self.group = max(len(r) for r in live)  # G: lanes (suffix slots per image row)
+        # Rows: what the caps allow, or fewer for a small call (a power of two, so that a compiled step sees
+        # few distinct shapes).
+        cap = max(1, min(engine.max_images, engine.max_sequences // self.group))
+        self.rows = min(cap, 1 << (len(live) - 1).bit_length())
+        self.slots = self.rows * self.group  # slot j * rows + r: request j of the image in row r
+        self.lanes = self.group  # lanes the next steps run: all, or only lane 0 once no other is live
+        self.row_image: list[int | None] = [None] * self.rows
+        self.slot: list[Slot | None] = [None] * self.slots
+        room = engine.room()
+        self.limits = [[min(r.max_tokens, room - len(r.prompt)) for r in per_image] for per_image in requests]
+        self.prompt_width = max(len(r.prompt) for per_image in live for r in per_image)
+        longest = max(len(r.prompt) + lim for per_image, lims in zip(requests, self.limits)
+                      for r, lim in zip(per_image, lims))
+        self.length_cap = bucket(longest, room)
+        self.out_width = max(lim for lims in self.limits for lim in lims) + 1
+        first = min(self.length_cap, bucket(self.prompt_width + engine.harvest_every, room))
+        engine._reserve(self.rows, self.slots, first, self.out_width)
 
     # -------------------------------------------------------------- loop
 
     def until_done(self, pending: deque) -> None:
-        while pending or self.seqs:
+        e = self.e
+        while True:
             self.admit(pending)
-            self.retire()
-            if self.seqs:
-                self.decode_step()
-                self.retire()
+            if all(image is None for image in self.row_image):
+                return
+            self.lanes = self.group if any(self.slot[self.rows :]) else 1
+            needed = max(min(s.bound + e.harvest_every, s.prompt_len + s.limit) for s in self.slot if s)
+            length = bucket(needed, self.length_cap)
+            e.pools.grow_suffix(length)
+            for _ in range(e.harvest_every):
+                e._decode(self, length)
+            for s in self.slot:
+                if s:
+                    s.bound = min(s.bound + e.harvest_every, s.prompt_len + s.limit)
+            self.harvest()
 
     def admit(self, pending: deque) -> None:
-        e = self.e
-        free = e.max_sequences - len(self.seqs)
-        waiting = sum(len(self.requests[i]) for i in pending)
+        free = [row for row, image in enumerate(self.row_image) if image is None]
         # Admit in batches (a prefill of one image at a time would waste the accelerator), but never
         # leave the decoder idle.
-        if not pending or (self.seqs and free < min(waiting, max(1, e.max_sequences // 4))):
+        busy = len(free) < self.rows
+        if not pending or not free or (busy and len(free) < min(len(pending), max(1, self.rows // 4))):
             return
-        batch: list[int] = []
-        while pending and len(self.images) + len(batch) < e.max_images:
-            need = len(self.requests[pending[0]])
-            if need > free and (self.seqs or batch):
-                break
-            batch.append(pending.popleft())
-            free -= need
-        for start in range(0, len(batch), PREFIX_PREFILL_IMAGES):
-            self._admit_images(batch[start : start + PREFIX_PREFILL_IMAGES])
+        chosen = free[: len(pending)]
+        for start in range(0, len(chosen), PREFIX_PREFILL_IMAGES):
+            rows = chosen[start : start + PREFIX_PREFILL_IMAGES]
+            self._admit_images(rows, [pending.popleft() for _ in rows])
 
-    def _admit_images(self, batch: list[int]) -> None:
-        e, text = self.e, self.e.model.text
-        # Prefixes: one pool row per image.
-        caches = e.prefix_caches(torch.stack([self.embeddings.pop(i) for i in batch]))
-        first_image_row = len(self.images)
-        e._prefix.ensure(first_image_row + len(batch), e.prefix_len, keep_length=e.prefix_len)
-        for layer, (k, v) in enumerate(caches):
-            e._prefix.k[layer][first_image_row : first_image_row + len(batch)] = k
-            e._prefix.v[layer][first_image_row : first_image_row + len(batch)] = v
-        self.images.extend(batch)
+    def _admit_images(self, rows: list[int], images: list[int]) -> None:
+        e, text, g = self.e, self.e.model.text, self.group
+        device = e.device
+        caches = e.prefix_caches(torch.stack([self.embeddings.pop(i) for i in images]))
+        row_index = torch.tensor(rows, device=device)
+        e.pools.write_prefix(row_index, caches)
+        for row, image in zip(rows, images):
+            self.row_image[row] = image
+
+        # Prompts: one slot per lane (an image with fewer prompts leaves the rest empty), prefilled together,
+        # right-padded to the longest prompt of the call; keys/values go straight into the image's slots.
+        width, n = self.prompt_width, len(rows) * g
+        tokens, lengths, limits, real, yes_no, where = [], [], [], [], [], []
+        for j in range(g):  # request-major, like the pool: the prefill's attention groups the same way
+            for row, image in zip(rows, images):
+                where.append(j * self.rows + row)
+                if j < len(self.requests[image]):
+                    r, limit = self.requests[image][j], self.limits[image][j]
+                    self.slot[j * self.rows + row] = Slot(image, j, len(r.prompt), limit, bound=len(r.prompt))
+                    prompt = list(r.prompt)
+                else:
+                    r, limit, prompt = None, 1, [EOS_ID]
+                tokens.append(prompt + [EOS_ID] * (width - len(prompt)))
+                lengths.append(len(prompt))
+                limits.append(limit)
+                real.append(r is not None)
+                yes_no.append(bool(r and r.yes_no))
+        slot_index = torch.tensor(where, device=device)
+        e.pools.grow_suffix(bucket(width, self.length_cap))
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril().view(1, 1, width, width)
+
+        def write(layer, k, v):
+            e.pools.suffix_k[layer][slot_index, :, :width] = k
+            e.pools.suffix_v[layer][slot_index, :, :width] = v
+            return k, v
+
+        prefix_k, prefix_v = [k for k, _ in caches], [v for _, v in caches]
         del caches
+        positions = (e.prefix_len + torch.arange(width, device=device)).expand(n, width)
+        hidden = step.run_suffix(text, torch.tensor(tokens, device=device), positions, prefix_k, prefix_v, write,
+                                 causal, g, e.matmul)
+        lengths_t = torch.tensor(lengths, device=device)
+        logits = text.logits(hidden[torch.arange(n, device=device), lengths_t - 1])
+        e._first_tokens(self, slot_index, logits, torch.tensor(real, device=device),
+                        torch.tensor(limits, device=device), lengths_t, yes_no)
 
-        # Prompts: one suffix row per sequence, prefilled together (right-padded to the longest).
-        room = e.config.text.max_context - e.prefix_len
-        new = [_Sequence(image, j, r, limit=min(r.max_tokens, room - len(r.prompt)))
-               for image in batch for j, r in enumerate(self.requests[image])]
-        first_row, n = len(self.seqs), len(new)
-        lengths = [len(s.request.prompt) for s in new]
-        width = max(lengths)
-        filled = max([s.filled for s in self.seqs], default=0)
-        e._suffix.ensure(first_row + n, width, keep_length=filled)
-        tokens = torch.tensor([list(s.request.prompt) + [EOS_ID] * (width - len(s.request.prompt)) for s in new],
-                              device=e.device)
-        image_row = {image: first_image_row + k for k, image in enumerate(batch)}
-        row_image = torch.tensor([image_row[s.image] - first_image_row for s in new], device=e.device)
-        row_group = torch.tensor([s.index for s in new], device=e.device)
-        n_groups = max(len(self.requests[i]) for i in batch)
-        positions = (e.prefix_len + torch.arange(width, device=e.device)).expand(n, width)
-        causal = torch.ones(width, width, dtype=torch.bool, device=e.device).tril().view(1, 1, width, width)
-        rows = slice(first_row, first_row + n)
-
-        def write(layer, k, v):
-            e._suffix.k[layer][rows, :, :width] = k
-            e._suffix.v[layer][rows, :, :width] = v
-            return e._suffix.k[layer][rows, :, :width], e._suffix.v[layer][rows, :, :width]
-
-        prefixes = [(pk[first_image_row : first_image_row + len(batch)], pv[first_image_row : first_image_row + len(batch)])
-                    for pk, pv in zip(e._prefix.k, e._prefix.v)]
-        hidden = text.forward_suffix(text.embed(tokens), positions, write, prefixes, row_image, row_group, n_groups,
-                                     causal)
-        last = torch.tensor([length - 1 for length in lengths], device=e.device)
-        logits = text.logits(hidden[torch.arange(n, device=e.device), last])
-        first = logits.argmax(-1).tolist()
-        wants_yes = [k for k, s in enumerate(new) if s.request.yes_no]
-        if wants_yes:
-            probs = e.first_step_yes_prob(logits[wants_yes])
-            for k, p in zip(wants_yes, probs.tolist() if probs is not None else [None] * len(wants_yes)):
-                new[k].yes_prob = p
-        for k, s in enumerate(new):
-            s.filled = lengths[k]
-            self._record(s, logits[k])
-            self._accept(s, first[k])
-        self.seqs.extend(new)
-        self._layout = None
-
-    def decode_step(self) -> None:
-        e, text = self.e, self.e.model.text
-        n = len(self.seqs)
-        slots = torch.tensor([s.filled for s in self.seqs], device=e.device)
-        used = max(s.filled for s in self.seqs) + 1
-        e._suffix.ensure(n, used, keep_length=used - 1)
-        tokens = torch.tensor([[s.pending] for s in self.seqs], device=e.device)
-        rows = torch.arange(n, device=e.device)
-        visible = (torch.arange(used, device=e.device).view(1, used) <= slots.view(n, 1)).view(n, 1, 1, used)
-
-        def write(layer, k, v):
-            e._suffix.k[layer][rows, :, slots] = k[:, :, 0]
-            e._suffix.v[layer][rows, :, slots] = v[:, :, 0]
-            return e._suffix.k[layer][:n, :, :used], e._suffix.v[layer][:n, :, :used]
-
-        row_image, row_group, n_groups = self._decode_layout()
-        m = len(self.images)
-        prefixes = [(pk[:m], pv[:m]) for pk, pv in zip(e._prefix.k, e._prefix.v)]
-        hidden = text.forward_suffix(text.embed(tokens), (e.prefix_len + slots).view(n, 1), write, prefixes,
-                                     row_image, row_group, n_groups, visible)
-        logits = text.logits(hidden[:, -1])
-        for k, s in enumerate(self.seqs):
-            self._record(s, logits[k])
-        logits[:, ANSWER_ID] = float("-inf")
-        for s, token in zip(self.seqs, logits.argmax(-1).tolist()):
-            s.filled += 1
-            self._accept(s, token)
-
-    # -------------------------------------------------------------- bookkeeping
-
-    @staticmethod
-    def _record(s: _Sequence, logits: torch.Tensor) -> None:
-        if s.request.record_logits:
-            s.logits.append(logits.float().cpu())
-
-    @staticmethod
-    def _accept(s: _Sequence, token: int) -> None:
-        forced = s.request.forced_ids
-        if forced is not None:
-            if len(s.ids) >= len(forced):
-                s.done = True
-                return
-            token = forced[len(s.ids)]
-        elif token == EOS_ID:
-            s.done = True
-            return
-        if len(s.ids) >= s.limit:
-            s.done, s.hit_cap = True, True
-            return
-        s.ids.append(token)
-        s.pending = token
-
-    def _decode_layout(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if self._layout is None:
-            image_row = {image: row for row, image in enumerate(self.images)}
-            seen: dict[int, int] = {}
-            groups = []
-            for s in self.seqs:
-                groups.append(seen.get(s.image, 0))
-                seen[s.image] = groups[-1] + 1
-            device = self.e.device
-            self._layout = (
-                torch.tensor([image_row[s.image] for s in self.seqs], device=device),
-                torch.tensor(groups, device=device),
-                max(seen.values()),
+    def harvest(self) -> None:
+        """The decode loop's one look at the device (one transfer): which slots stopped, their ids, cap flags
+        and yes-probabilities; rows whose sequences all stopped are freed."""
+        s, n, width = self.e.state, self.slots, self.out_width
+        bits = s.yes_prob[:n].view(torch.int32).long()  # float32 carried bit for bit in the same transfer
+        flat = torch.cat([s.active[:n].long(), s.produced[:n], s.hit_cap[:n].long(), bits,
+                          s.out[:n, :width].reshape(-1)]).cpu().numpy()
+        active, produced, hit_cap = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
+        yes_probs = flat[3 * n : 4 * n].astype(np.int32).view(np.float32)
+        ids = flat[4 * n :].reshape(n, width)
+        for k, slot in enumerate(self.slot):
+            if slot is None or active[k]:
+                continue
+            yes_prob = float(yes_probs[k])
+            self.results[slot.image][slot.index] = Generation(
+                tuple(int(t) for t in ids[k, : produced[k]]), bool(hit_cap[k]), None if np.isnan(yes_prob) else yes_prob
             )
-        return self._layout
-
-    def retire(self) -> None:
-        dead = [row for row, s in enumerate(self.seqs) if s.done]
-        if not dead:
-            return
-        for row in dead:
-            s = self.seqs[row]
-            logits = torch.stack(s.logits) if s.logits else None
-            self.results[s.image][s.index] = Generation(tuple(s.ids), s.hit_cap, s.yes_prob, logits)
-        used = max(s.filled for s in self.seqs) + 1
-        self.seqs = self._compact(self.seqs, [s.done for s in self.seqs], self.e._suffix, used)
-        live_images = {s.image for s in self.seqs}
-        self.images = self._compact(self.images, [i not in live_images for i in self.images], self.e._prefix,
-                                     self.e.prefix_len)
-        self._layout = None
-
-    @staticmethod
-    def _compact(items: list, dead: list[bool], pool: _KVPool, length: int) -> list:
-        """Drop dead rows: live rows beyond the new end move into the holes (only they are copied)."""
-        n_live = len(items) - sum(dead)
-        holes = [row for row in range(n_live) if dead[row]]
-        movers = [row for row in range(n_live, len(items)) if not dead[row]]
-        pool.move(movers, holes, length)
-        items = list(items)
-        for hole, mover in zip(holes, movers):
-            items[hole] = items[mover]
-        return items[:n_live]
+            self.slot[k] = None
+        for row in range(self.rows):
+            if self.row_image[row] is not None and not any(self.slot[row :: self.rows]):
+                self.row_image[row] = None

@@ -1,4 +1,4 @@
-"""Moondream 2 text decoder (Phi-1.5 style) with an attention that shares image prefixes.
+"""Moondream 2 text decoder (Phi-1.5 style): weights, rotary tables, the image prefix prefill.
 
 Each block is ``x + attn(ln(x)) + mlp(ln(x))`` (one LayerNorm, attention and MLP
 in parallel). Rotary embeddings cover the first 32 dims of each head with the
@@ -6,18 +6,12 @@ NeoX half split (pairs j, j+16); like the reference, the rotated dims are
 stored interleaved (r0, i0, r1, i1, ...) for both q and k, which leaves the
 scores unchanged and keeps our cached keys identical to the reference's.
 
-Sequences attend to two key sets: the prefix of their image (BOS + 729 image
-tokens, computed once per image and stored once) and their own suffix (prompt
-and generated tokens). ``shared_prefix_attention`` scores the queries of all
-sequences of an image against that image's prefix in one batched matmul, so a
-prefix is read once per step however many prompts use it, and is never copied
-per sequence; the two score sets share one softmax.
+The prompts and answers (the suffix) are run by pipeline/models/moondream/step.py,
+which attends to each image's prefix (stored once, shared by all its prompts) and
+to each sequence's own suffix.
 """
 
 from __future__ import annotations
-
-import math
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -66,45 +60,31 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _BMM_OUT_DTYPE = [True]
 
 
-def shared_prefix_attention(
-    q: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    suffix_k: torch.Tensor,
-    suffix_v: torch.Tensor,
-    row_image: torch.Tensor,
-    row_group: torch.Tensor,
-    n_groups: int,
-    suffix_visible: torch.Tensor,
-) -> torch.Tensor:
-    """Attention of n sequences over their image's prefix plus their own suffix.
+def fp32_matmul_kind(dtype: torch.dtype, device: torch.device) -> str:
+    """How ``fp32_matmul`` reaches a float32 result for these weights, decided once, eagerly, so that a
+    compiled step holds no try/except: "plain" (float32 weights), "bmm_out" (CUDA: bf16 operands,
+    float32 output, as matmul_fp32 does when the torch build has it), "upcast" (elsewhere)."""
+    if dtype == torch.float32:
+        return "plain"
+    if device.type == "cuda":
+        a = torch.zeros(1, 2, 2, dtype=dtype, device=device)
+        try:
+            torch.bmm(a, a, out_dtype=torch.float32)
+            return "bmm_out"
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    return "upcast"
 
-    q (n, H, Q, d); prefix_k/v (m, H, P, d), one row per image; suffix_k/v (n, H, T, d);
-    row_image (n,) which prefix row each sequence uses; row_group (n,) a distinct slot per
-    sequence among those of the same image (< n_groups); suffix_visible (n or 1, 1, Q, T) bool.
-    Returns (n, H, Q, d).
-    """
-    n, heads, n_q, head_dim = q.shape
-    m, _, prefix_len, _ = prefix_k.shape
-    scale = 1.0 / math.sqrt(head_dim)
-    # Queries grouped by image: (m, H, groups*Q, d), empty slots stay zero.
-    grouped = q.new_zeros(m, n_groups, heads, n_q, head_dim)
-    grouped[row_image, row_group] = q
-    grouped = grouped.permute(0, 2, 1, 3, 4).reshape(m, heads, n_groups * n_q, head_dim)
-    prefix_scores = matmul_fp32(grouped, prefix_k.transpose(-1, -2))
-    prefix_scores = prefix_scores.view(m, heads, n_groups, n_q, prefix_len).permute(0, 2, 1, 3, 4)
-    prefix_scores = prefix_scores[row_image, row_group]  # (n, H, Q, P)
-    suffix_scores = matmul_fp32(q, suffix_k.transpose(-1, -2))  # (n, H, Q, T)
-    suffix_scores = suffix_scores.masked_fill(~suffix_visible, float("-inf"))
-    scores = torch.cat([prefix_scores, suffix_scores], dim=-1) * scale
-    probs = torch.softmax(scores, dim=-1)
-    prefix_probs, suffix_probs = probs[..., :prefix_len], probs[..., prefix_len:]
-    grouped_probs = probs.new_zeros(m, n_groups, heads, n_q, prefix_len)
-    grouped_probs[row_image, row_group] = prefix_probs
-    grouped_probs = grouped_probs.permute(0, 2, 1, 3, 4).reshape(m, heads, n_groups * n_q, prefix_len)
-    prefix_out = matmul_fp32(grouped_probs, prefix_v).view(m, heads, n_groups, n_q, head_dim)
-    prefix_out = prefix_out.permute(0, 2, 1, 3, 4)[row_image, row_group]
-    return (prefix_out + matmul_fp32(suffix_probs, suffix_v)).to(q.dtype)
+
+def fp32_matmul(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """matmul_fp32 with the choice made beforehand (``fp32_matmul_kind``)."""
+    if kind == "plain":
+        return torch.matmul(a, b)
+    if kind == "bmm_out":
+        a = a.to(b.dtype)
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return out.view(*a.shape[:-1], b.shape[-1])
+    return torch.matmul(a.float(), b.float())
 
 
 class TextAttention(nn.Module):
@@ -172,35 +152,3 @@ class TextModel(nn.Module):
                 attn = block.attn.merge(F.scaled_dot_product_attention(q, k, v))
                 x = x + attn + block.mlp(h)
         return caches
-
-    def forward_suffix(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        write: "SuffixWriter",
-        prefixes: list[tuple[torch.Tensor, torch.Tensor]],
-        row_image: torch.Tensor,
-        row_group: torch.Tensor,
-        n_groups: int,
-        suffix_visible: torch.Tensor,
-    ) -> torch.Tensor:
-        """Run (n, Q, dim) suffix tokens through the decoder; ``write(layer, k, v)`` stores their keys
-        and values in the sequences' suffix caches and returns those caches (n, H, T, d) to attend to.
-        Returns the (n, Q, dim) hidden states before post_ln."""
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        for i, block in enumerate(self.blocks):
-            h = block.ln(x)
-            q, k, v = block.attn.qkv_heads(h, cos, sin)
-            suffix_k, suffix_v = write(i, k, v)
-            prefix_k, prefix_v = prefixes[i]
-            out = shared_prefix_attention(
-                q, prefix_k, prefix_v, suffix_k, suffix_v, row_image, row_group, n_groups, suffix_visible
-            )
-            x = x + block.attn.merge(out) + block.mlp(h)
-        return x
-
-
-class SuffixWriter(Protocol):
-    """``forward_suffix``'s ``write``: store a layer's new keys/values, return the suffix caches to attend to."""
-
-    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
