@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from bench.moondream_setup import one_at_a_time, random_model, requests, sync, tiny_widths  # noqa: E402
 from pipeline.models.moondream.config import MoondreamConfig  # noqa: E402
-from pipeline.models.moondream.engine import DEFAULT_VISION_BATCH_CROPS, MoondreamEngine  # noqa: E402
+from pipeline.models.moondream.defaults import for_device  # noqa: E402
+from pipeline.models.moondream.engine import MoondreamEngine  # noqa: E402
 from pipeline.models.moondream.preprocess import prepare_image  # noqa: E402
 
 GOAL_IMAGES_PER_S, GOAL_RATIO = 60.0, 8.0
@@ -68,7 +69,8 @@ def main() -> None:
     ap.add_argument("--loop-images", type=int, default=None, help="images timed in the one-at-a-time loop (default 3)")
     ap.add_argument("--caption-tokens", type=int, default=None, help="caption length, fixed (default 96; smoke 6)")
     ap.add_argument("--answer-tokens", type=int, default=2, help="probe answer length, fixed")
-    ap.add_argument("--max-sequences", type=int, default=384, help="suffix slots: 64 images x (caption + 5 probes)")
+    ap.add_argument("--max-sequences", type=int, default=for_device("cuda").max_sequences,
+                    help="suffix slots (default: the GPU default, 64 images x (caption + 5 probes))")
     ap.add_argument("--vision-batch-crops", type=int, default=None, help="crops per vision pass (engine default)")
     ap.add_argument("--harvest-every", type=int, default=None, help="decode steps per host look (engine default)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
@@ -121,7 +123,7 @@ def main() -> None:
     best = results[best_label]
     first = results["eager"]
     print(f"settings: max_sequences {args.max_sequences} ({first['rows']} image rows x {len(reqs)} prompts), "
-          f"vision_batch_crops {args.vision_batch_crops or DEFAULT_VISION_BATCH_CROPS.get(device.type, 8)}, "
+          f"vision_batch_crops {args.vision_batch_crops or for_device(device).vision_batch_crops}, "
           f"harvest_every {first['harvest_every']}")
     same = all(r["ids"] == [tuple(ids) for ids in looped[: len(reqs)]] for r in results.values())
     print(f"best: {best_label} {best['images/s']:.2f} images/s = {best['images/s'] / loop_ips:.1f}x the loop; "

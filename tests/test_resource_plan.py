@@ -90,9 +90,10 @@ def test_the_engine_sizes_come_from_the_one_table_of_device_defaults(tmp_path, m
 
     model = local_moondream_dir(tmp_path / "md")
     monkeypatch.setattr(defaults, "CPU", defaults.DeviceDefaults(max_sequences=7, vision_batch_crops=3,
-                                                                  fill_engine=False, min_images_per_call=1))
+                                                                  fill_engine=False, min_images_per_call=1,
+                                                                  harvest_every=2))
     engine = build_captioner(resolve_captioner(str(model)), CaptionConfig(), "cpu").engine
-    assert (engine.max_sequences, engine.vision_batch_crops) == (7, 3)
+    assert (engine.max_sequences, engine.vision_batch_crops, engine.harvest_every) == (7, 3, 2)
     engine = build_captioner(resolve_captioner(str(model)), CaptionConfig(max_sequences=5), "cpu").engine
     assert engine.max_sequences == 5  # the config, when it says
 

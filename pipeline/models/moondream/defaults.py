@@ -27,10 +27,13 @@ class DeviceDefaults:
     fill_engine: bool
     #: caption actor: the fewest images one merged engine call aims for, whatever the probe count
     min_images_per_call: int
+    #: engine: decode steps between two looks at the device (harvest finished sequences, admit images).
+    #: Each look is a host sync; a sequence that stops waits up to this many steps in its slot.
+    harvest_every: int
 
 
-GPU = DeviceDefaults(max_sequences=384, vision_batch_crops=64, fill_engine=True, min_images_per_call=64)
-CPU = DeviceDefaults(max_sequences=64, vision_batch_crops=8, fill_engine=False, min_images_per_call=1)
+GPU = DeviceDefaults(max_sequences=384, vision_batch_crops=64, fill_engine=True, min_images_per_call=64, harvest_every=8)
+CPU = DeviceDefaults(max_sequences=64, vision_batch_crops=8, fill_engine=False, min_images_per_call=1, harvest_every=4)
 
 #: Engine calls' worth of images a filling caption actor keeps in flight: one running, one queued.
 CALLS_IN_FLIGHT = 2

@@ -27,20 +27,14 @@ import torch
 
 from pipeline.models.moondream import step
 from pipeline.models.moondream.config import BOS_ID, EOS_ID
+from pipeline.models.moondream.defaults import for_device
 from pipeline.models.moondream.kv import KVPools, bucket
 from pipeline.models.moondream.model import MoondreamModel
 from pipeline.models.moondream.preprocess import MoondreamCrops
 from pipeline.models.moondream.text import fp32_matmul_kind
 from pipeline.models.moondream.vision import normalise_crops
 
-DEFAULT_MAX_SEQUENCES = 64
-# Crops per vision encoder pass: large on a GPU; small on CPU, where big activations (hundreds of MB
-# per pass) measured slower per crop than passes of 8.
-DEFAULT_VISION_BATCH_CROPS = {"cuda": 64, "cpu": 8}
 PREFIX_PREFILL_IMAGES = 8  # images per prefix prefill pass (bounds activation memory)
-# Decode steps between two looks at the device (harvest finished sequences, admit images). Each look is
-# a host sync; a sequence that stops waits up to this many steps in its slot. See bench/moondream.py.
-DEFAULT_HARVEST_EVERY = {"cuda": 8, "cpu": 4}
 
 
 @dataclass(frozen=True)
@@ -75,7 +69,7 @@ class MoondreamEngine:
         self,
         model: MoondreamModel,
         *,
-        max_sequences: int = DEFAULT_MAX_SEQUENCES,
+        max_sequences: int | None = None,
         max_images: int | None = None,
         vision_batch_crops: int | None = None,
         yes_ids: Sequence[int] = (),
@@ -86,9 +80,11 @@ class MoondreamEngine:
         self.model = model
         self.config = model.config
         self.device = model.text.wte.device
-        if vision_batch_crops is None:
-            vision_batch_crops = DEFAULT_VISION_BATCH_CROPS.get(self.device.type, 8)
-        self.harvest_every = harvest_every or DEFAULT_HARVEST_EVERY.get(self.device.type, 4)
+        # Sizes not given are the device's (pipeline/models/moondream/defaults.py decides them).
+        defaults = for_device(self.device)
+        max_sequences = max_sequences or defaults.max_sequences
+        vision_batch_crops = vision_batch_crops or defaults.vision_batch_crops
+        self.harvest_every = harvest_every or defaults.harvest_every
         if max_sequences < 1 or vision_batch_crops < 1 or self.harvest_every < 1:
             raise ValueError("max_sequences, vision_batch_crops and harvest_every must be at least 1")
         self.dtype = model.text.wte.dtype
