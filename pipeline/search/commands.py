@@ -119,7 +119,10 @@ def index_command(parquet, db, ann, ann_min_rows, fresh, mixed_probes):
     click.echo(
         f"indexed {len(info.files)} files into {db} in {report.seconds:.1f} s: {info.rows} rows, "
         f"{info.searchable_rows} searchable (status ok), {info.embedded_rows} with embeddings\n"
-        f"embedder: {embedder}\nANN: {ann_text}"
+        f"embedder: {embedder}\nANN: {ann_text}\n"
+        f"vectors: {report.vectors_read} read from Parquet, "
+        f"{'written to a new vector file' if report.vectors_rewritten else 'the rest kept in place'}; steps: "
+        + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in report.timings.items())
     )
     if report.probe_sets > 1:
         click.echo(

@@ -79,6 +79,10 @@ VECTOR_ARROW = "_vector_file"  # the Arrow table over the mapped vector file tha
 DOCS = "docs"
 FTS_SCHEMA = "fts_main_docs"
 IMAGES = "images"
+# A reader ATTACHes the index file under this name (attach_read_only); the stored images view,
+# which a reader with vectors shadows with a TEMP one, is then this:
+ATTACHED = "idx"
+STORED_IMAGES = f"{ATTACHED}.main.{IMAGES}"
 INDEX_META = "index_meta"
 
 # image_rows: the schema's columns but the embedding, then these.
@@ -197,8 +201,8 @@ def attach_read_only(path: Path) -> duckdb.DuckDBPyConnection:
     try:
         load_extensions(con)
         literal = "'" + str(path).replace("'", "''") + "'"  # ATTACH takes no parameters
-        con.execute(f"ATTACH {literal} AS idx (READ_ONLY)")
-        con.execute("USE idx")
+        con.execute(f"ATTACH {literal} AS {ATTACHED} (READ_ONLY)")
+        con.execute(f"USE {ATTACHED}")
         con.execute("DETACH memory")  # nothing writable is left, apart from TEMP objects
     except BaseException:
         con.close()
