@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -252,3 +253,37 @@ def test_kill_9_during_an_update_leaves_the_previous_index_usable(corpus, tmp_pa
         assert [(h.uri, round(h.score, 6)) for h in idx.search_vector(q, 10, exact=True)] == [
             (h.uri, round(h.score, 6)) for h in other.search_vector(q, 10, exact=True)
         ]
+
+
+def test_serve_reopens_an_updated_index_and_the_old_reader_keeps_answering(tmp_path):
+    from starlette.testclient import TestClient
+
+    from pipeline.serve.app import create_app
+    from pipeline.serve.service import IndexService
+    from pipeline.serve.thumbs import ThumbnailCache
+
+    src = tmp_path / "out"
+    src.mkdir()
+    x = clustered(200, seed=1)
+    write_part(src / "part-0.parquet", 0, x)
+    db = tmp_path / "index.duckdb"
+    build_index([src], db)
+    index = ImageIndex.open(db)
+    service = IndexService(index, reopen_every=0, log=lambda line: None)
+    client = TestClient(create_app(service, ThumbnailCache(tmp_path / "thumbs")))
+    try:
+        before = client.get("/api/images/3/similar", params={"limit": 5}).json()
+        assert before["index"]["generation"] == 1
+        write_part(src / "part-1.parquet", 200, x[3:4], at=later(5))  # a new image with row 3's vector
+        assert build_index([], db).vectors_read == 1
+        # the reader opened before the update answers as before (its catalogue covers the old slots)
+        assert [h.uri for h in index.search_similar(3, 5)] == [h["uri"] for h in before["hits"]]
+        deadline = time.monotonic() + 10
+        while client.get("/api/info").json()["generation"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = client.get("/api/images/3/similar", params={"limit": 2}).json()
+        assert after["index"]["generation"] == 2
+        assert {h["uri"] for h in after["hits"]} == {"/img/000003.jpg", "/img/000200.jpg"}
+    finally:
+        service.close()
+        index.close()

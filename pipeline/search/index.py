@@ -292,7 +292,7 @@ def _build_index(sources, db_path, ann, ann_min_rows, fresh, mixed_probes, rows_
             timings: dict[str, float] = {}
             try:
                 info, built = _build(con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only,
-                              db_path=db_path, previous=previous)
+                              db_path=db_path, previous=previous, storage_options=storage_options)
             except (duckdb.Error, OSError) as exc:
                 _raise_if_changed(files, fingerprint, storage_options, exc)
                 raise
@@ -396,7 +396,7 @@ def _timed(timings: dict, step: str):
 
 
 def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_only=False, db_path=None,
-           previous=None):
+           previous=None, storage_options=None):
     """Fill an empty database with the layout pipeline.search.contract describes: (IndexInfo, VectorBuild or None)."""
     from schemas import COLUMN_NAMES, SCHEMA_VERSION
 
@@ -474,7 +474,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
 
         built = build_vectors(
             con, db_path, dim=dim, run=run, files=file_list, fingerprint=fingerprint, previous=previous,
-            ann_wanted=lambda live: _ann_wanted(settings, live), timings=timings,
+            ann_wanted=lambda live: _ann_wanted(settings, live), timings=timings, storage_options=storage_options,
         )
 
     probes: dict[str, None] = {}

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from pipeline.search import ann, contract, vectors
 from pipeline.search.contract import IndexInfo
+from pipeline.search.errors import SearchError
 
 # Rewrite the vector file once this share of its slots is dead.
 COMPACT_SHARE = 0.25
@@ -46,7 +47,7 @@ class VectorBuild:
 
 
 def build_vectors(con, db_path: Path, *, dim: int, run, files: list[str], fingerprint, previous: IndexInfo | None,
-                  ann_wanted, timings: dict) -> VectorBuild:
+                  ann_wanted, timings: dict, storage_options=None) -> VectorBuild:
     """Fill ``vector_slots`` (and ``ann_centroids``) in the catalogue being built; write or extend the vector file.
 
     ``ann_wanted(live_rows) -> bool`` decides whether the index gets IVF lists.
@@ -74,7 +75,7 @@ def build_vectors(con, db_path: Path, *, dim: int, run, files: list[str], finger
             )
             timings["vectors_reuse"] = time.perf_counter() - t0
             kept = con.execute(f"SELECT count(*) FROM {contract.VECTOR_SLOTS}").fetchone()[0]
-            new_ids, new_rows = _read_new(con, dim, timings)
+            new_ids, new_rows = _read_new(con, dim, timings, storage_options)
             live = kept + len(new_ids)
             dead = previous.vector_slots - kept
             wants_ann = bool(ann_wanted(live))
@@ -86,7 +87,8 @@ def build_vectors(con, db_path: Path, *, dim: int, run, files: list[str], finger
         finally:
             con.execute("DETACH prev")
         con.execute(f"DELETE FROM {contract.VECTOR_SLOTS}")
-    return _rewrite(con, db_path, dim=dim, model=model, revision=revision, ann_wanted=ann_wanted, timings=timings)
+    return _rewrite(con, db_path, dim=dim, model=model, revision=revision, ann_wanted=ann_wanted, timings=timings,
+                    storage_options=storage_options)
 
 
 def _reusable(previous: IndexInfo | None, db_path: Path, dim, model, revision) -> bool:
@@ -104,40 +106,50 @@ def _reusable(previous: IndexInfo | None, db_path: Path, dim, model, revision) -
     return True
 
 
-def _embedding_batches(con, sql: str, params, dim: int):
-    """(ids int64, rows float32 (n x dim)) per batch of a query selecting (id, embedding)."""
-    reader = con.execute(sql, params).fetch_record_batch(FETCH_ROWS)
-    for batch in reader:
-        if batch.num_rows == 0:
-            continue
-        ids = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        rows = batch.column(1).flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        yield ids, rows.reshape(len(ids), dim)
+def _embedding_batches(con, dim: int, *, only_new: bool, storage_options):
+    """(ids int64, rows float32 (n x dim)) per batch: the searchable rows' embeddings, read from their files.
 
-
-def _embeddings_sql(dim: int, only_new: bool) -> str:
-    extra = f"AND r.id NOT IN (SELECT id FROM {contract.VECTOR_SLOTS})" if only_new else ""
-    return f"""
-        SELECT r.id, p.embedding::FLOAT[{dim}] AS embedding
-        FROM read_parquet(?, filename = true, file_row_number = true) AS p
-        JOIN image_rows AS r
-          ON r.embedding_source_file = p.filename AND r.embedding_source_row = p.file_row_number
-        WHERE r.status = 'ok' AND p.embedding IS NOT NULL {extra}
+    pyarrow streams each file's embedding column and keeps the rows the
+    catalogue took them from (``embedding_source_row``); a DuckDB join of the
+    Parquet with image_rows did the same several times slower (bench/search.py).
     """
+    import pyarrow.parquet as pq
+
+    from pipeline.search.index import _filesystem
+
+    extra = f"AND id NOT IN (SELECT id FROM {contract.VECTOR_SLOTS})" if only_new else ""
+    wanted = con.execute(
+        f"SELECT embedding_source_file AS f, embedding_source_row AS r, id FROM image_rows WHERE status = 'ok' "
+        f"AND embedding_source_file IS NOT NULL {extra} ORDER BY f, r"
+    ).fetchnumpy()
+    files, rows, ids = wanted["f"], np.asarray(wanted["r"], np.int64), np.asarray(wanted["id"], np.int64)
+    starts = np.flatnonzero(np.r_[True, files[1:] != files[:-1]]) if len(files) else np.zeros(0, np.int64)
+    for begin, end in zip(starts, np.r_[starts[1:], len(files)]):
+        fs, inner = _filesystem(str(files[begin]), storage_options)
+        file_rows, file_ids = rows[begin:end], ids[begin:end]
+        offset = 0
+        with pq.ParquetFile(inner, filesystem=fs) as parquet:
+            for batch in parquet.iter_batches(batch_size=FETCH_ROWS, columns=["embedding"]):
+                lo, hi = np.searchsorted(file_rows, [offset, offset + batch.num_rows])
+                if hi > lo:
+                    column = batch.column(0).take(pa.array(file_rows[lo:hi] - offset))
+                    present = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
+                    if not present.all():
+                        column = column.filter(pa.array(present))
+                    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                    if values.size != len(column) * dim:
+                        raise SearchError(f"{files[begin]} holds embeddings that are not {dim} floats each")
+                    yield file_ids[lo:hi][present], values.reshape(len(column), dim)
+                offset += batch.num_rows
 
 
-def _read_new(con, dim: int, timings: dict):
+def _read_new(con, dim: int, timings: dict, storage_options):
     """(ids, rows) of the searchable rows that have no reused slot, read from the files that hold them."""
     t0 = time.perf_counter()
-    holding = [f for (f,) in con.execute(
-        f"SELECT DISTINCT embedding_source_file FROM image_rows WHERE status = 'ok' "
-        f"AND embedding_source_file IS NOT NULL AND id NOT IN (SELECT id FROM {contract.VECTOR_SLOTS})"
-    ).fetchall()]
     ids, rows = [np.zeros(0, np.int64)], [np.zeros((0, dim), np.float32)]
-    if holding:
-        for i, r in _embedding_batches(con, _embeddings_sql(dim, only_new=True), [holding], dim):
-            ids.append(i)
-            rows.append(r)
+    for i, r in _embedding_batches(con, dim, only_new=True, storage_options=storage_options):
+        ids.append(i)
+        rows.append(r)
     timings["embeddings"] = time.perf_counter() - t0
     return np.concatenate(ids), np.concatenate(rows)
 
@@ -163,24 +175,20 @@ def _append(con, db_path, previous: IndexInfo, new_ids, new_rows, live, wants_an
                        previous.ann_trained_rows if wants_ann else 0, len(new_ids), rewritten=False)
 
 
-def _rewrite(con, db_path: Path, *, dim, model, revision, ann_wanted, timings) -> VectorBuild:
+def _rewrite(con, db_path: Path, *, dim, model, revision, ann_wanted, timings, storage_options) -> VectorBuild:
     """A new vector file with every searchable row's embedding, read from the source files."""
     from pipeline.storage import Folder
 
-    files = [f for (f,) in con.execute(
-        "SELECT DISTINCT embedding_source_file FROM image_rows WHERE status = 'ok' AND embedding_source_file IS NOT NULL"
-    ).fetchall()]
     name = vectors.vector_file_name(db_path.name)
     folder = Folder(str(db_path.parent))
     t0 = time.perf_counter()
     out = vectors.NewVectorFile(folder, name, dim=dim, model=model, revision=revision)
     ids, norms = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     try:
-        if files:
-            for i, rows in _embedding_batches(con, _embeddings_sql(dim, only_new=False), [files], dim):
-                out.append(rows)
-                ids.append(i)
-                norms.append(_norms(rows))
+        for i, rows in _embedding_batches(con, dim, only_new=False, storage_options=storage_options):
+            out.append(rows)
+            ids.append(i)
+            norms.append(_norms(rows))
         out.publish()  # under a name no catalogue points at yet: readers cannot see it
     except BaseException as exc:
         out.discard(exc)
