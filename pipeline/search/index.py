@@ -273,7 +273,7 @@ def _build_index(sources, db_path, ann, ann_min_rows, fresh, mixed_probes, rows_
     ):
         return BuildReport(previous, rebuilt=False, seconds=time.perf_counter() - started, ignored=tuple(ignored))
 
-    from pipeline.search.vector_build import remove_stale_vector_files
+    from pipeline.search.vector_build import remove_stale_vector_files, undo_vectors
     from pipeline.storage import Folder, is_full_disk, temp_name
 
     # Vector files of killed builds: none is the live catalogue's (a reader of an older one has it mapped).
@@ -307,6 +307,10 @@ def _build_index(sources, db_path, ann, ann_min_rows, fresh, mixed_probes, rows_
         Folder(str(db_path.parent)).move(tmp.name, db_path.name)  # publishes the catalogue and its vector file
     except BaseException as exc:
         _remove_db_files(tmp)
+        try:
+            undo_vectors(db_path, existing)  # the live index's vector file as it was, no new one left
+        except Exception:  # noqa: BLE001 - the build's own error is the one to report
+            pass
         if isinstance(exc, Exception) and is_full_disk(exc):
             raise _disk_full(exc, db_path, existing is not None) from exc
         raise

@@ -266,6 +266,25 @@ def remove_stale_vector_files(db_path: Path, keep: str | None) -> None:
             pass
 
 
+def undo_vectors(db_path: Path, live: IndexInfo | None) -> None:
+    """After a failed build: the live catalogue's vector file as it was, and no other vector file.
+
+    A rows appended past the committed slots are cut off and the header's
+    count restored (a killed build leaves them; the next build cuts them off).
+    """
+    remove_stale_vector_files(db_path, keep=live.vector_file if live else None)
+    path = contract.vector_path(db_path, live) if live and live.vector_file else None
+    if path is None or not path.exists():
+        return
+    try:
+        header = vectors.read_header(path, db_path)
+    except Exception:  # noqa: BLE001 - not ours to repair; the reader names the fix
+        return
+    if header.count > live.vector_slots:
+        vectors.append_rows(path, db_path, live.vector_slots, np.zeros((0, header.dim), np.float32),
+                            dim=header.dim, model=header.model, revision=header.revision)
+
+
 def _literal(path: Path) -> str:
     return str(path).replace("'", "''")
 
