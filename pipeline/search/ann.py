@@ -15,6 +15,8 @@ import numpy as np
 
 # Train on at most this many sampled rows (faiss wants >= 39 per list; 64 per list at 1,000 lists).
 TRAIN_ROWS = 65_536
+# ... but no more than this many per list (faiss wants at least 39): 48k rows for 1,000 lists
+TRAIN_PER_LIST = 48
 KMEANS_ITERATIONS = 10
 # Retrain once the index holds this much more than when it was trained (1.5: 50% more rows).
 RETRAIN_GROWTH = 1.5
@@ -38,7 +40,7 @@ def train(matrix: np.ndarray, lists: int, seed: int = 0) -> np.ndarray:
 
     n, dim = matrix.shape
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=min(n, TRAIN_ROWS), replace=False))
+    sample = np.sort(rng.choice(n, size=min(n, TRAIN_ROWS, TRAIN_PER_LIST * lists), replace=False))
     x = unit_rows(matrix[sample])
     lists = min(lists, len(x))
     kmeans = faiss.Kmeans(dim, lists, niter=KMEANS_ITERATIONS, spherical=True, seed=seed, verbose=False,
