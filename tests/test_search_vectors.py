@@ -287,3 +287,27 @@ def test_serve_reopens_an_updated_index_and_the_old_reader_keeps_answering(tmp_p
     finally:
         service.close()
         index.close()
+
+
+def test_min_score_on_the_page_api_and_the_cli(tmp_path):
+    from starlette.testclient import TestClient
+
+    from pipeline.serve.app import create_app
+    from pipeline.serve.service import IndexService
+    from pipeline.serve.thumbs import ThumbnailCache
+
+    x = clustered(200, seed=1)
+    write_part(tmp_path / "part-0.parquet", 0, x)
+    db = tmp_path / "index.duckdb"
+    build_index([tmp_path / "part-0.parquet"], db)
+    with ImageIndex.open(db) as index:
+        service = IndexService(index, reopen_every=None, log=lambda line: None)
+        client = TestClient(create_app(service, ThumbnailCache(tmp_path / "thumbs")))
+        page = client.get("/api/images/3/similar", params={"limit": 100, "min_score": 0.9}).json()
+        expected = [f"/img/{i:06d}.jpg" for i in brute(x, x[3], 100) if x[i] @ x[3] >= 0.9 - 1e-6]
+        assert [h["uri"] for h in page["hits"]] == expected and all(h["score"] >= 0.9 for h in page["hits"])
+        assert client.get("/api/images/3/similar", params={"min_score": "2"}).status_code == 400
+        service.close()
+    # hybrid scores are ranks: the CLI refuses a cosine threshold there, in one line
+    out = cli("search", "beach", "--index", db, "--min-score", "0.5", "--mode", "hybrid", exit_code=1).output.strip()
+    assert len(out.splitlines()) == 1 and "--min-score" in out and "semantic" in out

@@ -314,13 +314,13 @@ class ImageIndex:
         """Images nearest to the image at ``path`` (which is returned too, if indexed)."""
         return self.search_vector(self._embed_image(path), k, where=where, probes=probes, min_score=min_score)
 
-    def search_similar(self, row_id: int, k: int = 10, *, where=None, probes=()) -> list[Hit]:
+    def search_similar(self, row_id: int, k: int = 10, *, where=None, probes=(), min_score=None) -> list[Hit]:
         """Images nearest to indexed row ``row_id``, from its stored embedding (nothing is re-embedded)."""
         self._require_dim()
         vector = self.vectors.vector(int(row_id)) if self.vectors is not None else None
         if vector is None:
             raise SearchError(f"row {row_id} has no embedding in this index (not an indexed image, or status error)")
-        return self.search_vector(vector, k, where=where, probes=probes)
+        return self.search_vector(vector, k, where=where, probes=probes, min_score=min_score)
 
     def search_vector(self, vector, k: int = 10, *, where=None, probes=(), exact: bool = False,
                       min_score: float | None = None) -> list[Hit]:

@@ -136,6 +136,7 @@ class Filters:
 
     probes: tuple[str, ...] = ()  # "Question?=answer", as --probe takes them
     min_confidence: float | None = None  # applies to yes/no filters, when the index has yes_prob
+    min_score: float | None = None  # semantic / image / similar pages: the lowest cosine similarity shown
 
 
 def sql_string(text: str) -> str:
@@ -424,7 +425,8 @@ class IndexService:
         where = _confidence_where(opened, filters)
         with self._locked(opened):
             # One extra row says whether another page exists.
-            hits = run(offset + limit + 1, where=where, probes=list(filters.probes))
+            extra = {} if filters.min_score is None else {"min_score": filters.min_score}
+            hits = run(offset + limit + 1, where=where, probes=list(filters.probes), **extra)
         return Page(hits[offset : offset + limit], offset, len(hits) > offset + limit, opened.facts())
 
     # -- one image -----------------------------------------------------------------
