@@ -176,7 +176,7 @@ Examples:
     default=None,
     type=click.IntRange(min=1),
     help="IVF lists scanned per query on an index with ANN (higher: better recall, slower) "
-    "[default: 1/64 of the lists, at least 8].",
+    "[default: 1/128 of the lists, at least 8].",
 )
 @_user_errors
 def search_command(query, index_path, mode, image, where, probes, limit, as_json, device, embed_model, min_score, nprobe):
