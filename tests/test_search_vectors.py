@@ -311,3 +311,25 @@ def test_min_score_on_the_page_api_and_the_cli(tmp_path):
     # hybrid scores are ranks: the CLI refuses a cosine threshold there, in one line
     out = cli("search", "beach", "--index", db, "--min-score", "0.5", "--mode", "hybrid", exit_code=1).output.strip()
     assert len(out.splitlines()) == 1 and "--min-score" in out and "semantic" in out
+
+
+def test_filtered_ann_probes_the_lists_and_falls_back_to_an_exact_scan_when_they_hold_too_few(corpus, tmp_path,
+                                                                                             monkeypatch):
+    from pipeline.search import scan
+
+    folder, x = corpus
+    db = tmp_path / "index.duckdb"
+    build_index([folder], db, ann=True)
+    monkeypatch.setattr(scan, "EXACT_FILTER_ROWS", 10)  # every filter below goes through the IVF lists first
+    with ImageIndex.open(db, nprobe=1) as idx:
+        for q in clustered(10, seed=9):
+            hits = idx.search_vector(q, 10, where="id % 10 = 3")
+            assert len(hits) == 10 and all(h.id % 10 == 3 for h in hits)
+            # 30 rows pass; one probed list holds about 1 of them: too few, so the matching rows are scanned exactly
+            hits = idx.search_vector(q, 10, where="id % 100 = 3")
+            assert [h.id for h in hits] == [i for i in brute(x, q, 3000) if i % 100 == 3][:10]
+    with ImageIndex.open(db) as idx:
+        idx.vectors.nprobe = len(idx.vectors.centroids)  # every list probed: the masked IVF scan is exact
+        for q in clustered(5, seed=10):
+            hits = idx.search_vector(q, 10, where="id % 10 = 3")
+            assert [h.id for h in hits] == [i for i in brute(x, q, 3000) if i % 10 == 3][:10]
