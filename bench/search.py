@@ -1,23 +1,28 @@
-"""Search benchmark: synthetic captioner Parquet -> DuckDB index -> query latencies.
+"""Search benchmark: synthetic captioner Parquet -> index -> what issue 16 asks, side by side.
 
     python bench/search.py --n 100000 --dim 768
-    python bench/search.py --n 1000000 --dim 768 --ef-search 64,128
+    python bench/search.py --n 1000000 --dim 768
 
-One run prints: index build times (load, fts, HNSW), DuckDB brute-force top-10
-latency, numpy brute-force top-10 latency on the same vectors, HNSW query
-latency and recall@10 against the exact answer for each --ef-search, BM25
-latency, a filtered (exact) semantic query, and the ratios to numpy.
+One run prints: the fresh build (`build_index`, per step: load, fts,
+embeddings, ann, checkpoint) and the index's size against the stored float32
+vectors plus the text; numpy brute-force top-10 over the same float32 matrix
+in RAM against our exact scan of the mapped vector file (ratio); filtered
+semantic queries at 10% and 0.1% selectivity (complete? equal to numpy over
+the matching rows?) and the probe filter (~40%); ANN (IVF) recall@10 and
+latency against the exact scan; the first query after opening against a warm
+one; BM25; and adding 10,000 rows with `captioner index NEW.parquet --db DB`
+as a user runs it (a subprocess, end to end) against the fresh build.
 
 Synthetic vectors are not uniform on the sphere: uniform random vectors in
-768-D have no near neighbours at all, which no real embedding set looks like,
-and they are the worst case for any graph index. Each row here is a cluster
-centre (N/1000 clusters) plus low-rank within-cluster variation (rank 64) plus
-a little isotropic noise, then L2-normalised, which gives CLIP-like cosine
-structure (close neighbours around 0.8-0.9, unrelated pairs near 0). Queries
-are fresh draws from the same distribution, not rows of the data.
+768-D have no near neighbours at all, which no real embedding set looks like.
+Each row here is a cluster centre (N/1000 clusters) plus low-rank
+within-cluster variation (rank 64) plus a little isotropic noise, then
+L2-normalised, which gives CLIP-like cosine structure (close neighbours
+around 0.8-0.9, unrelated pairs near 0). Queries are fresh draws from the
+same distribution, not rows of the data.
 Memory: the vectors are held once in numpy (N x D x 4 bytes: 3.1 GB at
-1M x 768), parked in a .npy file while the index is built, and DuckDB holds
-its own copy in the HNSW index.
+1M x 768), parked in a .npy file while the index is built; the index's
+vector file is mapped, so it shares the page cache with the file.
 """
 
 from __future__ import annotations
@@ -145,10 +150,15 @@ def write_parquet(path: Path, n: int, dim: int, seed: int):
     return x, gen, vocab
 
 
-def numpy_top10(x: np.ndarray, q: np.ndarray) -> np.ndarray:
-    scores = x @ q
+def numpy_top10(x: np.ndarray, q: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    scores = x @ q if keep is None else x[keep] @ q
     top = np.argpartition(-scores, 10)[:10]
-    return top[np.argsort(-scores[top])]
+    top = top[np.argsort(-scores[top])]
+    return top if keep is None else keep[top]
+
+
+def recall(hits_list, truth) -> float:
+    return float(np.mean([len({h.id for h in hits} & set(t.tolist())) / 10 for hits, t in zip(hits_list, truth)]))
 
 
 def timed(fn, *args, **kwargs):
@@ -169,10 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=768, choices=[768, 1152])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--queries", type=int, default=50)
-    ap.add_argument("--duckdb-brute-queries", type=int, default=10, help="exact DuckDB scans are slow at 1M; fewer of them")
-    ap.add_argument("--ef-search", default="64,128,256", help="comma-separated HNSW ef_search values to try")
-    ap.add_argument("--hnsw-m", type=int, default=16)
-    ap.add_argument("--ef-construction", type=int, default=128)
+    ap.add_argument("--nprobe", default="", help="comma-separated IVF nprobe values to try besides the default")
+    ap.add_argument("--add", type=int, default=10_000, help="rows added by the update step")
     ap.add_argument("--workdir", type=Path, help="keep the Parquet and index here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     if not 10 < args.n <= 1_000_000:
@@ -189,65 +197,116 @@ def main(argv=None) -> int:
 
 def run(args, work: Path) -> int:
     import os
+    import subprocess
+
+    from pipeline.search import contract
 
     n, dim = args.n, args.dim
     print(f"search bench: N={n:,} D={dim} seed={args.seed}  ({os.cpu_count()} CPUs, numpy {np.__version__})")
     (x, gen, vocab), t_gen = timed(write_parquet, work / "bench.parquet", n, dim, args.seed)
     print(f"generate + write Parquet       {t_gen:8.1f} s")
 
-    # Park the vectors on disk while DuckDB builds (its buffer pool and the
-    # HNSW graph want the RAM); reload them for the numpy baseline afterwards.
+    # Park the vectors on disk while the index builds; reload them for the numpy baseline afterwards.
     np.save(work / "vectors.npy", x)
     del x
     db = work / "index.duckdb"
-    report, _ = timed(
-        build_index, [work / "bench.parquet"], db, hnsw=True, hnsw_m=args.hnsw_m,
-        hnsw_ef_construction=args.ef_construction, fresh=True,
-    )  # fmt: skip
+    report = build_index([work / "bench.parquet"], db, fresh=True)
     t = report.timings
-    print(
-        f"index build total              {report.seconds:8.1f} s   (load {t.get('load', 0):.1f}, embeddings "
-        f"{t.get('embeddings', 0):.1f}, fts {t.get('fts', 0):.1f}, checkpoint {t.get('checkpoint', 0):.1f})"
-    )
-    print(f"HNSW build (M={args.hnsw_m}, ef_construction={args.ef_construction})  {t['hnsw']:8.1f} s")
-    print(f"index file                     {db.stat().st_size / 2**30:8.2f} GiB")
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+    print(f"fresh build (build_index)      {report.seconds:8.1f} s   ({steps})")
+    info = report.info
+    print(f"ANN                            {'IVF, %d lists' % info.ann_lists if info.ann else 'none (exact only)'}"
+          f"   build (k-means + assignment) {t.get('ann', 0):.1f} s")
+    vector_file = contract.vector_path(db, info)
+    stored = n * dim * 4
+    with ImageIndex.open(db) as idx:
+        text = idx.sql("SELECT sum(strlen(text)) FROM docs").rows[0][0]
+    size = db.stat().st_size + vector_file.stat().st_size
+    print(f"index size                     {size / 2**30:8.2f} GiB   (catalogue {db.stat().st_size / 2**30:.2f}, "
+          f"vectors {vector_file.stat().st_size / 2**30:.2f}); stored float32 vectors + text "
+          f"{(stored + text) / 2**30:.2f} GiB: ratio {size / (stored + text):.3f}")
 
     x = np.load(work / "vectors.npy")
     queries = gen.draw(args.queries)
     truth, t_np = zip(*(timed(numpy_top10, x, q) for q in queries))
-    print(f"numpy brute force top-10       {ms(t_np)}")
     np_median = statistics.median(t_np)
+    print(f"numpy brute force top-10       {ms(t_np)}")
+
+    t0 = time.perf_counter()
+    idx = ImageIndex.open(db)
+    t_open = time.perf_counter() - t0
+    _, first = timed(idx.search_vector, queries[0], 10)
+    warm = [timed(idx.search_vector, q, 10) for q in queries]
+    t_warm = statistics.median([s for _, s in warm])
+    print(f"open {t_open * 1e3:.0f} ms; first query {first * 1e3:.1f} ms vs warm median {t_warm * 1e3:.1f} ms: "
+          f"{first - t_warm:+.3f} s")
+
+    exact = [timed(idx.search_vector, q, 10, exact=True) for q in queries]
+    t_exact = statistics.median([s for _, s in exact])
+    print(f"exact top-10 (search_vector)   {ms([s for _, s in exact])}   recall vs numpy {recall([h for h, _ in exact], truth):.3f}"
+          f"   ratio to numpy {t_exact / np_median:.3f}")
+    # The scan alone (no hit rows fetched from DuckDB), alternating with numpy query by query,
+    # so both see the same load on a shared machine.
+    pairs = [(timed(numpy_top10, x, q)[1], timed(idx.vectors.top_k, q, 10, exact=True)[1]) for q in queries]
+    t_np2, t_scan = statistics.median([a for a, _ in pairs]), statistics.median([b for _, b in pairs])
+    print(f"exact scan alone vs numpy, interleaved: {t_scan * 1e3:.1f} ms vs {t_np2 * 1e3:.1f} ms: "
+          f"ratio {t_scan / t_np2:.3f}")
+    if info.ann:
+        pairs = [(timed(idx.vectors.top_k, q, 10, exact=True)[1], timed(idx.vectors.top_k, q, 10)[1]) for q in queries]
+        t_e, t_a = statistics.median([a for a, _ in pairs]), statistics.median([b for _, b in pairs])
+        print(f"ANN scan alone vs exact scan, interleaved: {t_a * 1e3:.1f} ms vs {t_e * 1e3:.1f} ms: ratio {t_a / t_e:.3f}")
+
+    ids = np.arange(n)
+    for label, where, keep in [("10%", "id % 10 = 3", ids[ids % 10 == 3]), ("0.1%", "id % 1000 = 7", ids[ids % 1000 == 7])]:
+        runs = [timed(idx.search_vector, q, 10, where=where) for q in queries]
+        want = [numpy_top10(x, q, keep) for q in queries]
+        complete = all(len(h) == 10 for h, _ in runs)
+        t_f = statistics.median([s for _, s in runs])
+        print(f"semantic + where {label:<5}        {ms([s for _, s in runs])}   complete {complete}, recall vs numpy "
+              f"{recall([h for h, _ in runs], want):.3f}, ratio to exact {t_f / t_exact:.3f}")
+    runs = [timed(idx.search_vector, q, 10, probes=[f"{PERSON}=yes"]) for q in queries]
+    print(f"semantic + probe filter (~40%) {ms([s for _, s in runs])}   complete {all(len(h) == 10 for h, _ in runs)}")
+
+    if info.ann:
+        ann_runs = warm
+        print(f"ANN top-10 (nprobe {idx.vectors.nprobe}, default) {ms([s for _, s in ann_runs])}   recall@10 "
+              f"{recall([h for h, _ in ann_runs], truth):.3f}   ratio to exact {t_warm / t_exact:.3f}")
+    idx.close()
+    for nprobe in [int(v) for v in args.nprobe.split(",") if v]:
+        with ImageIndex.open(db, nprobe=nprobe) as other:
+            runs = [timed(other.search_vector, q, 10) for q in queries]
+        print(f"ANN top-10 (nprobe {nprobe})        {ms([s for _, s in runs])}   recall@10 "
+              f"{recall([h for h, _ in runs], truth):.3f}")
 
     with ImageIndex.open(db) as idx:
-        brute = [timed(idx.search_vector, q, 10, exact=True) for q in queries[: args.duckdb_brute_queries]]
-        agree = np.mean([len({h.id for h in hits} & set(truth[i].tolist())) / 10 for i, (hits, _) in enumerate(brute)])
-        t_brute = [s for _, s in brute]
-        print(f"DuckDB brute force top-10      {ms(t_brute)}   agreement with numpy {agree:.3f}")
-
         words = vocab[np.random.default_rng(args.seed + 2).integers(20, 2000, (args.queries, 2))]
         t_bm25 = [timed(idx.search_text, " ".join(w), 10)[1] for w in words]
         print(f"BM25 top-10 (2-word queries)   {ms(t_bm25)}")
+    del x
 
-        t_filtered = [
-            timed(idx.search_vector, q, 10, probes=[f"{PERSON}=yes"])[1] for q in queries[: args.duckdb_brute_queries]
-        ]
-        print(f"semantic + probe filter (exact, ~40% of rows pass)  {ms(t_filtered)}")
-
-    results = []
-    for ef in [int(v) for v in args.ef_search.split(",")]:
-        with ImageIndex.open(db, ef_search=ef) as idx:
-            _, first = timed(idx.search_vector, queries[0], 10)
-            runs = [timed(idx.search_vector, q, 10) for q in queries]
-        recall = np.mean([len({h.id for h in hits} & set(truth[i].tolist())) / 10 for i, (hits, _) in enumerate(runs)])
-        t_h = [s for _, s in runs]
-        results.append((ef, statistics.median(t_h), recall))
-        print(f"HNSW ef_search={ef:<4d} top-10     {ms(t_h)}   recall@10 {recall:.3f}   (first query, loads index: {first:.2f} s)")
-
-    print()
-    print(f"ratio DuckDB brute / numpy     {statistics.median(t_brute) / np_median:8.2f}")
-    for ef, median, recall in results:
-        print(f"ratio HNSW(ef={ef}) / numpy     {median / np_median:8.3f}   recall@10 {recall:.3f}")
+    # An update as a user runs it: a later run's new output file, then `captioner index NEW --db DB`.
+    added = work / "added.parquet"
+    write_more(added, n, args.add, dim, gen, vocab, args.seed)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "index", str(added), "--db", str(db)],
+                          env=env, capture_output=True, text=True)
+    t_update = time.perf_counter() - t0
+    if done.returncode:
+        print(done.stdout, done.stderr)
+        return 1
+    print(f"add {args.add:,} rows (captioner index, end to end) {t_update:8.1f} s = {t_update / report.seconds:.3f} "
+          f"of the fresh build")
+    print("  " + done.stdout.strip().splitlines()[-1])
     return 0
+
+
+def write_more(path: Path, start: int, count: int, dim: int, gen: "Vectors", vocab, seed: int) -> None:
+    run = RunMetadata("bench", "local", "bench:synthetic", "bench", dim, "0" * 64, (PERSON, COLOR))
+    schema = output_schema(dim, run)
+    rng = np.random.default_rng(seed + 3)
+    with pq.ParquetWriter(path, schema) as writer:
+        writer.write_table(chunk_table(start, gen.draw(count), captions(rng, vocab, count), rng, schema, run))
 
 
 if __name__ == "__main__":

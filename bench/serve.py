@@ -5,7 +5,7 @@
 
 Rows come from bench/search.py's generator (clustered unit vectors, Zipf-like
 captions, two probes); the index is built by `build_index` with its defaults,
-so at 100k rows it has the HNSW index a user's index would have. Requests go
+so at 100k rows it scans exactly, as a user's index of that size would. Requests go
 through the real app: Starlette's in-process test client (routing, JSON, the
 service lock, DuckDB), then the same over real HTTP to uvicorn on loopback.
 
@@ -142,13 +142,13 @@ def run(args, work: Path) -> int:
         vocab = write_parquet(work / "serve.parquet", photos, args.n, args.dim, args.seed)
         np.save(vocab_file, vocab)
         report = build_index([work / "serve.parquet"], db, fresh=True)
-        print(f"Parquet + index build           {time.perf_counter() - t0:7.1f} s   (HNSW: {report.info.hnsw})")
+        print(f"Parquet + index build           {time.perf_counter() - t0:7.1f} s   (ANN: {report.info.ann})")
     vocab = np.load(vocab_file, allow_pickle=True)
 
     index = ImageIndex.open(db, embedder=SyntheticEmbedder(args.dim, args.seed))
     t0 = time.perf_counter()
     service = IndexService(index)
-    print(f"server start (filters, HNSW load) {(time.perf_counter() - t0) * 1e3:5.0f} ms")
+    print(f"server start (filters, vectors)   {(time.perf_counter() - t0) * 1e3:5.0f} ms")
     thumbs = ThumbnailCache(work / "thumbs", max_bytes=64 * 2**20)
     client = TestClient(create_app(service, thumbs))
     rng = np.random.default_rng(args.seed + 2)

@@ -161,9 +161,8 @@ def test_help_defaults_follow_the_config_not_a_copy_of_it():
 def test_index_help_shows_the_build_defaults():
     from pipeline.search import index as ix
 
-    assert f"[default: {ix.DEFAULT_HNSW_MIN_ROWS}]" in help_of("index", "--hnsw-min-rows")
-    assert f"[default: {ix.DEFAULT_HNSW_M}]" in help_of("index", "--hnsw-m")
-    assert f"[default: {ix.DEFAULT_HNSW_EF_CONSTRUCTION}]" in help_of("index", "--hnsw-ef-construction")
+    # was the three --hnsw-* defaults (the HNSW path is gone)
+    assert f"[default: {ix.DEFAULT_ANN_MIN_ROWS}]" in help_of("index", "--ann-min-rows")
 
 
 def test_export_probe_help_names_thresholds():

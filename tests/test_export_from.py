@@ -118,7 +118,7 @@ def test_a_rows_only_index_answers_sql_but_refuses_searches(tmp_path):
     root, parquet = tmp_path / "photos", tmp_path / "captions.parquet"
     write_library(root, parquet)
     report = build_index([parquet], tmp_path / "rows.duckdb", rows_only=True)
-    assert report.info.rows_only and report.info.embedded_rows == 0 and not report.info.hnsw
+    assert report.info.rows_only and report.info.embedded_rows == 0 and not report.info.ann
     with ImageIndex.open(tmp_path / "rows.duckdb") as idx:
         assert idx.sql("SELECT count(*) FROM images").rows == [(5,)]
         assert idx.sql("SELECT probe_bool(probes, 'Is there a person in the image?') FROM images LIMIT 1").rows

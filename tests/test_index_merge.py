@@ -205,7 +205,12 @@ def test_index_while_the_run_merges_reads_the_merged_file(tmp_path, monkeypatch,
     con = duckdb.connect(str(db), read_only=True)
     assert [r[0] for r in con.execute("SELECT uri FROM images ORDER BY uri").fetchall()] == uris
     con.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.parquet", "index.duckdb"]
+    # index format 2: the catalogue and the one vector file it points at, nothing else
+    from pipeline.search import ImageIndex
+
+    with ImageIndex.open(db) as idx:
+        vector_file = idx.info.vector_file
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["captions.parquet", "index.duckdb", vector_file])
 
 
 def test_index_of_sources_that_keep_changing_says_so_in_one_line(tmp_path, monkeypatch):

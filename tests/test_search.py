@@ -42,11 +42,11 @@ def crafted_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["exact", "hnsw"])
+@pytest.fixture(scope="module", params=[False, True], ids=["exact", "ann"])
 def index(request, crafted_dir, tmp_path_factory):
-    """The crafted index, once scanned exactly and once through an HNSW index."""
+    """The crafted index, once scanned exactly and once through IVF lists."""
     db = tmp_path_factory.mktemp("db") / "index.duckdb"
-    build_index([crafted_dir], db, hnsw=request.param)
+    build_index([crafted_dir], db, ann=request.param)
     with ImageIndex.open(db) as idx:
         yield idx
 
@@ -141,8 +141,8 @@ def test_filters_combine_with_image_mode(index, tmp_path):
     assert uris(hits) == ["cat_sofa.jpg", "dog_beach.jpg", "sign.jpg"]
 
 
-def test_filtered_vector_search_is_exact_even_with_hnsw(index):
-    # vss filters after its top-k; a filter must not cut the result short
+def test_filtered_vector_search_is_exact_even_with_ann(index):
+    # a filter must not cut the result short
     hits = index.search_semantic("beach", k=1, where="uri = '/img/sign.jpg'")
     assert uris(hits) == ["sign.jpg"]
 
@@ -235,16 +235,10 @@ def test_error_rows_are_queryable_but_not_searchable(index):
     assert ERROR_URI not in [h.uri for h in index.search_semantic("beach", k=100)]
 
 
-def test_hnsw_index_is_used_by_unfiltered_vector_search_only(index):
-    def plan(**kwargs):
-        sql, params = index._vector_query(np.array([1, 0, 0, 0], np.float32), 3, kwargs.get("where"), (), kwargs.get("exact"))
-        text = str(index.sql("EXPLAIN " + sql, params).rows)
-        return "HNSW_INDEX_SCAN" in text, "SEQ_SCAN" in text
-
-    # with HNSW: index scan and no full-table scan (late materialization is off)
-    assert plan() == ((True, False) if index.info.hnsw else (False, True))
-    assert plan(where="width > 0")[0] is False
-    assert plan(exact=True)[0] is False
+def test_ann_index_has_lists_and_exact_one_has_none(index):
+    # was: the HNSW plan test (the DuckDB HNSW path is gone; vectors are scanned from the vector file)
+    assert index.vectors.ann == index.info.ann
+    assert (index.info.ann_lists or 0) >= (1 if index.info.ann else 0)
 
 
 # -- embedder checks -------------------------------------------------------------
@@ -319,7 +313,7 @@ def test_reindex_picks_up_new_files_and_newer_rows(tmp_path):
     run = run_metadata()
     write_rows(src / "part-0.parquet", crafted_rows(run), run)
     first = build_index([src], db)
-    assert (first.rebuilt, first.info.rows, first.info.hnsw) == (True, 6, False)
+    assert (first.rebuilt, first.info.rows, first.info.ann) == (True, 6, False)
     assert build_index([], db).rebuilt is False  # nothing changed
 
     # a later run: one new image, and the broken one now succeeded
@@ -337,12 +331,12 @@ def test_reindex_picks_up_new_files_and_newer_rows(tmp_path):
         assert idx.sql("SELECT count(*) FROM images WHERE status = 'error'").rows == [(0,)]
 
 
-def test_reindex_with_hnsw_forced_then_auto(tmp_path):
+def test_reindex_with_ann_forced_then_auto(tmp_path):
     write_rows(tmp_path / "a.parquet", crafted_rows(), run_metadata())
     db = tmp_path / "index.duckdb"
-    assert build_index([tmp_path / "a.parquet"], db, hnsw=True).info.hnsw
-    report = build_index([], db, hnsw_min_rows=1_000)  # below the threshold: rebuilt without HNSW
-    assert report.rebuilt and not report.info.hnsw
+    assert build_index([tmp_path / "a.parquet"], db, ann=True).info.ann
+    report = build_index([], db, ann_min_rows=1_000)  # below the threshold: rebuilt without ANN
+    assert report.rebuilt and not report.info.ann
 
 
 # -- near-duplicates ------------------------------------------------------------------

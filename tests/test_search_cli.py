@@ -27,7 +27,7 @@ def db(tmp_path_factory):
     write_rows(folder / "part-0.parquet", crafted_rows(), run_metadata())
     db = folder / "index.duckdb"
     out = invoke("index", folder, "--db", db).output
-    assert "6 rows, 5 searchable" in out and "HNSW: no" in out
+    assert "6 rows, 5 searchable" in out and "ANN: no" in out  # was "HNSW: no" (the HNSW path is gone)
     assert "up to date" in invoke("index", "--db", db).output
     return db
 

@@ -1,6 +1,8 @@
 """Search over captioner output with DuckDB: BM25, vectors, hybrid, SQL.
 
   contract                           what an index is: format, tables, macros, lockdown, feature checks
+  vectors / vector_build             the vector file beside the catalogue; writing and updating it
+  scan / ann                         top-k over it: exact BLAS scans, filtered scans, IVF lists (faiss k-means)
   build_index(sources, db_path)      build side (index.py): Parquet files/dirs -> index.duckdb
   ImageIndex.open(db_path)           query side (image_index.py): read-only text, semantic, image,
                                      hybrid, sql, duplicates

@@ -24,12 +24,7 @@ from pipeline.options import (
     storage_failure,
 )
 from pipeline.search.errors import SearchError
-from pipeline.search.index import (
-    DEFAULT_HNSW_EF_CONSTRUCTION,
-    DEFAULT_HNSW_M,
-    DEFAULT_HNSW_MIN_ROWS,
-    default_ef_search,
-)
+from pipeline.search.index import DEFAULT_ANN_MIN_ROWS
 
 DEFAULT_DB = DEFAULT_INDEX
 
@@ -81,34 +76,32 @@ def _echo_table(header: list[str], rows: list[list[str]], align_right=()) -> Non
 @click.argument("parquet", nargs=-1, type=click.Path())
 @click.option("--db", default=DEFAULT_DB, show_default=True, type=click.Path(dir_okay=False), help="Index database to create or update.")
 @click.option(
-    "--hnsw/--no-hnsw",
+    "--ann/--no-ann",
     default=None,
-    help="Force the HNSW vector index on or off. Default: built when there are at least --hnsw-min-rows embeddings.",
+    help="Force the IVF lists (approximate nearest neighbours) on or off. Default: built when there are at least "
+    "--ann-min-rows embeddings; below that every vector query is an exact scan.",
 )
-@click.option("--hnsw-min-rows", default=None, type=click.IntRange(min=0), help=f"Row count from which HNSW is built automatically [default: {DEFAULT_HNSW_MIN_ROWS}].")
-@click.option("--hnsw-m", default=None, type=click.IntRange(min=2), help=f"HNSW graph degree M [default: {DEFAULT_HNSW_M}].")
-@click.option("--hnsw-ef-construction", default=None, type=click.IntRange(min=1), help=f"HNSW build beam width [default: {DEFAULT_HNSW_EF_CONSTRUCTION}].")
-@click.option("--fresh", is_flag=True, help="Forget the sources recorded in an existing --db and index only PARQUET.")
+@click.option("--ann-min-rows", default=None, type=click.IntRange(min=0), help=f"Embedding count from which IVF lists are built automatically [default: {DEFAULT_ANN_MIN_ROWS}].")
+@click.option("--fresh", is_flag=True, help="Rebuild from scratch: forget the sources recorded in an existing --db, index only PARQUET, rewrite the vectors whole.")
 @click.option("--mixed-probes", is_flag=True, help="Index outputs captioned with different probe sets together (refused otherwise).")
 @_user_errors
-def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction, fresh, mixed_probes):
+def index_command(parquet, db, ann, ann_min_rows, fresh, mixed_probes):
     """Build or update a DuckDB search index over captioner Parquet output.
 
     PARQUET are files or directories (searched recursively). Sources already
     recorded in --db are re-scanned too, so `captioner index --db index.duckdb`
     alone picks up new files in indexed directories. All files must come from
     one embedder and, when captioned, one probe set (see --mixed-probes).
-    Nothing is rebuilt when no file changed.
+    Nothing is rebuilt when no file changed; otherwise only the vectors of
+    new or changed rows are read and appended.
     """
     from pipeline.search import index as ix
 
     report = ix.build_index(
         parquet,
         db,
-        hnsw=hnsw,
-        hnsw_min_rows=ix.DEFAULT_HNSW_MIN_ROWS if hnsw_min_rows is None else hnsw_min_rows,
-        hnsw_m=hnsw_m or ix.DEFAULT_HNSW_M,
-        hnsw_ef_construction=hnsw_ef_construction or ix.DEFAULT_HNSW_EF_CONSTRUCTION,
+        ann=ann,
+        ann_min_rows=ix.DEFAULT_ANN_MIN_ROWS if ann_min_rows is None else ann_min_rows,
         fresh=fresh,
         mixed_probes=mixed_probes,
     )
@@ -122,11 +115,14 @@ def index_command(parquet, db, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction
     embedder = (
         f"{info.embed_model} (revision {info.embed_revision}, dim {info.embedding_dim})" if info.embed_model else "none"
     )
-    hnsw_text = f"yes (M={info.hnsw_m}, ef_construction={info.hnsw_ef_construction})" if info.hnsw else "no (exact scan)"
+    ann_text = f"IVF, {info.ann_lists} lists" if info.ann else "no (exact scan)"
     click.echo(
         f"indexed {len(info.files)} files into {db} in {report.seconds:.1f} s: {info.rows} rows, "
         f"{info.searchable_rows} searchable (status ok), {info.embedded_rows} with embeddings\n"
-        f"embedder: {embedder}\nHNSW: {hnsw_text}"
+        f"embedder: {embedder}\nANN: {ann_text}\n"
+        f"vectors: {report.vectors_read} read from Parquet, "
+        f"{'written to a new vector file' if report.vectors_rewritten else 'the rest kept in place'}; steps: "
+        + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in report.timings.items())
     )
     if report.probe_sets > 1:
         click.echo(
@@ -170,19 +166,30 @@ Examples:
 @device_option(QUERY_DEVICE_HELP)
 @embed_model_option(QUERY_EMBED_MODEL_HELP)
 @click.option(
-    "--ef-search",
+    "--min-score",
+    default=None,
+    type=click.FloatRange(-1, 1),
+    help="Semantic and --image searches: only hits whose cosine similarity to the query is at least this.",
+)
+@click.option(
+    "--nprobe",
     default=None,
     type=click.IntRange(min=1),
-    help="HNSW search beam width (higher: better recall, slower) "
-    f"[default: by index size, {default_ef_search(0)} for small indexes, {default_ef_search(10**9)} for the largest].",
+    help="IVF lists scanned per query on an index with ANN (higher: better recall, slower) "
+    "[default: 1/128 of the lists, at least 8].",
 )
 @_user_errors
-def search_command(query, index_path, mode, image, where, probes, limit, as_json, device, embed_model, ef_search):
-    """Search the index for QUERY (or --image) and print the best matches."""
+def search_command(query, index_path, mode, image, where, probes, limit, as_json, device, embed_model, min_score, nprobe):
+    """Search the index for QUERY (or --image) and print the best matches.
+
+    Scores: cosine similarity (-1..1) in semantic and image searches, BM25 in
+    text searches, and in hybrid searches the reciprocal-rank-fusion score
+    sum(1 / (60 + rank)) over the two lists (about 0.033 at most).
+    """
     from pipeline.search.image_index import ImageIndex
 
-    with ImageIndex.open(index_path, device=query_device(device), ef_search=ef_search, embed_model=embed_model) as idx:
-        hits = idx.search(query, mode=mode, image=image, k=limit, where=where, probes=probes)
+    with ImageIndex.open(index_path, device=query_device(device), nprobe=nprobe, embed_model=embed_model) as idx:
+        hits = idx.search(query, mode=mode, image=image, k=limit, where=where, probes=probes, min_score=min_score)
     if as_json:
         _echo_json([h.to_dict() for h in hits])
         return

@@ -8,7 +8,8 @@ index``, and the temporary index behind ``captioner export --from``); the
 Everything both sides must agree on lives here and nowhere else:
 
   INDEX_FORMAT        bumped when the layout below changes; a reader refuses other formats
-  table/view names    IMAGE_ROWS, EMBEDDINGS, DOCS (+ FTS_SCHEMA), IMAGES, INDEX_META
+  table/view names    IMAGE_ROWS, VECTOR_SLOTS, ANN_CENTROIDS, DOCS (+ FTS_SCHEMA), IMAGES, INDEX_META
+  vector_path         where the vector file the catalogue points at lies (pipeline.search.vectors)
   ROW_COLUMNS         what image_rows has besides the schema's columns (minus the embedding)
   PROBE_MACROS        probe_answer / probe_bool / probe_yes_prob, for --where and SQL
   IndexInfo           the facts stored in index_meta (write_info / read_info)
@@ -26,18 +27,33 @@ Layout of an index database (all names fixed, nothing derived from user text):
                same bytes from any source file; ``id`` is ours,
                ``source_file`` / ``source_row`` say where the row came from,
                ``embedding_source_file`` / ``_row`` where its embedding did.
-  embeddings   (id, embedding FLOAT[D]) for status='ok' rows that have one;
-               the HNSW index, when built, lives on this table.
+  vector_slots (id, slot, norm, list) for status='ok' rows that have an
+               embedding: the row ``slot`` of the vector file holds it (raw
+               float32), ``norm`` its L2 norm, ``list`` its IVF list (null
+               without ANN). The vector file itself (pipeline.search.vectors:
+               header, then the matrix) lies beside the database under the
+               name ``IndexInfo.vector_file``; ``IndexInfo.vector_slots`` is
+               how many of its rows this catalogue covers. DuckDB is the
+               catalogue; the vectors are scanned by pipeline.search.scan.
+  ann_centroids (list, centroid FLOAT[D]) when the index has IVF lists.
   docs         (id, text) for status='ok' rows: caption + probe answers, with
                a BM25 full-text index (schema ``fts_main_docs``).
-  images       a view: image_rows joined with embeddings, in schema column
-               order, plus id / source_file / source_row. This is what
-               ``--where`` and ``captioner sql`` see.
+  images       a view: image_rows in schema column order (embedding null),
+               plus id / source_file / source_row. A reader with vectors
+               shadows it with a TEMP view of the same columns whose
+               embedding comes from the vector file (and adds a TEMP view
+               ``embeddings`` (id, embedding)). This is what ``--where`` and
+               ``captioner sql`` see.
   index_meta   key -> JSON value: the facts in :class:`IndexInfo`.
 
 A *rows-only* index (``IndexInfo.rows_only``, what ``export --from`` builds)
 has image_rows, images (with a null embedding), the macros and index_meta,
-but no embeddings, docs or HNSW: it answers SQL, not searches.
+but no vectors or docs: it answers SQL, not searches.
+
+Publishing an update: the vector file is written (new name) or appended to
+(after its committed rows) first, then the catalogue is renamed into place;
+the catalogue names the vector file and its slot count, so a reader sees the
+old generation or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -52,13 +68,21 @@ import duckdb
 from pipeline.search.errors import SearchError
 from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
 
-INDEX_FORMAT = 1
+# 2: vectors in a vector file beside the catalogue (vector_slots, ann_centroids); no HNSW.
+INDEX_FORMAT = 2
 
 IMAGE_ROWS = "image_rows"
-EMBEDDINGS = "embeddings"
+VECTOR_SLOTS = "vector_slots"
+ANN_CENTROIDS = "ann_centroids"
+EMBEDDINGS = "embeddings"  # the TEMP view (id, embedding) a reader adds over the vector file
+VECTOR_ARROW = "_vector_file"  # the Arrow table over the mapped vector file that view reads
 DOCS = "docs"
 FTS_SCHEMA = "fts_main_docs"
 IMAGES = "images"
+# A reader ATTACHes the index file under this name (attach_read_only); the stored images view,
+# which a reader with vectors shadows with a TEMP one, is then this:
+ATTACHED = "idx"
+STORED_IMAGES = f"{ATTACHED}.main.{IMAGES}"
 INDEX_META = "index_meta"
 
 # image_rows: the schema's columns but the embedding, then these.
@@ -93,12 +117,17 @@ class IndexInfo:
     rows: int
     searchable_rows: int
     embedded_rows: int
-    hnsw: bool
-    hnsw_m: int | None = None
-    hnsw_ef_construction: int | None = None
+    vector_file: str | None = None  # the vector file's name, beside the database
+    vector_slots: int = 0  # rows of the vector file this catalogue covers (live + dead)
+    ann_lists: int | None = None  # IVF lists (None: exact scans only)
+    ann_trained_rows: int = 0  # live vectors when the IVF centroids were trained
     built_at: str = ""
     duckdb_version: str = field(default=duckdb.__version__)
-    rows_only: bool = False  # built without embeddings, docs and HNSW (export --from)
+    rows_only: bool = False  # built without vectors and docs (export --from)
+
+    @property
+    def ann(self) -> bool:
+        return bool(self.ann_lists)
 
     def to_meta_rows(self) -> list[tuple[str, str]]:
         return [(key, json.dumps(value)) for key, value in asdict(self).items()]
@@ -150,6 +179,11 @@ def check_versions(info: IndexInfo, path) -> None:
         )
 
 
+def vector_path(db_path, info: IndexInfo) -> Path | None:
+    """The vector file of the index at ``db_path`` (None when it has none)."""
+    return Path(db_path).with_name(info.vector_file) if info.vector_file else None
+
+
 def add_macros(con: duckdb.DuckDBPyConnection) -> None:
     for macro in PROBE_MACROS:
         con.execute(macro)
@@ -160,15 +194,15 @@ def attach_read_only(path: Path) -> duckdb.DuckDBPyConnection:
 
     Each index gets its own in-memory DuckDB instance with the file ATTACHed
     read-only: settings then apply to this index alone (DuckDB shares one
-    instance per file path otherwise). The fts and vss extensions are loaded
-    first, so the BM25 macros and the HNSW index bind.
+    instance per file path otherwise). The fts extension is loaded first, so
+    the BM25 macros bind.
     """
     con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
     try:
-        load_extensions(con)  # before ATTACH, so the HNSW index binds
+        load_extensions(con)
         literal = "'" + str(path).replace("'", "''") + "'"  # ATTACH takes no parameters
-        con.execute(f"ATTACH {literal} AS idx (READ_ONLY)")
-        con.execute("USE idx")
+        con.execute(f"ATTACH {literal} AS {ATTACHED} (READ_ONLY)")
+        con.execute(f"USE {ATTACHED}")
         con.execute("DETACH memory")  # nothing writable is left, apart from TEMP objects
     except BaseException:
         con.close()

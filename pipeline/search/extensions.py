@@ -1,6 +1,6 @@
-"""Load DuckDB's fts and vss extensions from the installed PyPI wheels.
+"""Load DuckDB's fts extension from the installed PyPI wheel.
 
-``duckdb-extension-fts`` / ``duckdb-extension-vss`` ship the compiled
+``duckdb-extension-fts`` ships the compiled
 extension inside the Python package, built for one DuckDB version. Loading
 that file by path means nothing is fetched from the network at run time, and a
 version skew shows up as a clear error here rather than as DuckDB trying to
@@ -17,7 +17,7 @@ import duckdb
 from pipeline.search.errors import SearchError
 
 # extension name -> the pip package that carries it
-EXTENSION_PACKAGES = {"fts": "duckdb-extension-fts", "vss": "duckdb-extension-vss"}
+EXTENSION_PACKAGES = {"fts": "duckdb-extension-fts"}
 
 # Passed to every connection we open: never download or auto-load an
 # extension behind our back; we load exactly the files we found.
@@ -46,7 +46,7 @@ def extension_path(name: str) -> Path:
     return wanted[0]
 
 
-def load_extensions(con: duckdb.DuckDBPyConnection, names=("fts", "vss")) -> None:
+def load_extensions(con: duckdb.DuckDBPyConnection, names=("fts",)) -> None:
     for name in names:
         path = extension_path(name)
         # LOAD takes no bound parameter; the path is ours (found above), and

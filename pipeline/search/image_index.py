@@ -1,7 +1,9 @@
 """Query a search index: BM25, text-to-image, image-to-image, hybrid, SQL: the query side.
 
-An ImageIndex holds one read-only DuckDB connection. It is not thread-safe;
-open one per thread (opening is cheap; the HNSW index loads on first use).
+An ImageIndex holds one read-only DuckDB connection (the catalogue: rows,
+BM25, SQL, filters) and the index's vector file, memory-mapped
+(pipeline.search.scan answers vector queries from it). It is not
+thread-safe; open one per thread (opening maps the file; nothing is copied).
 The index's layout, its read-only lockdown and its feature checks are
 pipeline.search.contract's; pipeline.search.index builds it.
 """
@@ -19,13 +21,15 @@ import numpy as np
 from pipeline.search import contract
 from pipeline.search.contract import IndexInfo
 from pipeline.search.errors import SearchError
-from pipeline.search.filters import filter_sql
+from pipeline.search.filters import filter_ids_sql, filter_sql
 from pipeline.search.fusion import K_RRF, reciprocal_rank_fusion
-from pipeline.search.index import default_ef_search
 
 MODES = ("hybrid", "text", "semantic")
 # DuckDB statement types that only read; any other type is an attempt to write or reconfigure.
 _READING_STATEMENTS = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "RELATION", "CALL"})
+_REFUSED_STATEMENTS = frozenset({"DROP", "ALTER"})
+# Hits fetched by one point lookup each (see ImageIndex._hits); more go through one IN scan.
+_POINT_LOOKUPS = 64
 # How deep each list goes before fusion: RRF needs more than the top k of
 # each list, or an item ranked k+1 in both lists would be lost.
 DEFAULT_FUSION_DEPTH = 50
@@ -34,7 +38,7 @@ DEFAULT_FUSION_DEPTH = 50
 @dataclass(frozen=True)
 class Hit:
     rank: int
-    score: float  # BM25 (text), cosine similarity (semantic/image), RRF score (hybrid)
+    score: float  # BM25 (text), cosine similarity in [-1, 1] (semantic/image), RRF score (hybrid)
     id: int
     uri: str
     caption: str | None
@@ -65,7 +69,8 @@ class DuplicateMember:
 
 class ImageIndex:
     def __init__(
-        self, con: duckdb.DuckDBPyConnection, info: IndexInfo, path: Path, *, embedder=None, device="auto", embed_model=None
+        self, con: duckdb.DuckDBPyConnection, info: IndexInfo, path: Path, *, embedder=None, device="auto", embed_model=None,
+        vectors=None,
     ):
         self._con = con
         self.info = info
@@ -73,6 +78,7 @@ class ImageIndex:
         self.device = device
         self.embed_model = embed_model
         self._embedder = None
+        self.vectors = vectors  # pipeline.search.scan.VectorStore, None without embeddings
         if embedder is not None:
             self._embedder = self._checked(embedder)
 
@@ -86,7 +92,7 @@ class ImageIndex:
         *,
         embedder=None,
         device: str = "auto",
-        ef_search: int | None = None,
+        nprobe: int | None = None,
         embed_model: str | None = None,
     ) -> "ImageIndex":
         """Open an index built by ``captioner index``.
@@ -97,8 +103,8 @@ class ImageIndex:
         model recorded in the index (for local weights, which are recorded
         by content, the spec saved beside the indexed output). Either way it
         must be the model that built the index.
-        ``ef_search``: HNSW search beam; None picks one by index size
-        (pipeline.search.index.default_ef_search).
+        ``nprobe``: IVF lists scanned per ANN query; None picks one by the
+        list count (pipeline.search.scan.default_nprobe).
         """
         if not read_only:
             raise ValueError("ImageIndex is read-only; rebuild an index with pipeline.search.build_index")
@@ -112,13 +118,7 @@ class ImageIndex:
         try:
             info = contract.read_info(con, where=str(path))
             contract.check_versions(info, path)
-            ef = int(ef_search) if ef_search else default_ef_search(info.embedded_rows)
-            con.execute(f"SET hnsw_ef_search = {ef}")
-            # DuckDB's top-N "late materialization" joins the k winners back
-            # to the table with a scan over every row; after an HNSW lookup
-            # that scan costs more than the lookup itself (measured: 2x at 50k
-            # rows, growing with N), and our top-N queries fetch narrow rows.
-            con.execute("SET late_materialization_max_rows = 0")
+            store = _open_vectors(con, path, info, nprobe)  # TEMP views over the file go in before lock_down
             contract.lock_down(con)  # user SQL runs on this connection
         except duckdb.Error as exc:
             con.close()
@@ -126,7 +126,7 @@ class ImageIndex:
         except BaseException:
             con.close()
             raise
-        return cls(con, info, path, embedder=embedder, device=device, embed_model=embed_model)
+        return cls(con, info, path, embedder=embedder, device=device, embed_model=embed_model, vectors=store)
 
     def close(self) -> None:
         self._con.close()
@@ -248,12 +248,14 @@ class ImageIndex:
         k: int = 10,
         where: str | None = None,
         probes: Sequence = (),
+        min_score: float | None = None,
     ) -> list[Hit]:
         """The CLI's entry point: pick a mode from what was given.
 
         mode None means hybrid when the index has embeddings, else text. With
         ``image``: semantic mode (or no query) ranks by image similarity;
-        hybrid fuses BM25 of ``query`` with image similarity.
+        hybrid fuses BM25 of ``query`` with image similarity. ``min_score``
+        (semantic and image modes): keep only hits whose cosine is at least it.
         """
         query = (query or "").strip()
         if mode is None:
@@ -267,17 +269,22 @@ class ImageIndex:
                 raise SearchError("--mode semantic takes QUERY or --image, not both (hybrid fuses BM25 of QUERY with --image)")
         elif not query:
             raise SearchError("give a QUERY to search for, or --image PATH")
+        if min_score is not None and (mode != "semantic" and not (image is not None and not query)):
+            raise SearchError(
+                "--min-score thresholds cosine similarity: use it with --mode semantic or --image alone "
+                "(hybrid and text scores are ranks and BM25, not comparable across queries)"
+            )
         # Everything cheap is checked before the embedder (seconds of imports) loads.
         self.check_filters(where, probes)
         if image is not None:
             image = query_image(image)
             if not query:
-                return self.search_image(image, k, where=where, probes=probes)
+                return self.search_image(image, k, where=where, probes=probes, min_score=min_score)
             return self.search_hybrid(query, k, where=where, probes=probes, image=image)
         if mode == "text":
             return self.search_text(query, k, where=where, probes=probes)
         if mode == "semantic":
-            return self.search_semantic(query, k, where=where, probes=probes)
+            return self.search_semantic(query, k, where=where, probes=probes, min_score=min_score)
         return self.search_hybrid(query, k, where=where, probes=probes)
 
     def check_filters(self, where=None, probes=()) -> None:
@@ -299,29 +306,32 @@ class ImageIndex:
         """BM25 over caption + probe answers."""
         return self._hits(self._text_ranked(query, k, where, probes))
 
-    def search_semantic(self, query_text: str, k: int = 10, *, where=None, probes=()) -> list[Hit]:
+    def search_semantic(self, query_text: str, k: int = 10, *, where=None, probes=(), min_score=None) -> list[Hit]:
         """Images nearest to the query text in the index's embedding space."""
-        return self.search_vector(self._embed_text(query_text), k, where=where, probes=probes)
+        return self.search_vector(self._embed_text(query_text), k, where=where, probes=probes, min_score=min_score)
 
-    def search_image(self, path, k: int = 10, *, where=None, probes=()) -> list[Hit]:
+    def search_image(self, path, k: int = 10, *, where=None, probes=(), min_score=None) -> list[Hit]:
         """Images nearest to the image at ``path`` (which is returned too, if indexed)."""
-        return self.search_vector(self._embed_image(path), k, where=where, probes=probes)
+        return self.search_vector(self._embed_image(path), k, where=where, probes=probes, min_score=min_score)
 
-    def search_similar(self, row_id: int, k: int = 10, *, where=None, probes=()) -> list[Hit]:
+    def search_similar(self, row_id: int, k: int = 10, *, where=None, probes=(), min_score=None) -> list[Hit]:
         """Images nearest to indexed row ``row_id``, from its stored embedding (nothing is re-embedded)."""
         self._require_dim()
-        row = self._con.execute("SELECT embedding FROM embeddings WHERE id = ?", [int(row_id)]).fetchone()
-        if row is None:
+        vector = self.vectors.vector(int(row_id)) if self.vectors is not None else None
+        if vector is None:
             raise SearchError(f"row {row_id} has no embedding in this index (not an indexed image, or status error)")
-        return self.search_vector(row[0], k, where=where, probes=probes)
+        return self.search_vector(vector, k, where=where, probes=probes, min_score=min_score)
 
-    def search_vector(self, vector, k: int = 10, *, where=None, probes=(), exact: bool = False) -> list[Hit]:
+    def search_vector(self, vector, k: int = 10, *, where=None, probes=(), exact: bool = False,
+                      min_score: float | None = None) -> list[Hit]:
         """Images nearest to an already computed query vector (cosine).
 
-        ``exact`` scans every row even when the index has HNSW (which is
-        approximate); filtered searches are always exact.
+        ``exact`` scans every (matching) row even when the index has IVF lists
+        (which are approximate). A filter is complete either way: k hits
+        whenever k rows match. ``min_score`` drops hits below that cosine.
         """
-        return self._hits(self._vector_ranked(self._query_vector(vector), k, where, probes, exact=exact))
+        q = self._query_vector(vector)
+        return self._hits(self._vector_ranked(q, k, where, probes, exact=exact, min_score=min_score))
 
     def search_hybrid(
         self,
@@ -370,35 +380,22 @@ class ImageIndex:
         """
         return self._run(sql, [query, *params])
 
-    def _vector_ranked(self, vector: np.ndarray, k: int, where, probes, exact=False) -> list[tuple[int, float]]:
-        sql, params = self._vector_query(vector, k, where, probes, exact)
-        return self._run(sql, params)
-
-    def _vector_query(self, vector: np.ndarray, k: int, where, probes, exact=False) -> tuple[str, list]:
-        """The SQL (and parameters) for a vector top-k; rows are (id, cosine similarity)."""
-        cond, params = filter_sql(where, probes, self.info.probes)
-        dim = int(self.info.embedding_dim)
-        q = vector.tolist()
-        if self.info.hnsw and cond == "TRUE" and not exact:
-            # vss rewrites only this shape into an HNSW index scan: ORDER BY the
-            # aliased array_cosine_distance on the indexed table, then LIMIT.
-            # (Selecting a second copy of the expression defeats the rewrite.)
-            inner = f"""
-                SELECT id, array_cosine_distance(embedding, ?::FLOAT[{dim}]) AS distance
-                FROM embeddings ORDER BY distance LIMIT {_positive(k)}
-            """
-            return f"SELECT id, 1 - distance AS score FROM ({inner}) ORDER BY distance, id", [q]
-        # Exact scan. With a filter it must be exact: vss applies filters after
-        # the HNSW top-k, which would silently return fewer than k rows.
-        # Ordering by similarity (not the index's distance) keeps vss out.
-        sql = f"""
-            SELECT id, array_cosine_similarity(embedding, ?::FLOAT[{dim}]) AS score
-            FROM embeddings
-            WHERE {cond}
-            ORDER BY score DESC, id
-            LIMIT {_positive(k)}
-        """
-        return sql, [q, *params]
+    def _vector_ranked(self, vector: np.ndarray, k: int, where, probes, exact=False,
+                       min_score=None) -> list[tuple[int, float]]:
+        """(id, cosine) best first: DuckDB evaluates the filter into ids, the vector file is scanned."""
+        k = _positive(k)
+        self._require_dim()
+        if self.vectors is None:
+            return []
+        query = filter_ids_sql(where, probes, self.info.probes)
+        allowed = None
+        if query is not None:
+            try:
+                allowed = self._con.execute(*query).fetchnumpy()["id"]
+            except duckdb.Error as exc:
+                self._rollback()
+                raise SearchError(f"search failed: {_first_line(exc)}") from exc
+        return self.vectors.top_k(vector, k, allowed, exact=exact, min_score=min_score)
 
     def _run(self, sql: str, params: list) -> list[tuple[int, float]]:
         try:
@@ -410,10 +407,17 @@ class ImageIndex:
     def _hits(self, ranked: list[tuple[int, float]]) -> list[Hit]:
         if not ranked:
             return []
-        rows = self._con.execute(
-            "SELECT id, uri, caption, image_id FROM image_rows WHERE id IN (SELECT unnest(?::BIGINT[]))",
-            [[i for i, _ in ranked]],
-        ).fetchall()
+        ids = [int(i) for i, _ in ranked]
+        if len(ids) <= _POINT_LOOKUPS:
+            # One `id = ?` per hit: each is a pushed-down filter that reads one vector of the wide
+            # columns; an IN list is only a hint to DuckDB's scan, which then reads every row's
+            # uri and caption (measured: 7 ms against 16-34 ms for 10 hits at 100k rows).
+            sql = " UNION ALL ".join(["SELECT id, uri, caption, image_id FROM image_rows WHERE id = ?"] * len(ids))
+            rows = self._con.execute(sql, ids).fetchall()
+        else:
+            rows = self._con.execute(
+                "SELECT id, uri, caption, image_id FROM image_rows WHERE id IN (SELECT unnest(?::BIGINT[]))", [ids]
+            ).fetchall()
         by_id = {r[0]: r for r in rows}
         return [
             Hit(rank=n, score=score, id=i, uri=by_id[i][1], caption=by_id[i][2], image_id=by_id[i][3])
@@ -454,14 +458,18 @@ class ImageIndex:
         members may be linked only through a third). Exact and O(N^2) in
         blocks; see pipeline.search.duplicates for its cost.
         """
-        from pipeline.search.duplicates import embeddings_matrix, near_duplicate_groups
+        from pipeline.search.duplicates import near_duplicate_groups
 
         dim = self._require_dim()
         if not 0.0 < threshold <= 1.0:
             raise SearchError(f"--threshold {threshold} must be in (0, 1]")
-        table = self._con.execute("SELECT id, embedding FROM embeddings ORDER BY id").fetch_arrow_table()
-        ids = table.column("id").to_numpy()
-        groups = near_duplicate_groups(embeddings_matrix(table.column("embedding"), dim), threshold)
+        store = self.vectors
+        if store is None or not store.live:
+            return []
+        live = np.flatnonzero(store.slot_ids >= 0)
+        live = live[np.argsort(store.slot_ids[live], kind="stable")]  # in id order, as before
+        ids = store.slot_ids[live]
+        groups = near_duplicate_groups(np.asarray(store.matrix[live]), threshold)
         wanted = [int(ids[m]) for g in groups for m, _ in g]
         rows = self._con.execute(
             "SELECT id, uri, caption FROM image_rows WHERE id IN (SELECT unnest(?::BIGINT[]))", [wanted]
@@ -480,7 +488,8 @@ class ImageIndex:
 
         The connection cannot write the index file (attached READ_ONLY), has
         file access disabled and its configuration locked; TEMP tables live
-        in memory and vanish with the connection.
+        in memory and vanish with the connection. DROP and ALTER are refused
+        (they could only reach the TEMP views over the vector file).
         """
         try:
             statements = self._con.extract_statements(statement)
@@ -488,6 +497,9 @@ class ImageIndex:
             raise SearchError(f"SQL error: {_first_line(exc)}") from exc
         if len(statements) != 1:
             raise SearchError(f"give exactly one SQL statement, got {len(statements)}")
+        if statements[0].type.name in _REFUSED_STATEMENTS:
+            # The file is attached read-only, but the TEMP views over the vector file could be dropped.
+            raise SearchError(f"SQL error (the index is read-only): {statements[0].type.name} statements are refused")
         try:
             cursor = self._con.execute(statement, list(params) if params else None)
             columns = [d[0] for d in cursor.description] if cursor.description else []
@@ -506,6 +518,56 @@ class ImageIndex:
             self._con.execute("ROLLBACK")
         except duckdb.Error:
             pass
+
+
+def _open_vectors(con, path: Path, info: IndexInfo, nprobe):
+    """The VectorStore of an index (None without vectors), and the TEMP views ``images`` / ``embeddings`` over it."""
+    import mmap
+
+    import pyarrow as pa
+
+    from pipeline.search import vectors
+    from pipeline.search.scan import VectorStore
+
+    if info.rows_only or not info.embedding_dim or not info.vector_file:
+        return None
+    dim = int(info.embedding_dim)
+    matrix = vectors.open_matrix(contract.vector_path(path, info), path, dim=dim, slots=info.vector_slots,
+                                 model=info.embed_model, revision=info.embed_revision)
+    try:  # the kernel starts reading the file in now: the first scan finds it in memory
+        matrix._mmap.madvise(mmap.MADV_WILLNEED)
+    except (AttributeError, OSError, ValueError):
+        pass
+    table = con.execute(f"SELECT id, slot, norm, list FROM {contract.VECTOR_SLOTS}").fetchnumpy()
+    slots = np.asarray(table["slot"], np.int64)
+    if len(slots) and (slots.min() < 0 or slots.max() >= info.vector_slots):
+        raise SearchError(f"the index {path} points past its vector file; {vectors.fix_for(path)}")
+    slot_ids = np.full(info.vector_slots, -1, np.int64)
+    slot_ids[slots] = np.asarray(table["id"], np.int64)
+    inv = np.zeros(info.vector_slots, np.float32)
+    norms = np.asarray(table["norm"], np.float32)
+    inv[slots] = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1), 0)
+    lists = centroids = None
+    if info.ann:
+        lists = np.full(info.vector_slots, -1, np.int32)
+        lists[slots] = np.asarray(table["list"], np.int32)
+        cents = con.execute(f"SELECT centroid FROM {contract.ANN_CENTROIDS} ORDER BY list").fetch_arrow_table()
+        centroids = cents.column(0).combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    store = VectorStore(matrix, slot_ids, inv, info.rows, lists=lists, centroids=centroids, nprobe=nprobe)
+    # SQL sees the vectors without a copy: an Arrow table over the mapped file.
+    flat = matrix.reshape(-1) if len(matrix) else np.zeros(0, np.float32)
+    con.register(contract.VECTOR_ARROW, pa.table({
+        "id": pa.array(slot_ids), "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim),
+    }))
+    from schemas import COLUMN_NAMES
+
+    columns = ", ".join("e.embedding" if c == "embedding" else f"r.{c}" for c in COLUMN_NAMES)
+    extra = ", ".join(f"r.{c}" for c in contract.VIEW_COLUMNS)
+    con.execute(f"CREATE TEMP VIEW {contract.EMBEDDINGS} AS "
+                f"SELECT id, embedding::FLOAT[{dim}] AS embedding FROM {contract.VECTOR_ARROW} WHERE id >= 0")
+    con.execute(f"CREATE TEMP VIEW {contract.IMAGES} AS SELECT {columns}, {extra} FROM {contract.ATTACHED}.{contract.IMAGE_ROWS} AS r "
+                f"LEFT JOIN {contract.EMBEDDINGS} AS e ON e.id = r.id")
+    return store
 
 
 def query_image(image):

@@ -15,9 +15,10 @@ Searchable = status 'ok'; error rows stay in ``images`` for SQL. Re-indexing
 rebuilds everything into a temporary file that replaces the old one only once
 complete, so readers never see a half-built index and a failed build leaves
 the previous index intact. A rebuild is skipped when the source files are
-unchanged (same paths, sizes, mtimes) and the HNSW choice is the same.
-``rows_only`` builds just the rows (no embeddings, BM25 or HNSW): what
-``captioner export --from`` reads through.
+unchanged (same paths, sizes, mtimes) and the ANN choice is the same.
+The vectors (pipeline.search.vector_build) are updated in time proportional
+to the rows that changed. ``rows_only`` builds just the rows (no vectors or
+BM25): what ``captioner export --from`` reads through.
 """
 
 from __future__ import annotations
@@ -39,25 +40,11 @@ from pipeline.search.contract import INDEX_FORMAT, IndexInfo, read_info
 from pipeline.search.errors import SearchError
 from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
 
-# Below this many searchable rows an exact scan is a few milliseconds, and an
-# HNSW index would only add build time and approximation. Measured with
-# bench/search.py (see the README performance section).
-DEFAULT_HNSW_MIN_ROWS = 100_000
-# HNSW graph degree and build beam: vss's defaults-sized graph. Building it
-# is the slow step (bench, 2 cores: 152 s at 100k x 768, 27 min at 1M x 768).
-DEFAULT_HNSW_M = 16
-DEFAULT_HNSW_EF_CONSTRUCTION = 128
-
-
-def default_ef_search(rows: int) -> int:
-    """HNSW search beam for an index of ``rows`` vectors.
-
-    From bench/search.py (M=16, ef_construction=128, D=768): at 100k rows
-    ef_search=64 gave recall@10 0.996 in 0.35x numpy brute-force time; at 1M
-    ef_search=128 gave 0.940 in 0.27x, short of the 0.95 target, so larger
-    indexes use 256 (recall grows with ef_search; latency had 3.7x headroom).
-    """
-    return 64 if rows <= 300_000 else 256
+# From this many searchable embeddings up, the index gets IVF lists (ANN,
+# pipeline.search.ann); below it every query is an exact scan. bench/search.py
+# (2 cores, D=768): the exact scan costs about 70 ms per 1M rows, so at 200k
+# it is ~15 ms, while the lists cost ~10-20 s of k-means and assignment per build.
+DEFAULT_ANN_MIN_ROWS = 200_000
 
 
 @dataclass(frozen=True)
@@ -65,9 +52,11 @@ class BuildReport:
     info: IndexInfo
     rebuilt: bool  # False when the sources were unchanged and the index was kept
     seconds: float
-    timings: dict = field(default_factory=dict)  # seconds per build step (load, embeddings, fts, hnsw)
+    timings: dict = field(default_factory=dict)  # seconds per build step (load, fts, embeddings, ann, vectors, checkpoint)
     probe_sets: int = 1  # distinct probe sets among the captioned files (more than 1 only with mixed_probes)
     ignored: tuple[str, ...] = ()  # Parquet files in the sources' folders that captioner did not write
+    vectors_read: int = 0  # embeddings read from Parquet (the rest kept their slot in the vector file)
+    vectors_rewritten: bool = False  # a new vector file (fresh, compaction, ANN retrained), else appended to
 
 
 def expand_sources(sources, storage_options: dict | None = None) -> list[str]:
@@ -199,10 +188,8 @@ def build_index(
     sources,
     db_path,
     *,
-    hnsw: bool | None = None,
-    hnsw_min_rows: int = DEFAULT_HNSW_MIN_ROWS,
-    hnsw_m: int = DEFAULT_HNSW_M,
-    hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
+    ann: bool | None = None,
+    ann_min_rows: int = DEFAULT_ANN_MIN_ROWS,
     fresh: bool = False,
     mixed_probes: bool = False,
     rows_only: bool = False,
@@ -211,18 +198,18 @@ def build_index(
     """Build (or rebuild) the index at ``db_path`` over ``sources``.
 
     Sources stored in an existing index are kept (and re-scanned, so files
-    added to an indexed directory are picked up) unless ``fresh``. ``hnsw``:
-    True/False forces the HNSW index on/off; None builds it when there are at
-    least ``hnsw_min_rows`` searchable embeddings. Files captioned with
+    added to an indexed directory are picked up) unless ``fresh`` (which also
+    rewrites the vectors whole). ``ann``: True/False forces IVF lists on/off;
+    None builds them when there are at least ``ann_min_rows`` embeddings. Files captioned with
     different probe sets are refused unless ``mixed_probes``
     (:func:`check_probe_sets`). ``rows_only`` leaves out what only
-    searches need (embeddings, BM25, HNSW); see pipeline.search.contract.
+    searches need (vectors, BM25); see pipeline.search.contract.
     """
     from pipeline.lease import lease_for_file
 
     started = time.perf_counter()
     db_path = Path(os.path.expanduser(str(db_path)))
-    build = (hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction, fresh, mixed_probes, rows_only, storage_options)
+    build = (ann, ann_min_rows, fresh, mixed_probes, rows_only, storage_options)
     # One builder per --db: a second is refused, naming the first, so no build's sources are lost.
     lease = lease_for_file(str(db_path), command="captioner index")
     lease.acquire()
@@ -252,8 +239,8 @@ class _SourcesChanged(Exception):
     """A source file disappeared or changed while the build read it; the build is discarded and redone."""
 
 
-def _build_index(sources, db_path, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction, fresh, mixed_probes,
-                 rows_only, storage_options, *, started) -> BuildReport:
+def _build_index(sources, db_path, ann, ann_min_rows, fresh, mixed_probes, rows_only, storage_options, *,
+                 started) -> BuildReport:
     # Always look at an existing file, even with fresh: never overwrite
     # something that is not one of our indexes (say, --db captions.parquet).
     existing = _existing_info(db_path)
@@ -277,16 +264,21 @@ def _build_index(sources, db_path, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construc
         _raise_if_changed(files, None, storage_options, exc)
         raise
     probe_sets = check_probe_sets(files, runs, allow=mixed_probes)
-    settings = (hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction)
+    settings = (ann, ann_min_rows)
     if (
         previous
+        and previous.index_format == INDEX_FORMAT
         and previous.files == fingerprint
         and previous.rows_only == rows_only
-        and _same_hnsw_choice(previous, settings)
+        and _same_ann_choice(previous, settings)
     ):
         return BuildReport(previous, rebuilt=False, seconds=time.perf_counter() - started, ignored=tuple(ignored))
 
+    from pipeline.search.vector_build import remove_stale_vector_files, undo_vectors
     from pipeline.storage import Folder, is_full_disk, temp_name
+
+    # Vector files of killed builds: none is the live catalogue's (a reader of an older one has it mapped).
+    remove_stale_vector_files(db_path, keep=existing.vector_file if existing else None)
 
     # The one temporary-name rule (pipeline.storage): a dot-name beside the index, renamed into place.
     tmp = db_path.with_name(temp_name(db_path.name))
@@ -300,7 +292,8 @@ def _build_index(sources, db_path, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construc
                 con.register_filesystem(fs)
             timings: dict[str, float] = {}
             try:
-                info = _build(con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only)
+                info, built = _build(con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only,
+                              db_path=db_path, previous=previous, storage_options=storage_options)
             except (duckdb.Error, OSError) as exc:
                 _raise_if_changed(files, fingerprint, storage_options, exc)
                 raise
@@ -312,15 +305,21 @@ def _build_index(sources, db_path, hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construc
         _raise_if_changed(files, fingerprint, storage_options, None)
         # A leftover WAL next to the old file would be replayed onto the new one.
         _remove_db_files(db_path, keep_main=True)
-        Folder(str(db_path.parent)).move(tmp.name, db_path.name)
+        Folder(str(db_path.parent)).move(tmp.name, db_path.name)  # publishes the catalogue and its vector file
     except BaseException as exc:
         _remove_db_files(tmp)
+        try:
+            undo_vectors(db_path, existing)  # the live index's vector file as it was, no new one left
+        except Exception:  # noqa: BLE001 - the build's own error is the one to report
+            pass
         if isinstance(exc, Exception) and is_full_disk(exc):
             raise _disk_full(exc, db_path, existing is not None) from exc
         raise
+    remove_stale_vector_files(db_path, keep=info.vector_file)
     return BuildReport(
         info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings, probe_sets=probe_sets,
-        ignored=tuple(ignored),
+        ignored=tuple(ignored), vectors_read=built.appended if built else 0,
+        vectors_rewritten=bool(built and built.rewritten),
     )
 
 
@@ -356,13 +355,14 @@ def _source_key(source) -> str:
     return os.path.realpath(local_path(source)) if is_local(source) else source
 
 
-def _same_hnsw_choice(previous: IndexInfo, settings) -> bool:
-    hnsw, min_rows, m, efc = settings
-    want = hnsw if hnsw is not None else previous.embedded_rows >= min_rows
-    want = want and previous.embedding_dim is not None
-    if want != previous.hnsw:
-        return False
-    return not want or (previous.hnsw_m, previous.hnsw_ef_construction) == (m, efc)
+def _ann_wanted(settings, live_rows: int) -> bool:
+    ann, min_rows = settings
+    return bool(ann if ann is not None else live_rows >= min_rows) and live_rows > 0
+
+
+def _same_ann_choice(previous: IndexInfo, settings) -> bool:
+    want = previous.embedding_dim is not None and _ann_wanted(settings, previous.embedded_rows)
+    return want == previous.ann
 
 
 def _existing_info(db_path: Path) -> IndexInfo | None:
@@ -400,11 +400,11 @@ def _timed(timings: dict, step: str):
         timings[step] = timings.get(step, 0.0) + time.perf_counter() - t0
 
 
-def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_only=False) -> IndexInfo:
-    """Fill an empty database with the layout pipeline.search.contract describes."""
+def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_only=False, db_path=None,
+           previous=None, storage_options=None):
+    """Fill an empty database with the layout pipeline.search.contract describes: (IndexInfo, VectorBuild or None)."""
     from schemas import COLUMN_NAMES, SCHEMA_VERSION
 
-    hnsw, hnsw_min_rows, hnsw_m, hnsw_ef_construction = settings
     # The embedder of the index: that of the files that have one (check_files made them agree).
     run = next((r for r in runs if r.embed_model is not None and r.embedding_dim), None) or next(
         (r for r in runs if r.embed_model is not None), runs[0]
@@ -458,33 +458,12 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
         )
     _check_row_models(con, run)
 
-    if dim and not rows_only:
-        con.execute(f"CREATE TABLE embeddings (id BIGINT NOT NULL, embedding FLOAT[{dim}] NOT NULL)")
-        # Second pass over the files joins on (file, row) so the wide embedding
-        # column never goes through the dedup window above.
-        with _timed(timings, "embeddings"):
-            con.execute(
-                f"""
-                INSERT INTO embeddings
-                SELECT r.id, p.embedding::FLOAT[{dim}]
-                FROM read_parquet(?, filename = true, file_row_number = true) AS p
-                JOIN image_rows AS r
-                  ON r.embedding_source_file = p.filename AND r.embedding_source_row = p.file_row_number
-                WHERE r.status = 'ok' AND p.embedding IS NOT NULL
-                """,
-                [file_list],
-            )
-        emb_select = "e.embedding"
-        emb_join = "LEFT JOIN embeddings AS e ON e.id = r.id"
-    else:
-        emb_select = f"CAST(NULL AS FLOAT[{dim}]) AS embedding" if dim else "CAST(NULL AS FLOAT[]) AS embedding"
-        emb_join = ""
-
+    # The stored view's embedding is null: a reader shadows it with one over the vector file (contract).
+    emb_select = f"CAST(NULL AS FLOAT[{dim}]) AS embedding" if dim else "CAST(NULL AS FLOAT[]) AS embedding"
     select_list = ", ".join(emb_select if c == "embedding" else f"r.{c}" for c in COLUMN_NAMES)
     view_extra = ", ".join(f"r.{c}" for c in contract.VIEW_COLUMNS)
     con.execute(
-        f"CREATE VIEW {contract.IMAGES} AS SELECT {select_list}, {view_extra} "
-        f"FROM {contract.IMAGE_ROWS} AS r {emb_join}"
+        f"CREATE VIEW {contract.IMAGES} AS SELECT {select_list}, {view_extra} FROM {contract.IMAGE_ROWS} AS r"
     )
 
     if not rows_only:
@@ -496,11 +475,14 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
 
     rows = con.execute("SELECT count(*) FROM image_rows").fetchone()[0]
     searchable = con.execute("SELECT count(*) FROM image_rows WHERE status = 'ok'").fetchone()[0]
-    embedded = con.execute("SELECT count(*) FROM embeddings").fetchone()[0] if dim and not rows_only else 0
+    built = None
+    if dim and not rows_only:
+        from pipeline.search.vector_build import build_vectors
 
-    want_hnsw = bool(dim) and not rows_only and (hnsw if hnsw is not None else embedded >= hnsw_min_rows)
-    if want_hnsw:
-        _build_hnsw(con, hnsw_m, hnsw_ef_construction, timings)
+        built = build_vectors(
+            con, db_path, dim=dim, run=run, files=file_list, fingerprint=fingerprint, previous=previous,
+            ann_wanted=lambda live: _ann_wanted(settings, live), timings=timings, storage_options=storage_options,
+        )
 
     probes: dict[str, None] = {}
     for r in runs:
@@ -516,15 +498,16 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
         files=fingerprint,
         rows=rows,
         searchable_rows=searchable,
-        embedded_rows=embedded,
-        hnsw=want_hnsw,
-        hnsw_m=int(hnsw_m) if want_hnsw else None,
-        hnsw_ef_construction=int(hnsw_ef_construction) if want_hnsw else None,
+        embedded_rows=built.embedded if built else 0,
+        vector_file=built.file if built else None,
+        vector_slots=built.slots if built else 0,
+        ann_lists=built.ann_lists if built else None,
+        ann_trained_rows=built.ann_trained_rows if built else 0,
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         rows_only=rows_only,
     )
     contract.write_info(con, info)
-    return info
+    return info, built
 
 
 def _build_docs(con) -> None:
@@ -537,18 +520,6 @@ def _build_docs(con) -> None:
         """
     )
     con.execute("PRAGMA create_fts_index('docs', 'id', 'text', overwrite = 1)")
-
-
-def _build_hnsw(con, hnsw_m, hnsw_ef_construction, timings) -> None:
-    # Persisting an HNSW index is flagged experimental in vss because WAL
-    # replay after a crash can corrupt it; we build into a fresh file and
-    # CHECKPOINT before it replaces the live index, so no WAL is replayed.
-    con.execute("SET hnsw_enable_experimental_persistence = true")
-    with _timed(timings, "hnsw"):
-        con.execute(
-            f"CREATE INDEX embeddings_hnsw ON embeddings USING HNSW (embedding) "
-            f"WITH (metric = 'cosine', M = {int(hnsw_m)}, ef_construction = {int(hnsw_ef_construction)})"
-        )
 
 
 def _sources_sql(versions: dict[int, list[str]], columns: list[str]) -> str:

@@ -302,7 +302,16 @@ def _filters(request: Request) -> Filters:
             raise HTTPException(400, f"confidence must be a number in (0, 1], got {raw[:40]!r}") from None
         if not (math.isfinite(confidence) and 0 < confidence <= 1):
             raise HTTPException(400, f"confidence must be a number in (0, 1] (leave it out for no threshold), got {raw[:40]!r}")
-    return Filters(tuple(probes), confidence)
+    raw = request.query_params.get("min_score")
+    min_score = None
+    if raw not in (None, ""):
+        try:
+            min_score = float(raw)
+        except ValueError:
+            raise HTTPException(400, f"min_score must be a cosine similarity in [-1, 1], got {raw[:40]!r}") from None
+        if not (math.isfinite(min_score) and -1 <= min_score <= 1):
+            raise HTTPException(400, f"min_score must be a cosine similarity in [-1, 1], got {raw[:40]!r}")
+    return Filters(tuple(probes), confidence, min_score)
 
 
 def _page_json(page: Page) -> JSONResponse:

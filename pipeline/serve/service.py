@@ -5,8 +5,7 @@ question about the index is answered here, through ImageIndex's public
 methods, so search behaves exactly as ``captioner search`` does.
 
 One ImageIndex, one lock: an ImageIndex is not thread-safe, and a second
-connection would load its own copy of the HNSW graph (0.3 GB per 100k x 768
-rows). Queries take milliseconds and a local page has one user, so
+one would map the vector file and load its slot table again. Queries take milliseconds and a local page has one user, so
 serialising them costs nothing that matters; thumbnails are made outside the
 lock. So that no request can hold the lock for long, each one's queries run
 under a time limit (``query_timeout``): a timer thread interrupts the DuckDB
@@ -19,7 +18,7 @@ temporary file and renames it over the old one, so the path always names a
 complete index. At most once per ``reopen_every`` seconds a request compares
 the file's identity (device, inode, mtime, size) with the opened one's; when it
 changed, a background thread opens the new file read-only and prepares it
-(facets, embedder, HNSW graph), then swaps it in between requests. Each
+(facets, embedder, vector file), then swaps it in between requests. Each
 request pins one :class:`OpenedIndex` for its whole answer, so an answer comes
 from the old index or the new one, never both; the old one is closed (its
 deleted file released) once the last request pinning it is done. A failing
@@ -137,6 +136,7 @@ class Filters:
 
     probes: tuple[str, ...] = ()  # "Question?=answer", as --probe takes them
     min_confidence: float | None = None  # applies to yes/no filters, when the index has yes_prob
+    min_score: float | None = None  # semantic / image / similar pages: the lowest cosine similarity shown
 
 
 def sql_string(text: str) -> str:
@@ -425,7 +425,8 @@ class IndexService:
         where = _confidence_where(opened, filters)
         with self._locked(opened):
             # One extra row says whether another page exists.
-            hits = run(offset + limit + 1, where=where, probes=list(filters.probes))
+            extra = {} if filters.min_score is None else {"min_score": filters.min_score}
+            hits = run(offset + limit + 1, where=where, probes=list(filters.probes), **extra)
         return Page(hits[offset : offset + limit], offset, len(hits) > offset + limit, opened.facts())
 
     # -- one image -----------------------------------------------------------------
@@ -437,7 +438,7 @@ class IndexService:
 
     def _row(self, opened: OpenedIndex, row_id: int) -> dict:
         embedded = (
-            "EXISTS (SELECT 1 FROM embeddings AS e WHERE e.id = r.id)" if opened.index.info.embedding_dim else "false"
+            "EXISTS (SELECT 1 FROM vector_slots AS e WHERE e.id = r.id)" if opened.index.info.vector_file else "false"
         )
         result = self._sql(
             opened,
@@ -595,8 +596,8 @@ def _facets(index: ImageIndex) -> list[ProbeFacet]:
 
 
 def _load_vector_index(index: ImageIndex) -> None:
-    """Run one nearest-neighbour query now: the HNSW graph loads on first use (5 s at 100k rows)."""
-    if index.info.hnsw:
-        first = index.sql("SELECT min(id) FROM embeddings").rows[0][0]
+    """Run one nearest-neighbour query now, so the first request finds the vector file's pages in memory."""
+    if index.vectors is not None and index.vectors.live:
+        first = index.sql("SELECT min(id) FROM vector_slots").rows[0][0]
         if first is not None:
             index.search_similar(first, 1)
