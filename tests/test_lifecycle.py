@@ -186,3 +186,23 @@ def test_a_source_that_lists_nothing_records_nothing_gone(ray_local, tmp_path, t
     assert "gone from the source" not in again.output
     assert "recorded nothing as gone" in again.output
     assert_each_image_once(out, images)
+
+
+@pytest.mark.ray
+def test_an_updated_index_drops_a_deleted_file_as_a_fresh_build_does(ray_local, tmp_path, tiny_clip_dir):
+    """The incremental index update (no --fresh) follows the gone rows like a fresh build."""
+    photos = tmp_path / "photos"
+    images = make_jpegs(photos, 4)
+    out = tmp_path / "captions.parquet"
+    db = tmp_path / "index.duckdb"
+    args = ["--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes"]
+    run_cli(photos, *args)
+    cli("index", out, "--db", db)
+    assert len(searched_uris(db)) == 4
+    images[2].unlink()
+    run_cli(photos, *args)
+    cli("index", out, "--db", db)  # an update of the existing index
+    updated = searched_uris(db)
+    fresh_db = tmp_path / "fresh.duckdb"
+    cli("index", out, "--db", fresh_db, "--fresh")
+    assert updated == searched_uris(fresh_db) == {str(p) for p in images if p != images[2]}
