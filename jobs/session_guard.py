@@ -79,12 +79,59 @@ class SessionGuard:
 # ---- the guard process ------------------------------------------------------------
 
 
-def _wait_for_driver(driver_pid: int) -> None:
+def _wait_for_driver(driver_pid: int, token: str) -> dict[int, int]:
+    """Wait for the driver to end; meanwhile keep a pidfd of each process of the session, and of their children.
+
+    What the sweep finds by token is the main net; this is the second one. A
+    child of the raylet (its agents) is reparented when the raylet dies, and a
+    pidfd taken while it was still the session's child reaches it whatever its
+    environment reads by then.
+    """
+    needle = f"{SESSION_ENV}={token}".encode()
+    known: dict[int, int] = {}
+    stdin = sys.stdin.fileno()
+    while os.getppid() == driver_pid:
+        _remember(known, needle, spare={os.getpid(), driver_pid})
+        readable, _, _ = select.select([stdin], [], [], 0.5)
+        if readable and not os.read(stdin, 4096):
+            break  # EOF: the driver closed it (stop) or died
+    return known
+
+
+def _remember(known: dict[int, int], needle: bytes, spare: set[int]) -> None:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(b")", 1)[-1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    ours = {pid for pid in parents if pid not in spare and _carries(str(pid), needle)}
+    ours |= {pid for pid, parent in parents.items() if parent in ours and pid not in spare}
+    for pid in ours - set(known):
+        try:
+            known[pid] = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            continue
+
+
+def _kill_remembered(known: dict[int, int]) -> None:
+    for handle in known.values():
+        try:
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
+        except OSError:
+            pass  # exited already
+        finally:
+            os.close(handle)
+
+
+def _wait_for_driver_plain(driver_pid: int) -> None:
     stdin = sys.stdin.fileno()
     while os.getppid() == driver_pid:
         readable, _, _ = select.select([stdin], [], [], 0.5)
         if readable and not os.read(stdin, 4096):
-            return  # EOF: the driver closed it (stop) or died
+            return
 
 
 def _carries(pid: str, needle: bytes) -> bool:
@@ -134,8 +181,10 @@ def main(argv: list[str]) -> int:
     driver_pid, token = int(argv[1]), argv[2]
     for name in ("SIGINT", "SIGHUP", "SIGPIPE"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-    _wait_for_driver(driver_pid)
+    known = _wait_for_driver(driver_pid, token) if hasattr(os, "pidfd_open") else (_wait_for_driver_plain(driver_pid) or {})
     # The driver itself carries the token: spared while it lives (a normal stop).
+    if known:
+        _kill_remembered({pid: fd for pid, fd in known.items() if pid != driver_pid})
     sweep(token, spare={os.getpid(), driver_pid})
     return 0
 
