@@ -111,40 +111,6 @@ _LAMBDA_MATCH = {
 _LAMBDA_VALUE = {"bool": "flag", "text": "text", **{op: "number" for op in _THRESHOLDS}}
 
 
-def validate_where(expression: str) -> str:
-    """The user's boolean expression, checked and re-rendered by DuckDB's parser."""
-    text = expression.strip()
-    if not text:
-        raise SearchError("--where is empty; give a SQL boolean expression such as \"width > 512\"")
-    if ";" in text:
-        raise SearchError("--where must be a single SQL expression; ';' is not allowed (use chr(59) inside a string)")
-    try:
-        rendered = str(duckdb.SQLExpression(text))
-        parser = duckdb.connect(":memory:")
-        try:
-            statements = parser.extract_statements(f"SELECT 1 WHERE (\n{text}\n)")
-        finally:
-            parser.close()
-    except duckdb.Error as exc:
-        raise SearchError(f"--where {expression!r} is not a SQL expression: {_first_line(exc)}") from exc
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        raise SearchError(f"--where {expression!r} must be one boolean expression, not a statement")
-    return rendered
-
-
-def filter_sql(where: str | None, probes, known_questions) -> tuple[str, list]:
-    """A SQL condition on ``id`` (and its parameters) combining every filter; 'TRUE' when none."""
-    parts, params = [], []
-    if where is not None:
-        view, expression = _where_part(where)
-        parts.append(f"id IN (SELECT id FROM {view} WHERE (\n{expression}\n))")
-    probe = _probe_part(probes, known_questions)
-    if probe:
-        parts.append(f"id IN ({probe[0]})")
-        params += probe[1]
-    return (" AND ".join(parts) if parts else "TRUE"), params
-
-
 def filter_ids_sql(where: str | None, probes, known_questions) -> tuple[str, list] | None:
     """A query for the ids of the rows that pass every filter (None when there is no filter).
 
@@ -174,17 +140,7 @@ def _where_part(where: str) -> tuple[str, str]:
 
 def _probe_part(probes, known_questions) -> tuple[str, list] | None:
     """(a query for the ids passing every --probe, its parameters), None without probe filters."""
-    known = {q.lower(): q for q in known_questions}
-    specs = []
-    for probe in probes or ():
-        if isinstance(probe, str):
-            probe = ProbeFilter.parse(probe)
-        if probe.question.lower() not in known:
-            listed = "; ".join(known.values()) or "none (the files were captioned without probes)"
-            raise SearchError(f"--probe: no question {probe.question!r} in this index. Its questions: {listed}")
-        spec = probe.spec()
-        if spec not in specs:  # a repeated filter adds nothing
-            specs.append(spec)
+    specs = _probe_specs(probes, known_questions)
     if not specs:
         return None
     if len(specs) <= _LAMBDA_SPECS:
@@ -235,17 +191,7 @@ def filter_sql(where: str | None, probes, known_questions) -> tuple[str, list]:
     parts, params = [], []
     if where is not None:
         parts.append(f"id IN (SELECT id FROM images WHERE (\n{validate_where(where)}\n))")
-    known = {q.lower(): q for q in known_questions}
-    specs = []
-    for probe in probes or ():
-        if isinstance(probe, str):
-            probe = ProbeFilter.parse(probe)
-        if probe.question.lower() not in known:
-            listed = "; ".join(known.values()) or "none (the files were captioned without probes)"
-            raise SearchError(f"--probe: no question {probe.question!r} in this index. Its questions: {listed}")
-        spec = probe.spec()
-        if spec not in specs:  # a repeated filter adds nothing
-            specs.append(spec)
+    specs = _probe_specs(probes, known_questions)
     if specs:
         # Every probe filter in one bound table, joined once with the unnested
         # answers: a row passes when each filter matched one of its answers.
@@ -259,6 +205,22 @@ def filter_sql(where: str | None, probes, known_questions) -> tuple[str, list]:
         )
         params += [[{"n": n, **spec} for n, spec in enumerate(specs)], len(specs)]
     return (" AND ".join(parts) if parts else "TRUE"), params
+
+
+def _probe_specs(probes, known_questions) -> list[dict]:
+    """The distinct probe filters as bound-table rows, each checked against the index's questions."""
+    known = {q.lower(): q for q in known_questions}
+    specs = []
+    for probe in probes or ():
+        if isinstance(probe, str):
+            probe = ProbeFilter.parse(probe)
+        if probe.question.lower() not in known:
+            listed = "; ".join(known.values()) or "none (the files were captioned without probes)"
+            raise SearchError(f"--probe: no question {probe.question!r} in this index. Its questions: {listed}")
+        spec = probe.spec()
+        if spec not in specs:  # a repeated filter adds nothing
+            specs.append(spec)
+    return specs
 
 
 def _first_line(exc: Exception) -> str:
