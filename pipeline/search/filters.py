@@ -152,10 +152,17 @@ def _probe_part(probes, known_questions) -> tuple[str, list] | None:
             predicates.append(f"len(list_filter(probes, p -> lower(p.question) = ? AND {predicate})) > 0")
             params += [spec["question"], value]
         return f"SELECT id FROM image_rows WHERE {' AND '.join(predicates)}", params
-    # Every probe filter in one bound table, joined once with the unnested
-    # answers: a row passes when each filter matched one of its answers.
-    # Linear in rows x answers; a subquery per filter made DuckDB plan N
-    # joins, at a cost growing much faster than N (issue 14).
+    return _joined_probe_ids(specs)
+
+
+def _joined_probe_ids(specs: list[dict]) -> tuple[str, list]:
+    """(a query for the ids passing every filter of ``specs``, its parameters), as one join.
+
+    Every probe filter in one bound table, joined once with the unnested
+    answers: a row passes when each filter matched one of its answers.
+    Linear in rows x answers; a subquery per filter made DuckDB plan N
+    joins, at a cost growing much faster than N (issue 14).
+    """
     sql = (
         "SELECT a.id FROM (SELECT id, unnest(probes) AS p FROM image_rows) AS a "
         f"JOIN (SELECT unnest(?::{_SPEC_TYPE}, recursive := true)) AS f "
@@ -193,17 +200,9 @@ def filter_sql(where: str | None, probes, known_questions) -> tuple[str, list]:
         parts.append(f"id IN (SELECT id FROM images WHERE (\n{validate_where(where)}\n))")
     specs = _probe_specs(probes, known_questions)
     if specs:
-        # Every probe filter in one bound table, joined once with the unnested
-        # answers: a row passes when each filter matched one of its answers.
-        # Linear in rows x answers; a subquery per filter made DuckDB plan N
-        # joins, at a cost growing much faster than N (issue 14).
-        parts.append(
-            "id IN (SELECT a.id FROM (SELECT id, unnest(probes) AS p FROM image_rows) AS a "
-            f"JOIN (SELECT unnest(?::{_SPEC_TYPE}, recursive := true)) AS f "
-            f"ON lower(a.p.question) = f.question AND ({_MATCH}) "
-            "GROUP BY a.id HAVING count(DISTINCT f.n) = ?)"
-        )
-        params += [[{"n": n, **spec} for n, spec in enumerate(specs)], len(specs)]
+        sql, probe_params = _joined_probe_ids(specs)
+        parts.append(f"id IN ({sql})")
+        params += probe_params
     return (" AND ".join(parts) if parts else "TRUE"), params
 
 
