@@ -50,16 +50,22 @@ def exported_uris(out, tmp_path) -> set[str]:
         return {record["uri"] for record in csv.DictReader(handle)}
 
 
+def embedded_collection(tmp_path, clip_dir, images: int):
+    """``images`` photos run once (embeddings only) into captions.parquet: (photos, images, out, run args)."""
+    photos = tmp_path / "photos"
+    made = make_jpegs(photos, images)
+    out = tmp_path / "captions.parquet"
+    args = ["--out", out, "--embed-model", clip_dir, "--no-caption", "--no-probes"]
+    run_cli(photos, *args)
+    return photos, made, out, args
+
+
 @pytest.mark.ray
 def test_a_deleted_file_leaves_index_search_and_exports_and_comes_back_without_model_work(
     ray_local, tmp_path, tiny_clip_dir
 ):
-    photos = tmp_path / "photos"
-    images = make_jpegs(photos, 4)
-    out = tmp_path / "captions.parquet"
+    photos, images, out, args = embedded_collection(tmp_path, tiny_clip_dir, 4)
     db = tmp_path / "index.duckdb"
-    args = ["--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes"]
-    run_cli(photos, *args)
     first = rows_by_uri(out)
     deleted = images[1]
     kept_bytes = deleted.read_bytes()
@@ -174,11 +180,7 @@ def test_only_uris_a_listing_of_the_source_would_give_can_be_gone(tmp_path):
 def test_a_source_that_lists_nothing_records_nothing_gone(ray_local, tmp_path, tiny_clip_dir):
     """An empty listing is far likelier a mount that failed or a mistyped prefix than a collection
     emptied on purpose: the rerun says so and records nothing, so the index keeps every image."""
-    photos = tmp_path / "photos"
-    images = make_jpegs(photos, 3)
-    out = tmp_path / "captions.parquet"
-    args = ["--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes"]
-    run_cli(photos, *args)
+    photos, images, out, args = embedded_collection(tmp_path, tiny_clip_dir, 3)
     for image in images:
         image.unlink()  # what an unmounted share looks like: the folder is there, empty
 
@@ -191,12 +193,8 @@ def test_a_source_that_lists_nothing_records_nothing_gone(ray_local, tmp_path, t
 @pytest.mark.ray
 def test_an_updated_index_drops_a_deleted_file_as_a_fresh_build_does(ray_local, tmp_path, tiny_clip_dir):
     """The incremental index update (no --fresh) follows the gone rows like a fresh build."""
-    photos = tmp_path / "photos"
-    images = make_jpegs(photos, 4)
-    out = tmp_path / "captions.parquet"
+    photos, images, out, args = embedded_collection(tmp_path, tiny_clip_dir, 4)
     db = tmp_path / "index.duckdb"
-    args = ["--out", out, "--embed-model", tiny_clip_dir, "--no-caption", "--no-probes"]
-    run_cli(photos, *args)
     cli("index", out, "--db", db)
     assert len(searched_uris(db)) == 4
     images[2].unlink()
