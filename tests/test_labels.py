@@ -91,6 +91,33 @@ def test_serve_urls_name_rows_of_the_served_index(labeled, tmp_path):
         assert task["data"]["image"] == f"http://127.0.0.1:8000/api/images/{ids[task['data']['uri']]}/thumb?size=l"
 
 
+def test_captioner_serve_answers_every_task_image_url(labeled, tmp_path):
+    from urllib.parse import urlsplit
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from pipeline.search import ImageIndex
+    from pipeline.serve.app import create_app
+    from pipeline.serve.service import IndexService
+    from pipeline.serve.thumbs import ThumbnailCache
+
+    *_, index, _, _ = labeled
+    export_tasks(labeled, tmp_path / "ls", "--sample", "3")
+    tasks, _ = load(tmp_path / "ls")
+    idx = ImageIndex.open(index)
+    try:
+        client = TestClient(create_app(IndexService(idx), ThumbnailCache(tmp_path / "thumbs")))
+        for task in tasks:
+            url = urlsplit(task["data"]["image"])
+            response = client.get(url.path + "?" + url.query)
+            assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+            with Image.open(task["data"]["uri"]) as original, Image.open(__import__("io").BytesIO(response.content)) as shown:
+                assert shown.size == original.size  # small originals are shown at their own size
+    finally:
+        idx.close()
+
+
 def test_local_files_paths_are_below_the_document_root(labeled, tmp_path):
     base, root, parquet, *_ = labeled
     cli("export", "label-studio", "--from", parquet, "--out", tmp_path / "ls", "--local-files-root", base)
@@ -343,3 +370,53 @@ def test_report_without_labels_says_how_to_get_them(labeled, tmp_path):
     *_, index, _, _ = labeled
     result = cli("report", "probes", "--index", index, "--labels", tmp_path / "none.json", exit_code=1)
     assert "captioner import label-studio" in result.output
+
+
+# ---- training captions: --trigger and --style ---------------------------------------------
+
+def test_txt_with_a_trigger_word_and_tags(labeled, tmp_path):
+    base, root, parquet, _, items, rows = labeled
+    cli("export", "txt", "--from", parquet, "--out", tmp_path / "txt", "--trigger", "sks", "--style", "tags")
+    item = items[0]
+    text = (tmp_path / "txt" / item["rel"][len("photos/"):]).with_suffix(".txt").read_text()
+    expected = ["sks"] + [tag for q, tag in ((PERSON, "person"), (DOG, "dog")) if item["yes_prob"][q] >= 0.5]
+    expected += [f"a photo number 0", f"with a {'dog' if item['yes_prob'][DOG] >= 0.5 else 'cat'} on a lawn", "the sky is clear"]
+    assert text == ", ".join(dict.fromkeys(expected))
+    cli("export", "txt", "--from", parquet, "--out", tmp_path / "plain", "--trigger", "sks")
+    plain = (tmp_path / "plain" / item["rel"][len("photos/"):]).with_suffix(".txt").read_text()
+    assert plain == "sks " + item["caption"]
+
+
+def test_imagefolder_gets_a_text_column_only_when_asked(labeled, tmp_path):
+    _, _, _, index, _, rows = labeled
+    cli("export", "imagefolder", "--index", index, "--out", tmp_path / "a")
+    first = json.loads((tmp_path / "a" / "metadata.jsonl").read_text().splitlines()[0])
+    assert "text" not in first
+    cli("export", "imagefolder", "--index", index, "--out", tmp_path / "b", "--style", "tags")
+    records = [json.loads(line) for line in (tmp_path / "b" / "metadata.jsonl").read_text().splitlines()]
+    assert all(r["text"].endswith("the sky is clear") and r["caption"].startswith("A photo number") for r in records)
+
+
+def test_trigger_and_style_apply_to_training_formats_only(labeled, tmp_path):
+    *_, index, _, _ = labeled
+    result = cli("export", "coco", "--index", index, "--out", tmp_path / "c", "--trigger", "sks", exit_code=2)
+    assert "--trigger and --style shape training captions" in result.output
+
+
+def test_question_tags():
+    from pipeline.export.training_text import question_tag
+
+    assert question_tag("Is there a person in the image?") == "person"
+    assert question_tag("Does the image contain a red car?") == "red car"
+    assert question_tag("Is this a screenshot?") == "screenshot"
+    assert question_tag("Are there any animals?") == "animals"
+    assert question_tag("Is the photo taken outdoors?") == "taken outdoors"
+
+
+def test_hf_dataset_text_column_has_the_trigger(labeled, tmp_path):
+    import datasets
+
+    _, _, parquet, _, _, _ = labeled
+    cli("export", "hf-dataset", "--from", parquet, "--out", tmp_path / "hf", "--trigger", "sks")
+    dataset = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert dataset.num_rows == 40 and all(t == "sks " + c for t, c in zip(dataset["text"], dataset["caption"]))
