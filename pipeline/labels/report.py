@@ -163,10 +163,18 @@ def threshold_for(question: str, scored: list[tuple[float, bool]], asked: float)
     """The lowest reviewed yes_prob t whose selection (yes_prob >= t) has precision >= ``asked``."""
     for t, precision, recall, selected in pr_curve(scored):
         if precision >= asked and precision > 0:
-            return Threshold(asked, t, precision, recall, selected, f"{question}>={_floor(t)}")
+            return Threshold(asked, t, precision, recall, selected, f"{question}>={_short_floor(t, scored)}")
     return Threshold(asked, None, None, None, 0, None)
 
 
-def _floor(t: float) -> str:
-    """``t`` written with 6 decimals, rounded down, so the filter keeps every image the threshold keeps."""
-    return f"{math.floor(t * 1e6) / 1e6:.6f}".rstrip("0").rstrip(".") or "0"
+def _short_floor(t: float, scored: list[tuple[float, bool]]) -> str:
+    """``t`` rounded down to the fewest decimals that select the same reviewed images.
+
+    Rounded down, never to nearest: ``yes_prob`` is a float32, and 0.802 stored
+    is 0.80199998, which ``>= 0.802`` would leave out.
+    """
+    for decimals in range(1, 7):
+        cut = math.floor(t * 10**decimals) / 10**decimals
+        if not any(cut <= p < t for p, _ in scored):
+            return f"{cut:.{decimals}f}"
+    return repr(t)
