@@ -146,11 +146,12 @@ def _check_labeling_flags(format, *, parquet, trigger, style, serve_url, local_f
         if given:
             raise click.UsageError(f"{given[0]} applies to label-studio")
         return
-    if (serve_url is None) == (local_files_root is None):
-        raise click.UsageError(
-            "label-studio needs to know how Label Studio will load the images: --serve-url http://HOST:PORT (a running "
-            "`captioner serve` of this --index) or --local-files-root DIR (Label Studio's local-files document root); give one"
-        )
+    from pipeline.export.label_studio import ImageLinks
+
+    try:
+        ImageLinks(serve_url=serve_url, local_files_root=local_files_root)  # one of the two, well-formed
+    except ExportError as exc:
+        raise click.UsageError(str(exc)) from exc
     if serve_url is not None and parquet:
         raise click.UsageError(
             "--serve-url links images by the row ids of the index `captioner serve` serves, which --from does not have; "
