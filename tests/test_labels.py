@@ -118,6 +118,32 @@ def test_captioner_serve_answers_every_task_image_url(labeled, tmp_path):
         idx.close()
 
 
+def test_serve_lets_only_the_named_origin_load_thumbnails_cross_origin(labeled, tmp_path):
+    """Label Studio loads task images with crossorigin: without CORS its page shows "There was an issue loading URL"."""
+    from starlette.testclient import TestClient
+
+    from pipeline.search import ImageIndex
+    from pipeline.serve.app import create_app
+    from pipeline.serve.command import image_origins_of
+    from pipeline.serve.service import IndexService
+    from pipeline.serve.thumbs import ThumbnailCache
+
+    *_, index, _, _ = labeled
+    origins = image_origins_of(("http://127.0.0.1:8080/",))
+    assert origins == ("http://127.0.0.1:8080",)
+    idx = ImageIndex.open(index)
+    try:
+        client = TestClient(create_app(IndexService(idx), ThumbnailCache(tmp_path / "thumbs"), image_origins=origins))
+        ls = {"Origin": "http://127.0.0.1:8080"}
+        assert client.get("/api/images/1/thumb?size=l", headers=ls).headers["access-control-allow-origin"] == "http://127.0.0.1:8080"
+        assert "access-control-allow-origin" not in client.get("/api/images/1/thumb?size=l", headers={"Origin": "http://evil.test"}).headers
+        assert "access-control-allow-origin" not in client.get("/api/images/1", headers=ls).headers  # images only, not the API
+    finally:
+        idx.close()
+    with pytest.raises(Exception, match="is not an origin"):
+        image_origins_of(("127.0.0.1:8080/path",))
+
+
 def test_local_files_paths_are_below_the_document_root(labeled, tmp_path):
     base, root, parquet, *_ = labeled
     cli("export", "label-studio", "--from", parquet, "--out", tmp_path / "ls", "--local-files-root", base)

@@ -72,7 +72,7 @@ Examples:
 @click.option("--root", help="Folder (or bucket prefix) whose tree --out mirrors. [default: the deepest folder holding every image of the index or Parquet, selected or not]")
 @click.option("--trigger", metavar="WORD", help="txt/imagefolder/hf-dataset: put WORD (a trigger word or prefix) first in every caption text.")
 @click.option("--style", type=click.Choice(STYLES), default=None, help="txt/imagefolder/hf-dataset: the caption as written (sentence) or comma-separated tags from the yes-probes and the caption (tags). imagefolder/hf-dataset put it in a `text` column. [default: sentence]")
-@click.option("--serve-url", metavar="URL", help="label-studio: tasks show the images from this `captioner serve` of the same --index, e.g. http://127.0.0.1:8000.")
+@click.option("--serve-url", metavar="URL", help="label-studio: tasks show the images from this `captioner serve` of the same --index, e.g. http://127.0.0.1:8000 (started with --image-origin LABEL_STUDIO_URL).")
 @click.option("--local-files-root", metavar="DIR", help="label-studio: tasks show the images through Label Studio's local-files storage; DIR is its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT.")
 @click.option("--sample", "sample_size", type=click.IntRange(min=1), help="label-studio: write N images for review instead of all (see --sample-by).")
 @click.option("--sample-by", type=click.Choice(SAMPLE_STRATEGIES), default=SAMPLE_STRATEGIES[0], show_default=True, help="label-studio: uncertainty (yes_prob nearest 0.5 first) or stratified (every probe answer gets its share).")
@@ -205,8 +205,10 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
                           recursive=False) as dest:
             n = write_label_studio(source, dest, links=links, sample_size=labeling["sample_size"],
                                    strategy=labeling["sample_by"], seed=labeling["seed"], skipped=skipped)
+        note = ("; start `captioner serve` with --image-origin LABEL_STUDIO_URL so Label Studio may load the images"
+                if labeling["serve_url"] else "")
         return (f"wrote {n} Label Studio tasks to {shown} ({TASKS}; paste {CONFIG} into the project's labeling interface, "
-                f"then import {TASKS})")
+                f"then import {TASKS}){note}")
     if format == "alt-text":
         from pipeline.export.alt_file import write_alt_text
         from pipeline.export.storage import ExportFolder, parent

@@ -8,7 +8,9 @@ How Label Studio finds the images is the user's choice (:class:`ImageLinks`):
 
   * ``--serve-url http://HOST:PORT``: the images as ``captioner serve`` shows
     them, by the row ids of the index it serves (so this needs ``--index``,
-    the same index; ids of a ``--from`` export are temporary);
+    the same index; ids of a ``--from`` export are temporary); serve must be
+    started with ``--image-origin LABEL_STUDIO_URL``, since Label Studio
+    loads images cross-origin (CORS);
   * ``--local-files-root DIR``: Label Studio's local-files storage
     (``/data/local-files/?d=PATH``, PATH below ``DIR``, which must be the
     server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT); the images must be local
