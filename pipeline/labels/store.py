@@ -20,7 +20,7 @@ reads is refused rather than half-understood and rewritten.
 from __future__ import annotations
 
 import json
-import posixpath
+import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 
@@ -53,7 +53,7 @@ def labels_location(*, sources: tuple[str, ...], labels: str | None, storage_opt
 def place_of(location: str, storage_options) -> tuple[Folder, str]:
     if is_local(location):
         path = local_path(location)
-        return Folder(posixpath.dirname(path) or ".", storage_options), posixpath.basename(path)
+        return Folder(os.path.dirname(path) or ".", storage_options), os.path.basename(path)
     parent, name = location.rstrip("/").rsplit("/", 1)
     return Folder(parent, storage_options), name
 
