@@ -2,7 +2,8 @@
 and TagGUI-style trainers read (``photo.jpg`` -> ``photo.txt``, same folder).
 
 The file holds the caption alone, whitespace-normalised, UTF-8, no trailing
-newline. An existing ``.txt`` is kept (it may be hand-edited) unless
+newline; or, with ``--trigger``/``--style tags``, the training text
+pipeline.export.training_text makes of the row. An existing ``.txt`` is kept (it may be hand-edited) unless
 ``overwrite``; one that already says the same is left alone either way.
 """
 
@@ -15,6 +16,7 @@ from typing import Iterable
 from pipeline.export.rows import ExportRow
 from pipeline.export.sidecars import CREATE, KEEP, UPDATE, Placement, Plan, captioned
 from pipeline.export.storage import Storage
+from pipeline.export.training_text import TrainingText
 
 
 def txt_name(image_name: str) -> str:
@@ -25,13 +27,15 @@ def caption_text(caption: str) -> str:
     return " ".join(caption.split())
 
 
-def plan_txt(rows: Iterable[ExportRow], placement: Placement, storage: Storage, *, overwrite: bool, skipped: Counter) -> list[Plan]:
-    rows = list(captioned(rows, skipped))
+def plan_txt(rows: Iterable[ExportRow], placement: Placement, storage: Storage, *, overwrite: bool, skipped: Counter,
+             text: TrainingText | None = None) -> list[Plan]:
+    text = text or TrainingText()
+    rows = list(captioned(rows, skipped)) if text.style == "sentence" else [r for r in rows if _has_tags(r, text, skipped)]
     where = placement.locations([r.uri for r in rows], txt_name)
     plans = []
     for row in rows:
         location = where[row.uri]
-        data = caption_text(row.caption).encode("utf-8")
+        data = (caption_text(row.caption) if text.plain else text.of(row)).encode("utf-8")
         if not storage.exists(location):
             plans.append(Plan(row.uri, location, CREATE, data))
             continue
@@ -43,3 +47,10 @@ def plan_txt(rows: Iterable[ExportRow], placement: Placement, storage: Storage, 
         else:
             plans.append(Plan(row.uri, location, KEEP, None, "exists; --overwrite replaces it"))
     return plans
+
+
+def _has_tags(row: ExportRow, text: TrainingText, skipped: Counter) -> bool:
+    if text.of(row) is None:
+        skipped["no caption or yes-probe"] += 1
+        return False
+    return True
