@@ -1,61 +1,159 @@
-"""Near-duplicate groups by embedding, exactly, in memory-bounded blocks.
+"""Duplicate groups: the same bytes (exact tier) and near-identical embeddings (near tier), at any size.
 
-Every pair is compared once (upper triangle of X @ X.T, BLOCK x BLOCK tiles,
-64 MiB of float32 each), so the cost is N^2/2 dot products of length D: about
-a minute for 100k x 768 on two cores, and too slow at a million (use a
-``--where``-style pre-filter through ``captioner sql`` there, or sample).
-Pairs at or above the threshold are joined with union-find.
+Exact: rows with the same ``image_id`` (the bytes' sha256), found by DuckDB.
+Near: pairs with cosine >= the threshold among each row's nearest
+neighbours, found through the IVF lists (pipeline.search.ann / scan) rather
+than by comparing every pair: the rows of each list are compared with those
+of the same list and of its ``NEIGHBOUR_LISTS`` nearest lists (by centroid),
+one BLAS product per pair of lists. A pair at cosine 0.95 lies in one list or
+in two neighbouring ones, so it is found; bench/search.py plants such pairs
+and counts them. An index without lists gets temporary ones (k-means on a
+sample, as ``captioner index`` trains them) above ``EXACT_ROWS`` rows; below,
+every pair is compared, in blocks.
+
+Pairs of both tiers are joined into connected groups (A~B and B~C: one
+group); a group is ``exact`` when all its members have the same bytes, else
+``near``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
 BLOCK = 4096
+# Below this many vectors (and without IVF lists) every pair is compared: 50k x 50k x 768 takes ~15 s on 2 cores.
+EXACT_ROWS = 50_000
+# Besides its own list, each list is compared with this many nearest lists (and every list that counts it
+# among its nearest). bench/search.py, 1M x 768, 1,000 lists: 2 found every planted pair.
+NEIGHBOUR_LISTS = 2
 
 
-def embeddings_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    """(N, dim) float32 from a fixed_size_list<float>[dim] column."""
-    parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) for chunk in column.chunks]
-    if not parts:
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+def near_pairs(matrix: np.ndarray, inv_norms: np.ndarray, slots: np.ndarray, threshold: float, *,
+               lists: np.ndarray | None = None, centroids: np.ndarray | None = None,
+               neighbours: int = NEIGHBOUR_LISTS):
+    """(slot a, slot b, cosine) arrays of the pairs among ``slots`` at or above ``threshold``, each once (a < b).
 
-
-def near_duplicate_groups(x: np.ndarray, threshold: float, block: int = BLOCK) -> list[list[tuple[int, float]]]:
-    """Groups (of 2+) of row numbers with their best similarity inside the group.
-
-    Rows are assumed L2-normalised (the schema promises it); they are
-    re-normalised anyway so a stray unnormalised row cannot fake a match.
-    Groups come largest first, then by first row.
+    ``lists``/``centroids``: the IVF lists (lists per slot); without them,
+    above EXACT_ROWS vectors, temporary ones are trained.
     """
-    n = len(x)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    parent = np.arange(n)
-    best = np.full(n, -np.inf, dtype=np.float32)
+    slots = np.sort(np.asarray(slots, np.int64))
+    if len(slots) < 2:
+        return _empty()
+    if centroids is None or lists is None:
+        if len(slots) <= EXACT_ROWS:
+            return _pairs_in_blocks(matrix, inv_norms, slots, slots, threshold, same=True)
+        from pipeline.search import ann
 
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
+        centroids = ann.train(_rows(matrix, slots), ann.list_count(len(slots)))
+        lists = np.full(len(matrix), -1, np.int32)
+        lists[slots] = ann.assign(centroids, _RowView(matrix, slots))
+    member_lists = lists[slots]
+    order = np.argsort(member_lists, kind="stable")
+    members = slots[order]
+    offsets = np.searchsorted(member_lists[order], np.arange(len(centroids) + 1))
+    out = []
+    for a, b in _list_pairs(centroids, neighbours):
+        left = members[offsets[a]:offsets[a + 1]]
+        right = members[offsets[b]:offsets[b + 1]]
+        if len(left) and len(right) and (a != b or len(left) > 1):
+            out.append(_pairs_in_blocks(matrix, inv_norms, left, right, threshold, same=a == b))
+    if not out:
+        return _empty()
+    first, second, sims = (np.concatenate(parts) for parts in zip(*out))
+    swap = first > second
+    first[swap], second[swap] = second[swap], first[swap]
+    return first, second, sims
 
-    for i0 in range(0, n, block):
-        xi = x[i0 : i0 + block]
-        for j0 in range(i0, n, block):
-            sims = xi @ x[j0 : j0 + block].T
-            if j0 == i0:
-                sims = np.triu(sims, k=1) + np.tril(np.full_like(sims, -np.inf))  # each pair once, no self
-            rows, cols = np.nonzero(sims >= threshold)
-            for r, c in zip(rows.tolist(), cols.tolist()):
-                a, b, s = i0 + r, j0 + c, float(sims[r, c])
-                best[a] = max(best[a], s)
-                best[b] = max(best[b], s)
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[tuple[int, float]]] = {}
-    for a in np.nonzero(best > -np.inf)[0].tolist():
-        groups.setdefault(find(a), []).append((a, float(best[a])))
-    return sorted(groups.values(), key=lambda g: (-len(g), g[0][0]))
+
+def _list_pairs(centroids: np.ndarray, neighbours: int):
+    """(a, b) with a <= b: each list with itself, and with its nearest lists (symmetrised, each pair once)."""
+    count = len(centroids)
+    pairs = {(a, a) for a in range(count)}
+    take = min(neighbours, count - 1)
+    if take > 0:
+        for start in range(0, count, 1024):
+            sims = centroids[start:start + 1024] @ centroids.T
+            for row, a in enumerate(range(start, min(count, start + 1024))):
+                sims[row, a] = -np.inf
+            near = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+            for row, a in enumerate(range(start, min(count, start + 1024))):
+                for b in near[row].tolist():
+                    pairs.add((min(a, b), max(a, b)))
+    return sorted(pairs)
+
+
+def _pairs_in_blocks(matrix, inv_norms, left, right, threshold, *, same: bool):
+    """Pairs (left slot, right slot, cosine) >= threshold; ``same``: left is right, each pair once, no self."""
+    firsts, seconds, sims = [], [], []
+    for i0 in range(0, len(left), BLOCK):
+        a = left[i0:i0 + BLOCK]
+        xa = np.take(matrix, a, axis=0) * inv_norms[a][:, None]
+        for j0 in range(i0 if same else 0, len(right), BLOCK):
+            b = right[j0:j0 + BLOCK]
+            xb = xa if same and j0 == i0 else np.take(matrix, b, axis=0) * inv_norms[b][:, None]
+            s = xa @ xb.T
+            if same and j0 == i0:
+                s[np.tril_indices(len(a), 0, len(b))] = -np.inf  # each pair once, no self
+            r, c = np.nonzero(s >= threshold)
+            firsts.append(a[r])
+            seconds.append(b[c])
+            sims.append(s[r, c])
+    if not firsts:
+        return _empty()
+    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(sims).astype(np.float32)
+
+
+def _empty():
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+
+
+def _rows(matrix, slots):
+    """A training sample's rows (ann.train samples at most TRAIN_ROWS of what it is given)."""
+    from pipeline.search import ann
+
+    rng = np.random.default_rng(0)
+    picked = np.sort(rng.choice(slots, size=min(len(slots), ann.TRAIN_ROWS), replace=False))
+    return np.take(matrix, picked, axis=0)
+
+
+class _RowView:
+    """``matrix[slots]`` read chunk by chunk (ann.assign slices it), never copied whole."""
+
+    def __init__(self, matrix, slots):
+        self.matrix, self.slots = matrix, slots
+
+    def __len__(self):
+        return len(self.slots)
+
+    def __getitem__(self, part):
+        return np.take(self.matrix, self.slots[part], axis=0)
+
+
+def groups_of(pairs_a: np.ndarray, pairs_b: np.ndarray, weights: np.ndarray):
+    """Connected groups over the pairs: {root: [(node, best weight of its pairs)]}, nodes as given."""
+    nodes, inverse = np.unique(np.concatenate([pairs_a, pairs_b]), return_inverse=True)
+    if not len(nodes):
+        return []
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = inverse[:len(pairs_a)], inverse[len(pairs_a):]
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(nodes), len(nodes)))
+    _, label = connected_components(graph, directed=False)
+    best = np.full(len(nodes), -np.inf, np.float64)
+    np.maximum.at(best, a, weights)
+    np.maximum.at(best, b, weights)
+    grouped: dict[int, list] = {}
+    for node, lab, w in zip(nodes.tolist(), label.tolist(), best.tolist()):
+        grouped.setdefault(lab, []).append((node, w))
+    return list(grouped.values())
+
+
+def near_duplicate_groups(x: np.ndarray, threshold: float) -> list[list[tuple[int, float]]]:
+    """Groups (of 2+) of row numbers of ``x`` with their best similarity inside the group, largest first."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=1)
+    inv = np.where(norms > 0, 1 / np.where(norms > 0, norms, 1), 0).astype(np.float32)
+    a, b, s = near_pairs(x, inv, np.arange(len(x)), threshold)
+    groups = [sorted(g) for g in groups_of(a, b, s)]
+    return sorted(groups, key=lambda g: (-len(g), g[0][0]))
