@@ -5,7 +5,7 @@ Near: pairs with cosine >= the threshold among each row's nearest
 neighbours, found through the IVF lists (pipeline.search.ann / scan) rather
 than by comparing every pair: the rows of each list are compared with those
 of the same list and of its ``NEIGHBOUR_LISTS`` nearest lists (by centroid),
-one BLAS product per pair of lists. A pair at cosine 0.95 lies in one list or
+one BLAS product per list. A pair at cosine 0.95 lies in one list or
 in two neighbouring ones, so it is found; bench/search.py plants such pairs
 and counts them. An index without lists gets temporary ones (k-means on a
 sample, as ``captioner index`` trains them) above ``EXACT_ROWS`` rows; below,
@@ -24,8 +24,9 @@ BLOCK = 4096
 # Below this many vectors (and without IVF lists) every pair is compared: 50k x 50k x 768 takes ~15 s on 2 cores.
 EXACT_ROWS = 50_000
 # Besides its own list, each list is compared with this many nearest lists (and every list that counts it
-# among its nearest). bench/search.py, 1M x 768, 1,000 lists: 2 found every planted pair.
-NEIGHBOUR_LISTS = 2
+# among its nearest). 200k x 768 (bench/search.py vectors, 447 lists, 1,000 planted pairs at cosine ~0.99):
+# 1 found 995, 2 found all 1,000 in 4.8 s; 3 leaves a margin.
+NEIGHBOUR_LISTS = 3
 
 
 def near_pairs(matrix: np.ndarray, inv_norms: np.ndarray, slots: np.ndarray, threshold: float, *,
@@ -52,11 +53,13 @@ def near_pairs(matrix: np.ndarray, inv_norms: np.ndarray, slots: np.ndarray, thr
     members = slots[order]
     offsets = np.searchsorted(member_lists[order], np.arange(len(centroids) + 1))
     out = []
-    for a, b in _list_pairs(centroids, neighbours):
+    for a, partners in enumerate(_partner_lists(centroids, neighbours)):
         left = members[offsets[a]:offsets[a + 1]]
-        right = members[offsets[b]:offsets[b + 1]]
-        if len(left) and len(right) and (a != b or len(left) > 1):
-            out.append(_pairs_in_blocks(matrix, inv_norms, left, right, threshold, same=a == b))
+        if not len(left):
+            continue
+        # One product per list: its rows against its own rows and its partners' rows together.
+        right = np.concatenate([left, *(members[offsets[b]:offsets[b + 1]] for b in partners)])
+        out.append(_pairs_in_blocks(matrix, inv_norms, left, right, threshold, same=True))
     if not out:
         return _empty()
     first, second, sims = (np.concatenate(parts) for parts in zip(*out))
@@ -65,35 +68,38 @@ def near_pairs(matrix: np.ndarray, inv_norms: np.ndarray, slots: np.ndarray, thr
     return first, second, sims
 
 
-def _list_pairs(centroids: np.ndarray, neighbours: int):
-    """(a, b) with a <= b: each list with itself, and with its nearest lists (symmetrised, each pair once)."""
+def _partner_lists(centroids: np.ndarray, neighbours: int) -> list[list[int]]:
+    """Per list a: the lists b > a it is compared with (b among a's nearest, or a among b's), each pair once."""
     count = len(centroids)
-    pairs = {(a, a) for a in range(count)}
+    partners: list[set[int]] = [set() for _ in range(count)]
     take = min(neighbours, count - 1)
     if take > 0:
         for start in range(0, count, 1024):
-            sims = centroids[start:start + 1024] @ centroids.T
-            for row, a in enumerate(range(start, min(count, start + 1024))):
-                sims[row, a] = -np.inf
+            stop = min(count, start + 1024)
+            sims = centroids[start:stop] @ centroids.T
+            sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
             near = np.argpartition(-sims, take - 1, axis=1)[:, :take]
-            for row, a in enumerate(range(start, min(count, start + 1024))):
-                for b in near[row].tolist():
-                    pairs.add((min(a, b), max(a, b)))
-    return sorted(pairs)
+            for a, row in zip(range(start, stop), near.tolist()):
+                for b in row:
+                    partners[min(a, b)].add(max(a, b))
+    return [sorted(p) for p in partners]
 
 
 def _pairs_in_blocks(matrix, inv_norms, left, right, threshold, *, same: bool):
-    """Pairs (left slot, right slot, cosine) >= threshold; ``same``: left is right, each pair once, no self."""
+    """Pairs (left slot, right slot, cosine) >= threshold; ``same``: ``right`` starts with ``left`` (those
+    pairs are taken once each, without self-pairs)."""
     firsts, seconds, sims = [], [], []
     for i0 in range(0, len(left), BLOCK):
         a = left[i0:i0 + BLOCK]
         xa = np.take(matrix, a, axis=0) * inv_norms[a][:, None]
         for j0 in range(i0 if same else 0, len(right), BLOCK):
             b = right[j0:j0 + BLOCK]
-            xb = xa if same and j0 == i0 else np.take(matrix, b, axis=0) * inv_norms[b][:, None]
+            xb = np.take(matrix, b, axis=0) * inv_norms[b][:, None]
             s = xa @ xb.T
-            if same and j0 == i0:
-                s[np.tril_indices(len(a), 0, len(b))] = -np.inf  # each pair once, no self
+            if same and j0 < len(left):
+                # columns j0.. that are rows of ``left`` itself: keep only those after the row's own position
+                cols = np.arange(j0, j0 + len(b))
+                s[(cols[None, :] <= np.arange(i0, i0 + len(a))[:, None]) & (cols[None, :] < len(left))] = -np.inf
             r, c = np.nonzero(s >= threshold)
             firsts.append(a[r])
             seconds.append(b[c])
