@@ -11,14 +11,18 @@ probe ``truncated`` and ``caption_truncated``). Which row of a uri is current
 is pipeline.rows' rule (sql_is_newest); a uri whose current row is ``gone``
 (its file left the source) is not indexed at all (sql_is_live).
 
-Searchable = status 'ok'; error rows stay in ``images`` for SQL. Re-indexing
-rebuilds everything into a temporary file that replaces the old one only once
-complete, so readers never see a half-built index and a failed build leaves
-the previous index intact. A rebuild is skipped when the source files are
-unchanged (same paths, sizes, mtimes) and the ANN choice is the same.
-The vectors (pipeline.search.vector_build) are updated in time proportional
-to the rows that changed. ``rows_only`` builds just the rows (no vectors or
-BM25): what ``captioner export --from`` reads through.
+Searchable = status 'ok'; error rows stay in ``images`` for SQL. Every build
+writes a temporary file that replaces the old one only once complete, so
+readers never see a half-built index and a failed build leaves the previous
+index intact. Nothing is done when the source files are unchanged (same
+paths, sizes, mtimes) and the ANN choice is the same. Otherwise an update
+starts from a copy of the previous catalogue and re-derives only the rows of
+uris the new or changed files touch (pipeline.search.catalogue_update), the
+BM25 tables in place (pipeline.search.bm25) and the vectors by appending
+(pipeline.search.vector_build); a fresh build (--fresh, another format or
+embedder, or rows an update cannot reach) derives everything.
+``rows_only`` builds just the rows (no vectors or BM25): what
+``captioner export --from`` reads through.
 """
 
 from __future__ import annotations
@@ -549,7 +553,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
 
     if not rows_only:
         with _timed(timings, "fts"):
-            bm25.build(con)
+            _build_docs(con)
 
     # Helpers for --where / captioner sql: the answer to one probe question.
     contract.add_macros(con)
@@ -563,6 +567,11 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
             ann_wanted=lambda live: _ann_wanted(settings, live), timings=timings, storage_options=storage_options,
         )
     return _write_info(con, run, dim, runs, sources, fingerprint, built, rows_only), built
+
+
+def _build_docs(con) -> None:
+    """BM25 text (the caption and every probe answer of searchable rows) and its fts index."""
+    bm25.build(con)
 
 
 def _index_embedder(runs):
