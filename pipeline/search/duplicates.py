@@ -140,12 +140,8 @@ def groups_of(pairs_a: np.ndarray, pairs_b: np.ndarray, weights: np.ndarray):
     nodes, inverse = np.unique(np.concatenate([pairs_a, pairs_b]), return_inverse=True)
     if not len(nodes):
         return []
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     a, b = inverse[:len(pairs_a)], inverse[len(pairs_a):]
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(nodes), len(nodes)))
-    _, label = connected_components(graph, directed=False)
+    label = _components(len(nodes), a, b)
     best = np.full(len(nodes), -np.inf, np.float64)
     np.maximum.at(best, a, weights)
     np.maximum.at(best, b, weights)
@@ -153,6 +149,23 @@ def groups_of(pairs_a: np.ndarray, pairs_b: np.ndarray, weights: np.ndarray):
     for node, lab, w in zip(nodes.tolist(), label.tolist(), best.tolist()):
         grouped.setdefault(lab, []).append((node, w))
     return list(grouped.values())
+
+
+def _components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest node of each node's connected component, over the edges (a[i], b[i]): union-find in
+    numpy (every edge hooks the larger root under the smaller, then paths are halved until flat)."""
+    parent = np.arange(count)
+    while True:
+        ra, rb = parent[a], parent[b]
+        differ = ra != rb
+        if not differ.any():
+            return parent
+        np.minimum.at(parent, np.maximum(ra, rb)[differ], np.minimum(ra, rb)[differ])
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
 
 
 def near_duplicate_groups(x: np.ndarray, threshold: float) -> list[list[tuple[int, float]]]:
