@@ -96,3 +96,12 @@ def test_a_rewritten_part_updates_in_place_and_a_removed_one_rebuilds(collection
     # removed: the rows it replaced come back from part-0, which the catalogue no longer holds: built fresh
     (src / "part-1.parquet").unlink()
     check_against_fresh(src, db, tmp_path, updated=False)
+
+
+def test_captioner_index_says_the_catalogue_was_updated_in_place(collection):
+    from tests.cli import cli
+
+    src, db = collection
+    write_rows(src / "part-1.parquet", captioned(uris(200, 205), 2, later(5)), RUN)
+    out = cli("index", "--db", str(db)).output
+    assert "catalogue: updated in place" in out and "5 read from Parquet" in out, out

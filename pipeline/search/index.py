@@ -373,9 +373,10 @@ def _update(con, files, runs, sources, fingerprint, settings, timings, *, db_pat
     new_files = [str(path) for path, *marker in fingerprint if (str(path), *marker) not in before]
     now = set(map(tuple, fingerprint))
     gone_files = [str(path) for path, *marker in previous.files if (str(path), *marker) not in now]
+    fresh_files = set(new_files)
     versions: dict[int, list[str]] = {}
     for path, file_run in zip(map(str, files), runs):
-        if path in new_files:
+        if path in fresh_files:
             versions.setdefault(file_run.schema_version, []).append(path)
     plain = [c for c in COLUMN_NAMES if c != "embedding"]
     with _timed(timings, "load"):
