@@ -5,9 +5,11 @@ Near: pairs with cosine >= the threshold among each row's nearest
 neighbours, found through the IVF lists (pipeline.search.ann / scan) rather
 than by comparing every pair: the rows of each list are compared with those
 of the same list and of its ``NEIGHBOUR_LISTS`` nearest lists (by centroid),
-one BLAS product per list. A pair at cosine 0.95 lies in one list or
-in two neighbouring ones, so it is found; bench/search.py plants such pairs
-and counts them. An index without lists gets temporary ones (k-means on a
+one BLAS product per list. A pair at cosine 0.95 lies in one list or in two
+neighbouring ones, so it is almost always found, though not guaranteed to be
+(an approximate search, like the IVF queries); bench/search.py plants such
+pairs and counts them: at 1M x 768 all 1,000 in 144 s on the loaded 2-core
+machine. An index without lists gets temporary ones (k-means on a
 sample, as ``captioner index`` trains them) above ``EXACT_ROWS`` rows; below,
 every pair is compared, in blocks.
 
@@ -21,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 4096
-# Below this many vectors (and without IVF lists) every pair is compared: 50k x 50k x 768 takes ~15 s on 2 cores.
-EXACT_ROWS = 50_000
+# Up to this many vectors (without IVF lists) every pair is compared: N^2/2 dot products, 0.15 TFLOP at 768-D,
+# a few seconds on 2 cores; above, temporary lists cost less.
+EXACT_ROWS = 20_000
 # Besides its own list, each list is compared with this many nearest lists (and every list that counts it
 # among its nearest). 200k x 768 (bench/search.py vectors, 447 lists, 1,000 planted pairs at cosine ~0.99):
 # 1 found 995, 2 found all 1,000 in 4.8 s; 3 leaves a margin.
@@ -166,13 +169,3 @@ def _components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             if np.array_equal(grand, parent):
                 break
             parent = grand
-
-
-def near_duplicate_groups(x: np.ndarray, threshold: float) -> list[list[tuple[int, float]]]:
-    """Groups (of 2+) of row numbers of ``x`` with their best similarity inside the group, largest first."""
-    x = np.asarray(x, np.float32)
-    norms = np.linalg.norm(x, axis=1)
-    inv = np.where(norms > 0, 1 / np.where(norms > 0, norms, 1), 0).astype(np.float32)
-    a, b, s = near_pairs(x, inv, np.arange(len(x)), threshold)
-    groups = [sorted(g) for g in groups_of(a, b, s)]
-    return sorted(groups, key=lambda g: (-len(g), g[0][0]))
