@@ -99,6 +99,8 @@ def test_golden_file_resumes_as_an_existing_output(golden, tmp_path):
             expected = {**old[row["uri"]]}
             expected.setdefault("caption_truncated", None)
             expected.setdefault("source_mtime", None)
+            for added in ("caption_short", "text", "text_lines", "ocr_model", "ocr_revision"):  # schema v5
+                expected.setdefault(added, None)
             for probe in expected["probes"] or ():
                 probe.setdefault("yes_prob", None)
                 probe.setdefault("truncated", None)
