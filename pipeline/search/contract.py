@@ -36,7 +36,7 @@ Layout of an index database (all names fixed, nothing derived from user text):
                how many of its rows this catalogue covers. DuckDB is the
                catalogue; the vectors are scanned by pipeline.search.scan.
   ann_centroids (list, centroid FLOAT[D]) when the index has IVF lists.
-  docs         (id, text) for status='ok' rows: caption + probe answers, with
+  docs         (id, text) for status='ok' rows: captions, probe answers, OCR text, with
                a BM25 full-text index (schema ``fts_main_docs``).
   images       a view: image_rows in schema column order (embedding null),
                plus id / source_file / source_row. A reader with vectors

@@ -511,11 +511,14 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
 
 
 def _build_docs(con) -> None:
-    """BM25 text: the caption and every probe answer of searchable rows."""
+    """BM25 text: the caption, every probe answer and the text read in the image (OCR) of searchable rows."""
+    # The one place that says what a row's BM25 document is: caption_short and text are schema v5's
+    # (null in upgraded older rows, which concat_ws skips).
     con.execute(
         """
         CREATE TABLE docs AS
-        SELECT id, concat_ws(' ', caption, array_to_string(list_transform(probes, lambda p: p.answer), ' ')) AS text
+        SELECT id, concat_ws(' ', caption, caption_short,
+                             array_to_string(list_transform(probes, lambda p: p.answer), ' '), text) AS text
         FROM image_rows WHERE status = 'ok'
         """
     )
