@@ -1,7 +1,8 @@
 """``captioner export hf-dataset``: a Hugging Face ``datasets.Dataset`` saved with save_to_disk.
 
 Columns: ``image`` (datasets.Image, the original file's bytes), ``file_name``
-(the path below the root), ``caption``, ``image_id``, and one column per
+(the path below the root), ``caption``, ``caption_short`` and ``text`` (schema
+v5: the short caption and the text OCR read, null when not written), ``image_id``, and one column per
 probe question (pipeline.export.labels). ``datasets.load_from_disk(OUT)``
 reads it back. The dataset is built in a temporary cache folder (never the
 user's HF cache) and written to OUT, local or on a bucket.
@@ -36,6 +37,9 @@ def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None,
             "image": datasets.Image(),
             "file_name": datasets.Value("string"),
             "caption": datasets.Value("string"),
+            # Schema v5: the short caption (two lengths asked) and the text OCR read; null when not written.
+            "caption_short": datasets.Value("string"),
+            "text": datasets.Value("string"),
             "image_id": datasets.Value("string"),
             **{name: types[kind] for name, kind in feature_types(columns, source.has_yes_prob).items()},
         }
@@ -53,6 +57,8 @@ def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None,
                 "image": {"bytes": data, "path": rel},
                 "file_name": rel,
                 "caption": row.caption,
+                "caption_short": row.caption_short,
+                "text": row.text,
                 "image_id": row.image_id,
                 **probe_values(row, columns, source.has_yes_prob),
             }
