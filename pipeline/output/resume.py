@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline import rows as row_rule
 from pipeline.sources import mtime_micros
 from pipeline.storage import OutputError
-from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema, upgrade_table
+from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema, output_schema, upgrade_table
 from schemas.errors import PERMANENT_ERROR_KINDS
 
 # Columns that decide resume; reading only these keeps a rerun's start cheap.
@@ -143,7 +143,14 @@ def _read_state_columns(fs, path: str) -> pa.Table:
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
         table = parquet.read(columns=[name for name in _STATE_COLUMNS if name in names])
-    return upgrade_table(table)
+    table = upgrade_table(table)
+    # A column whose anchor is not among these (ocr_revision follows ocr_model) is not added by the
+    # upgrade: null, as the upgrade would make it.
+    schema = output_schema(None)
+    for name in _STATE_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table
 
 
 def check_file(fs, path: str, run: RunMetadata, display) -> RunMetadata:
