@@ -167,3 +167,17 @@ def test_alt_text_quotes_legible_text_within_the_cap():
     alt = alt_text_with_text(long_caption, long_text, 125)
     quoted = alt[alt.index('Text: "') + 7 : -1]
     assert len(alt) <= 125 and len(quoted) >= MIN_QUOTED - 1 and "…" in alt.split("Text:")[0]
+
+
+def test_ocr_off_plans_no_ocr_actor_and_no_ocr_columns(tmp_path):
+    from jobs.ray_plan import plan_resources
+    from schemas import RunMetadata
+
+    base = {"source": str(tmp_path), "output": str(tmp_path / "o.parquet")}
+    off, on = RunConfig.from_dict(base), RunConfig.from_dict({**base, "ocr": {"enabled": True}})
+    assert off.ocr.enabled is False  # the default (README: why)
+    assert plan_resources(off, {"CPU": 8}, False).ocr_actors == 0
+    assert plan_resources(on, {"CPU": 8}, False).ocr_actors == 1
+    identity = RunMetadata(None, None, None, None, None, "0" * 64)
+    assert "text" not in StageConfig(run=off, identity=identity).columns_after("embed").names
+    assert "text" in StageConfig(run=on, identity=identity).columns_after("ocr").names
