@@ -134,18 +134,33 @@ def chunk_table(start: int, x: np.ndarray, caps: list[str], rng, schema: pa.Sche
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-def write_parquet(path: Path, n: int, dim: int, seed: int):
-    """Write N rows; return the (N, D) vectors, the query generator and the vocabulary."""
+def planted_pairs(n: int, pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(originals, copies): row copies[i] is a near copy of row originals[i] (copies in the second half)."""
+    pairs = min(pairs, n // 2)
+    copies = n // 2 + np.arange(pairs) * max(1, (n - n // 2) // max(1, pairs))
+    return copies - n // 2, copies
+
+
+def write_parquet(path: Path, n: int, dim: int, seed: int, pairs: int = 0):
+    """Write N rows; return the (N, D) vectors, the query generator and the vocabulary.
+
+    ``pairs`` rows of the second half are near copies (cosine about 0.99, like a re-encoded JPEG) of rows
+    of the first half (:func:`planted_pairs`).
+    """
     run = RunMetadata("bench", "local", "bench:synthetic", "bench", dim, "0" * 64, (PERSON, COLOR))
     schema = output_schema(dim, run)
     gen = Vectors(n, dim, seed)
     rng = np.random.default_rng(seed + 1)
     vocab = vocabulary(rng)
     x = np.empty((n, dim), dtype=np.float32)
+    originals, copies = planted_pairs(n, pairs)
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, n, CHUNK):
             count = min(CHUNK, n - start)
             x[start : start + count] = gen.draw(count)
+            here = (copies >= start) & (copies < start + count)
+            noise = rng.standard_normal((int(here.sum()), dim), dtype=np.float32) * (0.15 / np.sqrt(dim))
+            x[copies[here]] = _unit(x[originals[here]] + noise)
             writer.write_table(chunk_table(start, x[start : start + count], captions(rng, vocab, count), rng, schema, run))
     return x, gen, vocab
 
@@ -181,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--nprobe", default="", help="comma-separated IVF nprobe values to try besides the default")
     ap.add_argument("--add", type=int, default=10_000, help="rows added by the update step")
+    ap.add_argument("--pairs", type=int, default=1_000, help="near-duplicate pairs planted for `duplicates`")
     ap.add_argument("--workdir", type=Path, help="keep the Parquet and index here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     if not 10 < args.n <= 1_000_000:
@@ -203,7 +219,7 @@ def run(args, work: Path) -> int:
 
     n, dim = args.n, args.dim
     print(f"search bench: N={n:,} D={dim} seed={args.seed}  ({os.cpu_count()} CPUs, numpy {np.__version__})")
-    (x, gen, vocab), t_gen = timed(write_parquet, work / "bench.parquet", n, dim, args.seed)
+    (x, gen, vocab), t_gen = timed(write_parquet, work / "bench.parquet", n, dim, args.seed, args.pairs)
     print(f"generate + write Parquet       {t_gen:8.1f} s")
 
     # Park the vectors on disk while the index builds; reload them for the numpy baseline afterwards.
@@ -297,8 +313,41 @@ def run(args, work: Path) -> int:
         return 1
     print(f"add {args.add:,} rows (captioner index, end to end) {t_update:8.1f} s = {t_update / report.seconds:.3f} "
           f"of the fresh build")
-    print("  " + done.stdout.strip().splitlines()[-1])
+    for line in done.stdout.strip().splitlines()[-2:]:
+        print("  " + line)
+    check_update(db, work, added, queries, vocab, args)
+
+    # Near-duplicates over the whole (updated) index, through the IVF lists; the planted pairs must all be found.
+    with ImageIndex.open(db) as idx:
+        t0 = time.perf_counter()
+        groups = idx.duplicates(0.95)
+        t_dup = time.perf_counter() - t0
+        uris = {int(m.uri.rsplit("_", 1)[1].split(".")[0]): g for g, group in enumerate(groups) for m in group}
+    originals, copies = planted_pairs(n, args.pairs)
+    found = sum(1 for a, b in zip(originals.tolist(), copies.tolist()) if a in uris and uris[a] == uris.get(b))
+    print(f"near-duplicates (threshold 0.95) over {n + args.add:,} rows  {t_dup:8.1f} s   {len(groups):,} groups; "
+          f"planted pairs found {found:,} of {len(copies):,}")
     return 0
+
+
+def check_update(db: Path, work: Path, added: Path, queries, vocab, args) -> None:
+    """The updated index against a fresh build of the same files: exact vector hits and BM25 rankings."""
+    fresh = work / "fresh.duckdb"
+    t0 = time.perf_counter()
+    build_index([work / "bench.parquet", added], fresh, fresh=True)
+    t_fresh = time.perf_counter() - t0
+    words = vocab[np.random.default_rng(args.seed + 4).integers(20, 2000, (20, 2))]
+    with ImageIndex.open(db) as a, ImageIndex.open(fresh) as b:
+        same_vectors = all(
+            [(h.uri, round(h.score, 5)) for h in a.search_vector(q, 10, exact=True)]
+            == [(h.uri, round(h.score, 5)) for h in b.search_vector(q, 10, exact=True)] for q in queries[:20])
+        same_text = all(
+            sorted((round(-h.score, 6), h.uri) for h in a.search_text(" ".join(w), 50))
+            == sorted((round(-h.score, 6), h.uri) for h in b.search_text(" ".join(w), 50)) for w in words)
+    print(f"updated index vs a fresh build of the same files ({t_fresh:.1f} s): exact top-10 equal {same_vectors}, "
+          f"BM25 top-50 equal {same_text}")
+    for path in work.glob("fresh.duckdb*"):
+        path.unlink()
 
 
 def write_more(path: Path, start: int, count: int, dim: int, gen: "Vectors", vocab, seed: int) -> None:

@@ -83,7 +83,9 @@ def main() -> None:
     captioner index captions.parquet              build a DuckDB search index
     captioner search "a red bicycle"              full-text, semantic or hybrid search
     captioner serve --index index.duckdb          the search page in a browser
-    captioner export FORMAT --out ...             alt text, XMP/.txt sidecars, training datasets
+    captioner export FORMAT --out ...             alt text, XMP/.txt sidecars, training datasets, Label Studio tasks
+    captioner import label-studio EXPORT.json     human labels back, beside the output
+    captioner report probes                       how often each probe is right, and at what threshold
     captioner schema                              the Parquet columns and what they mean
     """
 
@@ -240,6 +242,11 @@ main.add_command(serve)
 from pipeline.export.command import export_command  # noqa: E402 - pyexiv2/datasets load only when a format needs them
 
 main.add_command(export_command)
+
+from pipeline.labels.command import import_group, report_group  # noqa: E402 - matplotlib loads only for --plot
+
+main.add_command(import_group)
+main.add_command(report_group)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -16,6 +16,7 @@ import fnmatch
 import io
 import os
 import posixpath
+import shutil
 import time
 import uuid
 from datetime import datetime
@@ -547,6 +548,14 @@ class Folder:
     def move(self, source: str, target: str) -> None:
         """Move ``source`` to ``target`` (both relative): a rename locally, a server-side copy + delete on a bucket."""
         self._move_full(self.full(source), self.full(target))
+
+    def copy(self, source: str, target: str) -> None:
+        """Copy ``source`` to ``target`` (both relative; ``target`` is overwritten, not published atomically:
+        give it a temporary name and :meth:`move` it)."""
+        if self.local:
+            shutil.copyfile(self.full(source), self.full(target))
+            return
+        self.fs.cp_file(self.full(source), self.full(target))
 
     def _move_full(self, source: str, target: str) -> None:
         if self.local:

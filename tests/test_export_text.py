@@ -52,8 +52,8 @@ def test_alt_text_txt_coco_and_hf_carry_the_text(library, tmp_path):
     datasets = pytest.importorskip("datasets")
     cli("export", "hf-dataset", "--from", parquet, "--out", tmp_path / "hf")
     rows = {r["file_name"]: r for r in datasets.load_from_disk(str(tmp_path / "hf"))}
-    assert (rows["bakery.jpg"]["text"], rows["bakery.jpg"]["caption_short"]) == (TEXT, SHORT)
-    assert rows["old.jpg"]["text"] is None
+    assert (rows["bakery.jpg"]["image_text"], rows["bakery.jpg"]["caption_short"]) == (TEXT, SHORT)
+    assert rows["old.jpg"]["image_text"] is None
 
 
 def test_xmp_quotes_the_text_in_alt_text_and_the_extended_description(library, tmp_path):

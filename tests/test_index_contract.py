@@ -17,8 +17,10 @@ def test_a_built_index_has_the_contracts_tables_columns_and_macros(tmp_path, row
     assert info.index_format == contract.INDEX_FORMAT and info.rows_only == rows_only
     with ImageIndex.open(tmp_path / "i.duckdb") as idx:
         tables = {name for (name,) in idx.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").rows}
-        # format 2: the catalogue's vector_slots, and the reader's views over the vector file
-        search_tables = {contract.EMBEDDINGS, contract.DOCS, contract.VECTOR_SLOTS, contract.VECTOR_ARROW}
+        # format 2: the catalogue's vector_slots, and the reader's views over the vector file;
+        # format 3: the source rows' keys, for updates
+        search_tables = {contract.EMBEDDINGS, contract.DOCS, contract.VECTOR_SLOTS, contract.VECTOR_ARROW,
+                         contract.SOURCE_KEYS}
         expected = {contract.IMAGE_ROWS, contract.IMAGES, contract.INDEX_META} | (set() if rows_only else search_tables)
         assert tables == expected
         columns = [c for (c,) in idx.sql(f"SELECT column_name FROM (DESCRIBE {contract.IMAGES})").rows]

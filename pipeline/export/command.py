@@ -16,11 +16,16 @@ import click
 from pipeline.export.alt_text import DEFAULT_MAX_CHARS
 from pipeline.export.errors import ExportError
 from pipeline.export.rows import STATUSES
+from pipeline.export.training_text import STYLES, TrainingText
+from pipeline.labels.sample import STRATEGIES as SAMPLE_STRATEGIES
 from pipeline.options import DEFAULT_INDEX, index_option, probe_option, storage_option
 
 SIDECAR_FORMATS = ("xmp", "txt")
 TREE_FORMATS = ("imagefolder", "coco", "hf-dataset")
-FORMATS = ("alt-text", *SIDECAR_FORMATS, *TREE_FORMATS)
+LABELING_FORMATS = ("label-studio",)
+FORMATS = ("alt-text", *SIDECAR_FORMATS, *TREE_FORMATS, *LABELING_FORMATS)
+# Formats whose caption text is for training: --trigger and --style apply (pipeline.export.training_text).
+TRAINING_TEXT_FORMATS = ("txt", "imagefolder", "hf-dataset")
 
 EXPORT_EPILOG = """\b
 Formats:
@@ -32,6 +37,7 @@ Formats:
   imagefolder  Hugging Face imagefolder: metadata.jsonl + images
   coco         COCO captions: annotations/captions.json + images/
   hf-dataset   a datasets.Dataset saved with save_to_disk (Image column)
+  label-studio Label Studio tasks.json (model answers as predictions) + labeling-config.xml
 \b
 Rows: only status=ok rows by default (error rows have no caption or image);
 --where and --probe filter exactly as in `captioner search`.
@@ -43,6 +49,8 @@ Examples:
   captioner export imagefolder --index out/index.duckdb --out out/dataset --probe "Is there a person in the image?=yes"
   captioner export coco --index out/index.duckdb --out out/coco --where "width >= 512"
   captioner export hf-dataset --index out/index.duckdb --out out/hf
+  captioner export txt --from out/captions.parquet --out out/txt --trigger sks --style tags
+  captioner export label-studio --index out/index.duckdb --out out/review --serve-url http://127.0.0.1:8000 --sample 200
 """
 
 
@@ -62,13 +70,25 @@ Examples:
 @click.option("--allow-out-in-images", "out_in_images", is_flag=True, help="imagefolder/coco/hf-dataset: write into an --out that holds indexed images (refused otherwise). An indexed image is still never replaced: one whose copy would land on another is skipped.")
 @click.option("--link", is_flag=True, help="imagefolder/coco: symlink the images instead of copying them (local images and --out only).")
 @click.option("--root", help="Folder (or bucket prefix) whose tree --out mirrors. [default: the deepest folder holding every image of the index or Parquet, selected or not]")
+@click.option("--trigger", metavar="WORD", help="txt/imagefolder/hf-dataset: put WORD (a trigger word or prefix) first in every caption text.")
+@click.option("--style", type=click.Choice(STYLES), default=None, help="txt/imagefolder/hf-dataset: the caption as written (sentence) or comma-separated tags from the yes-probes and the caption (tags). imagefolder/hf-dataset put it in a `text` column. [default: sentence]")
+@click.option("--serve-url", metavar="URL", help="label-studio: tasks show the images from this `captioner serve` of the same --index, e.g. http://127.0.0.1:8000 (started with --image-origin LABEL_STUDIO_URL).")
+@click.option("--local-files-root", metavar="DIR", help="label-studio: tasks show the images through Label Studio's local-files storage; DIR is its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT.")
+@click.option("--sample", "sample_size", type=click.IntRange(min=1), help="label-studio: write N images for review instead of all (see --sample-by).")
+@click.option("--sample-by", type=click.Choice(SAMPLE_STRATEGIES), default=SAMPLE_STRATEGIES[0], show_default=True, help="label-studio: uncertainty (yes_prob nearest 0.5 first) or stratified (every probe answer gets its share).")
+@click.option("--seed", type=int, default=0, show_default=True, help="label-studio: the sample for the same rows and seed is always the same.")
 @storage_option("fsspec option for bucket images, Parquet and --out (repeatable), e.g. endpoint_url=...")
-def export_command(format, index_path, parquet, out, in_place, where, probes, status, max_chars, sidecar_name, dry_run, overwrite, out_in_images, link, root, storage_options):
+def export_command(format, index_path, parquet, out, in_place, where, probes, status, max_chars, sidecar_name, dry_run, overwrite, out_in_images, link, root,
+                   trigger, style, serve_url, local_files_root, sample_size, sample_by, seed, storage_options):
     """Write the captions of an index (or Parquet) as FORMAT files for other tools."""
     from pipeline.export.rows import Selection, open_rows
     from pipeline.export.storage import Storage
 
     _check_flags(format, out=out, in_place=in_place, dry_run=dry_run, link=link, out_in_images=out_in_images, index_path=index_path, parquet=parquet)
+    _check_labeling_flags(format, parquet=parquet, trigger=trigger, style=style, serve_url=serve_url,
+                          local_files_root=local_files_root, sample_size=sample_size)
+    text = TrainingText(trigger=trigger, style=style or "sentence") if format in TRAINING_TEXT_FORMATS else None
+    labeling = dict(serve_url=serve_url, local_files_root=local_files_root, sample_size=sample_size, sample_by=sample_by, seed=seed)
     options = dict(storage_options or ())
     storage = Storage(options)
     skipped: Counter = Counter()
@@ -87,7 +107,8 @@ def export_command(format, index_path, parquet, out, in_place, where, probes, st
                 )
             summary = _export(format, source, storage, out=out, in_place=in_place, root=root, link=link,
                               max_chars=max_chars, sidecar_name=sidecar_name, dry_run=dry_run,
-                              overwrite=overwrite, out_in_images=out_in_images, skipped=skipped)
+                              overwrite=overwrite, out_in_images=out_in_images, skipped=skipped, text=text,
+                              labeling=labeling)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
@@ -117,6 +138,27 @@ def _check_flags(format, *, out, in_place, dry_run, link, out_in_images, index_p
         raise click.UsageError("--link applies to imagefolder and coco, which copy images")
 
 
+def _check_labeling_flags(format, *, parquet, trigger, style, serve_url, local_files_root, sample_size) -> None:
+    if (trigger is not None or style is not None) and format not in TRAINING_TEXT_FORMATS:
+        raise click.UsageError(f"--trigger and --style shape training captions; they apply to {', '.join(TRAINING_TEXT_FORMATS)}")
+    given = [name for name, value in (("--serve-url", serve_url), ("--local-files-root", local_files_root), ("--sample", sample_size)) if value is not None]
+    if format not in LABELING_FORMATS:
+        if given:
+            raise click.UsageError(f"{given[0]} applies to label-studio")
+        return
+    from pipeline.export.label_studio import ImageLinks
+
+    try:
+        ImageLinks(serve_url=serve_url, local_files_root=local_files_root)  # one of the two, well-formed
+    except ExportError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if serve_url is not None and parquet:
+        raise click.UsageError(
+            "--serve-url links images by the row ids of the index `captioner serve` serves, which --from does not have; "
+            "pass that --index instead of --from (or use --local-files-root)"
+        )
+
+
 # What a tree or sidecar format writes into its --out folder (for the message when --out names a file).
 _FOLDER_CONTENTS = {
     "coco": "annotations/captions.json and images/",
@@ -124,6 +166,7 @@ _FOLDER_CONTENTS = {
     "hf-dataset": "a saved datasets.Dataset",
     "xmp": "sidecars mirroring the image folders",
     "txt": "sidecars mirroring the image folders",
+    "label-studio": "tasks.json and labeling-config.xml",
 }
 
 
@@ -150,8 +193,22 @@ def _check_out_is_a_folder(format: str, out: str) -> None:
 _FILE_EXTENSIONS = {"json", "jsonl", "csv", "tsv", "txt", "parquet", "xmp", "zip", "tar", "gz", "arrow", "duckdb"}
 
 
-def _export(format, source, storage, *, out, in_place, root, link, max_chars, sidecar_name, dry_run, overwrite, out_in_images, skipped) -> str:
+def _export(format, source, storage, *, out, in_place, root, link, max_chars, sidecar_name, dry_run, overwrite, out_in_images, skipped,
+            text, labeling) -> str:
     shown = storage.display(out) if out else "beside the images"
+    if format == "label-studio":
+        from pipeline.export.label_studio import CONFIG, TASKS, ImageLinks, write_label_studio
+        from pipeline.export.storage import ExportFolder
+
+        links = ImageLinks(serve_url=labeling["serve_url"], local_files_root=labeling["local_files_root"])
+        with ExportFolder(storage, out, sources=source.tree_uris(), overwrite=overwrite, allow_in_images=None,
+                          recursive=False) as dest:
+            n = write_label_studio(source, dest, links=links, sample_size=labeling["sample_size"],
+                                   strategy=labeling["sample_by"], seed=labeling["seed"], skipped=skipped)
+        note = ("; start `captioner serve` with --image-origin LABEL_STUDIO_URL so Label Studio may load the images"
+                if labeling["serve_url"] else "")
+        return (f"wrote {n} Label Studio tasks to {shown} ({TASKS}; paste {CONFIG} into the project's labeling interface, "
+                f"then import {TASKS}){note}")
     if format == "alt-text":
         from pipeline.export.alt_file import write_alt_text
         from pipeline.export.storage import ExportFolder, parent
@@ -172,7 +229,7 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
         else:
             from pipeline.export.txt import plan_txt
 
-            plans = plan_txt(source.rows(), placement, storage, overwrite=overwrite, skipped=skipped)
+            plans = plan_txt(source.rows(), placement, storage, overwrite=overwrite, skipped=skipped, text=text)
         counts = apply(plans, storage, dry_run=dry_run, echo=click.echo)
         verb = "would write" if dry_run else "wrote"
         return (f"{verb} {format} sidecars {'into ' if out else ''}{shown}: {counts['create']} created, {counts['update']} updated, "
@@ -183,7 +240,7 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
         if format == "imagefolder":
             from pipeline.export.imagefolder import write_imagefolder
 
-            n = write_imagefolder(source, dest, root=root, link=link, skipped=skipped)
+            n = write_imagefolder(source, dest, root=root, link=link, skipped=skipped, text=text)
             return f"wrote an imagefolder dataset of {n} images to {shown} (metadata.jsonl)"
         if format == "coco":
             from pipeline.export.coco import write_coco
@@ -192,5 +249,5 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
             return f"wrote COCO captions for {n} images to {shown} (annotations/captions.json, images/)"
         from pipeline.export.hf_dataset import write_hf_dataset
 
-        n = write_hf_dataset(source, dest, root=root, skipped=skipped)
+        n = write_hf_dataset(source, dest, root=root, skipped=skipped, text=text)
         return f"saved a datasets.Dataset of {n} images to {shown} (datasets.load_from_disk reads it)"

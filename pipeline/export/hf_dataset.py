@@ -1,9 +1,11 @@
 """``captioner export hf-dataset``: a Hugging Face ``datasets.Dataset`` saved with save_to_disk.
 
 Columns: ``image`` (datasets.Image, the original file's bytes), ``file_name``
-(the path below the root), ``caption``, ``caption_short`` and ``text`` (schema
-v5: the short caption and the text OCR read, null when not written), ``image_id``, and one column per
-probe question (pipeline.export.labels). ``datasets.load_from_disk(OUT)``
+(the path below the root), ``caption``, ``caption_short`` and ``image_text``
+(schema v5: the short caption and the text OCR read in the image, null when
+not written), ``image_id``, one column per probe question
+(pipeline.export.labels), and with --trigger/--style tags a ``text`` column
+(pipeline.export.training_text). ``datasets.load_from_disk(OUT)``
 reads it back. The dataset is built in a temporary cache folder (never the
 user's HF cache) and written to OUT, local or on a bucket.
 """
@@ -18,11 +20,13 @@ from pipeline.export.images import image_bytes, image_rows, nothing_to_export
 from pipeline.export.labels import feature_types, probe_columns, probe_values
 from pipeline.export.rows import RowSource
 from pipeline.export.storage import ExportFolder, relative_paths
+from pipeline.export.training_text import TrainingText
 
 SAVED = ("dataset_info.json", "state.json")  # beside the data-*-of-*.arrow shards state.json names
 
 
-def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None, skipped: Counter) -> int:
+def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None, skipped: Counter,
+                     text: TrainingText | None = None) -> int:
     storage = dest.storage
     datasets = optional_import("datasets", "captioner export hf-dataset")
     # save_to_disk writes these names into the folder (and deletes nothing): refuse a user's own first
@@ -31,16 +35,18 @@ def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None,
         dest.check_replace(rel)
     relative = relative_paths(source.uris(), root, tree=source.tree_uris())
     columns = probe_columns(source.questions)
+    with_text = text is not None and not text.plain  # --trigger / --style tags: a `text` column
     types = {"bool": datasets.Value("bool"), "string": datasets.Value("string"), "float": datasets.Value("float32")}
     features = datasets.Features(
         {
             "image": datasets.Image(),
             "file_name": datasets.Value("string"),
             "caption": datasets.Value("string"),
-            # Schema v5: the short caption (two lengths asked) and the text OCR read; null when not written.
+            # Schema v5: the short caption (two lengths asked) and the text OCR read in the image; null when not written.
             "caption_short": datasets.Value("string"),
-            "text": datasets.Value("string"),
+            "image_text": datasets.Value("string"),
             "image_id": datasets.Value("string"),
+            **({"text": datasets.Value("string")} if with_text else {}),
             **{name: types[kind] for name, kind in feature_types(columns, source.has_yes_prob).items()},
         }
     )
@@ -58,8 +64,9 @@ def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None,
                 "file_name": rel,
                 "caption": row.caption,
                 "caption_short": row.caption_short,
-                "text": row.text,
+                "image_text": row.text,
                 "image_id": row.image_id,
+                **({"text": text.of(row)} if with_text else {}),
                 **probe_values(row, columns, source.has_yes_prob),
             }
 

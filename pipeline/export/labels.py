@@ -17,7 +17,7 @@ import re
 from pipeline.export.rows import ExportRow
 from pipeline.probes import is_yes_no_question
 
-RESERVED = {"file_name", "image", "caption", "image_id", "uri", "width", "height"}
+RESERVED = {"file_name", "image", "caption", "text", "image_id", "uri", "width", "height"}
 MAX_NAME = 64
 
 

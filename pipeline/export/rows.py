@@ -101,6 +101,7 @@ class RowSource:
     _close: Callable[[], None]
     _condition: str = "TRUE"  # a SQL condition on image_rows, built from constants only
     has_yes_prob: bool = False
+    sources: tuple[str, ...] = ()  # the captioner outputs the rows come from (the index's sources, or --from)
 
     def count(self) -> int:
         return int(self._query(f"SELECT count(*) FROM image_rows WHERE {self._condition}", [])[0][0])
@@ -112,6 +113,10 @@ class RowSource:
     def tree_uris(self) -> list[str]:
         """Every uri of the source, selected or not: what the mirrored tree's default root is computed from."""
         return [r[0] for r in self._query("SELECT uri FROM image_rows", [])]
+
+    def image_ids(self) -> set[str]:
+        """Every image_id of the source, selected or not (what human labels are joined on)."""
+        return {r[0] for r in self._query("SELECT DISTINCT image_id FROM image_rows WHERE image_id IS NOT NULL", [])}
 
     def uris(self) -> list[str]:
         return [r[0] for r in self._query(f"SELECT uri FROM image_rows WHERE {self._condition} ORDER BY id", [])]
@@ -168,7 +173,8 @@ def open_rows(*, index=None, parquet=None, selection: Selection = Selection(), s
     return source
 
 
-def _open_index(path, *, description: str | None = None, cleanup: Callable[[], None] | None = None) -> RowSource:
+def _open_index(path, *, description: str | None = None, cleanup: Callable[[], None] | None = None,
+                sources: tuple[str, ...] | None = None) -> RowSource:
     from pipeline.search import ImageIndex, SearchError
 
     try:
@@ -198,7 +204,8 @@ def _open_index(path, *, description: str | None = None, cleanup: Callable[[], N
     except BaseException:
         close()
         raise
-    return RowSource(description or f"index {path}", tuple(idx.info.probes), query, close, has_yes_prob=has_yes_prob)
+    return RowSource(description or f"index {path}", tuple(idx.info.probes), query, close, has_yes_prob=has_yes_prob,
+                     sources=tuple(idx.info.sources) if sources is None else sources)
 
 
 def _open_parquet(output: str, storage_options) -> RowSource:
@@ -236,7 +243,7 @@ def _open_parquet(output: str, storage_options) -> RowSource:
     except BaseException:
         cleanup()
         raise
-    return _open_index(db, description=f"Parquet {output}", cleanup=cleanup)
+    return _open_index(db, description=f"Parquet {output}", cleanup=cleanup, sources=(output,))
 
 
 def _local_copies(store, files: list[str], folder: str) -> list[str]:

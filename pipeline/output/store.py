@@ -14,7 +14,8 @@ Every file is written through pipeline.storage.Folder: under the one
 temporary dot-name rule and renamed into place locally, one PUT on an object
 store (s3://, gs://, ...), so a crash leaves whole parts or none. Readers
 ignore names that start with '.' or '_'. The resolved run config is saved
-beside the output (``captions.config.json`` / ``DIR/_captioner_config.json``).
+beside the output (``captions.config.json`` / ``DIR/_captioner_config.json``), and human labels
+there too (``captions.labels.json`` / ``DIR/_captioner_labels.json``, pipeline.labels.store).
 Backend errors (missing s3fs/gcsfs, credentials, buckets) become OutputErrors
 naming the fix.
 """
@@ -61,6 +62,11 @@ class OutputStore:
     @property
     def config_rel(self) -> str:
         return self.name[: -len(".parquet")] + ".config.json" if self.single_file else "_captioner_config.json"
+
+    @property
+    def labels_rel(self) -> str:
+        """Human labels of this output's images (pipeline.labels.store): ``captions.labels.json`` / ``DIR/_captioner_labels.json``."""
+        return self.name[: -len(".parquet")] + ".labels.json" if self.single_file else "_captioner_labels.json"
 
     @property
     def config_path(self) -> str:

@@ -8,7 +8,7 @@ index``, and the temporary index behind ``captioner export --from``); the
 Everything both sides must agree on lives here and nowhere else:
 
   INDEX_FORMAT        bumped when the layout below changes; a reader refuses other formats
-  table/view names    IMAGE_ROWS, VECTOR_SLOTS, ANN_CENTROIDS, DOCS (+ FTS_SCHEMA), IMAGES, INDEX_META
+  table/view names    IMAGE_ROWS, SOURCE_KEYS, VECTOR_SLOTS, ANN_CENTROIDS, DOCS (+ FTS_SCHEMA), IMAGES, INDEX_META
   vector_path         where the vector file the catalogue points at lies (pipeline.search.vectors)
   ROW_COLUMNS         what image_rows has besides the schema's columns (minus the embedding)
   PROBE_MACROS        probe_answer / probe_bool / probe_yes_prob, for --where and SQL
@@ -26,7 +26,12 @@ Layout of an index database (all names fixed, nothing derived from user text):
                caption/probes and the newest embedding model columns of the
                same bytes from any source file; ``id`` is ours,
                ``source_file`` / ``source_row`` say where the row came from,
-               ``embedding_source_file`` / ``_row`` where its embedding did.
+               ``embedding_source_file`` / ``_row`` where its embedding did,
+               ``caption_source_file`` / ``_row`` where its caption did.
+  source_keys  (uri, image_id, status, processed_at, captioned, embedded,
+               source_file, source_row) for every row of every source file:
+               what an update needs to re-derive a uri's row
+               (pipeline.search.catalogue_update) without reading old files.
   vector_slots (id, slot, norm, list) for status='ok' rows that have an
                embedding: the row ``slot`` of the vector file holds it (raw
                float32), ``norm`` its L2 norm, ``list`` its IVF list (null
@@ -36,8 +41,10 @@ Layout of an index database (all names fixed, nothing derived from user text):
                how many of its rows this catalogue covers. DuckDB is the
                catalogue; the vectors are scanned by pipeline.search.scan.
   ann_centroids (list, centroid FLOAT[D]) when the index has IVF lists.
-  docs         (id, text) for status='ok' rows: captions, probe answers, OCR text, with
-               a BM25 full-text index (schema ``fts_main_docs``).
+  docs         (id, text) for status='ok' rows: captions, probe answers and the
+               text read in the image (OCR), with a BM25 full-text index (schema
+               ``fts_main_docs``), built by DuckDB's fts and updated in place
+               (pipeline.search.bm25).
   images       a view: image_rows in schema column order (embedding null),
                plus id / source_file / source_row. A reader with vectors
                shadows it with a TEMP view of the same columns whose
@@ -69,9 +76,11 @@ from pipeline.search.errors import SearchError
 from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
 
 # 2: vectors in a vector file beside the catalogue (vector_slots, ann_centroids); no HNSW.
-INDEX_FORMAT = 2
+# 3: source_keys and image_rows.caption_source_file/_row, so an update re-derives only the rows that changed.
+INDEX_FORMAT = 3
 
 IMAGE_ROWS = "image_rows"
+SOURCE_KEYS = "source_keys"
 VECTOR_SLOTS = "vector_slots"
 ANN_CENTROIDS = "ann_centroids"
 EMBEDDINGS = "embeddings"  # the TEMP view (id, embedding) a reader adds over the vector file
@@ -86,7 +95,8 @@ STORED_IMAGES = f"{ATTACHED}.main.{IMAGES}"
 INDEX_META = "index_meta"
 
 # image_rows: the schema's columns but the embedding, then these.
-ROW_COLUMNS = ("id", "source_file", "source_row", "embedding_source_file", "embedding_source_row")
+ROW_COLUMNS = ("id", "source_file", "source_row", "embedding_source_file", "embedding_source_row",
+               "caption_source_file", "caption_source_row")
 # The images view: the schema's columns (embedding included), then these.
 VIEW_COLUMNS = ("id", "source_file", "source_row")
 

@@ -194,16 +194,16 @@ def validate_where(expression: str) -> str:
 
 
 def filter_sql(where: str | None, probes, known_questions) -> tuple[str, list]:
-    """A SQL condition on ``id`` (and its parameters) combining every filter; 'TRUE' when none."""
-    parts, params = [], []
-    if where is not None:
-        parts.append(f"id IN (SELECT id FROM images WHERE (\n{validate_where(where)}\n))")
-    specs = _probe_specs(probes, known_questions)
-    if specs:
-        sql, probe_params = _joined_probe_ids(specs)
-        parts.append(f"id IN ({sql})")
-        params += probe_params
-    return (" AND ".join(parts) if parts else "TRUE"), params
+    """A SQL condition on ``id`` (and its parameters) combining every filter; 'TRUE' when none.
+
+    The ids come from the same query the vector scan reads (:func:`filter_ids_sql`): a few probe
+    filters as list predicates, --where over the stored view. bench/serve.py (100k rows): the page's
+    hybrid with a probe filter went from 875 ms with the join form to about the unfiltered time.
+    """
+    query = filter_ids_sql(where, probes, known_questions)
+    if query is None:
+        return "TRUE", []
+    return f"id IN ({query[0]})", list(query[1])
 
 
 def _probe_specs(probes, known_questions) -> list[dict]:

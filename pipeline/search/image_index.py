@@ -64,7 +64,27 @@ class DuplicateMember:
     id: int
     uri: str
     caption: str | None
-    similarity: float  # highest cosine similarity to another member of its group
+    similarity: float  # highest cosine similarity to another member of its group (1.0 for the same bytes)
+    keep: bool = False  # the member --keep chose to keep (one per group)
+    image_id: str | None = None
+    bytes: int | None = None
+    modified: str | None = None  # the file's mtime when recorded (schema v3+), else when it was processed
+
+
+# --keep: which member of a duplicate group to keep.
+KEEP_RULES = ("first", "largest", "newest")
+
+
+class DuplicateGroup(list):
+    """The members of one duplicate group (sorted by uri), with its ``tier``: 'exact' (all the same bytes) or 'near'."""
+
+    def __init__(self, members, tier: str):
+        super().__init__(members)
+        self.tier = tier
+
+    @property
+    def kept(self) -> DuplicateMember:
+        return next(m for m in self if m.keep)
 
 
 class ImageIndex:
@@ -451,35 +471,65 @@ class ImageIndex:
 
     # -- near-duplicates -----------------------------------------------------
 
-    def duplicates(self, threshold: float = 0.95) -> list[list[DuplicateMember]]:
-        """Groups of searchable images whose embeddings have cosine >= threshold.
+    def duplicates(self, threshold: float = 0.95, keep: str = "first") -> list[DuplicateGroup]:
+        """Groups of searchable images that are the same bytes (same sha256) or whose embeddings have cosine >= threshold.
 
-        A group is a connected component of the "similar" relation (so two
-        members may be linked only through a third). Exact and O(N^2) in
-        blocks; see pipeline.search.duplicates for its cost.
+        A group is a connected component (two members may be linked only
+        through a third), largest first; its tier is 'exact' when every
+        member has the same bytes. ``keep`` marks one member per group:
+        'first' by uri, 'largest' file (then most pixels, then first), or
+        'newest' file (its recorded mtime, else when it was processed).
+        Near pairs come from each row's nearest neighbours through the IVF
+        lists (pipeline.search.duplicates), not from every pair.
         """
-        from pipeline.search.duplicates import near_duplicate_groups
+        from pipeline.search.duplicates import groups_of, near_pairs
 
-        dim = self._require_dim()
+        self._require_search_tables()
         if not 0.0 < threshold <= 1.0:
             raise SearchError(f"--threshold {threshold} must be in (0, 1]")
+        if keep not in KEEP_RULES:
+            raise SearchError(f"--keep {keep!r}: use one of {', '.join(KEEP_RULES)}")
+        same = self._con.execute(
+            "SELECT id, image_id FROM image_rows WHERE status = 'ok' AND image_id IN "
+            "(SELECT image_id FROM image_rows WHERE status = 'ok' GROUP BY image_id HAVING count(*) > 1) "
+            "ORDER BY image_id, id"
+        ).fetchnumpy()
+        same_ids, same_bytes = np.asarray(same["id"], np.int64), np.asarray(same["image_id"])
+        starts = np.r_[True, same_bytes[1:] != same_bytes[:-1]] if len(same_ids) else np.zeros(0, bool)
+        first_of = np.maximum.accumulate(np.where(starts, np.arange(len(same_ids)), 0)) if len(same_ids) else []
+        exact_a, exact_b = same_ids[first_of], same_ids
+        exact_a, exact_b = exact_a[exact_a != exact_b], exact_b[exact_a != exact_b]
+        near_a = near_b = np.zeros(0, np.int64)
+        near_s = np.zeros(0, np.float32)
         store = self.vectors
-        if store is None or not store.live:
+        if store is not None and store.live and self.info.embedding_dim:
+            a, b, near_s = near_pairs(store._array, store.inv_norms, np.flatnonzero(store.slot_ids >= 0), threshold,
+                                      lists=store.lists, centroids=store.centroids)
+            near_a, near_b = store.slot_ids[a], store.slot_ids[b]
+        groups = groups_of(np.concatenate([exact_a, near_a]), np.concatenate([exact_b, near_b]),
+                           np.concatenate([np.ones(len(exact_a)), near_s]))
+        if not groups:
             return []
-        live = np.flatnonzero(store.slot_ids >= 0)
-        live = live[np.argsort(store.slot_ids[live], kind="stable")]  # in id order, as before
-        ids = store.slot_ids[live]
-        groups = near_duplicate_groups(np.asarray(store.matrix[live]), threshold)
-        wanted = [int(ids[m]) for g in groups for m, _ in g]
+        wanted = [node for g in groups for node, _ in g]
+        modified = "coalesce(source_mtime, processed_at)" if "source_mtime" in self._row_columns() else "processed_at"
         rows = self._con.execute(
-            "SELECT id, uri, caption FROM image_rows WHERE id IN (SELECT unnest(?::BIGINT[]))", [wanted]
+            f"SELECT id, uri, caption, image_id, bytes, width * height, CAST({modified} AS VARCHAR) "
+            "FROM image_rows WHERE id IN (SELECT unnest(?::BIGINT[]))", [wanted]
         ).fetchall()
         by_id = {r[0]: r for r in rows}
         out = []
         for group in groups:
-            members = [DuplicateMember(int(ids[m]), by_id[int(ids[m])][1], by_id[int(ids[m])][2], s) for m, s in group]
-            out.append(sorted(members, key=lambda d: d.uri))
-        return out
+            members = sorted(group, key=lambda m: by_id[m[0]][1])
+            kept = _kept(keep, [by_id[i] for i, _ in members])
+            made = [DuplicateMember(int(i), by_id[i][1], by_id[i][2], round(float(s), 6), keep=n == kept,
+                                    image_id=by_id[i][3], bytes=by_id[i][4], modified=by_id[i][6])
+                    for n, (i, s) in enumerate(members)]
+            tier = "exact" if len({m.image_id for m in made}) == 1 else "near"
+            out.append(DuplicateGroup(made, tier))
+        return sorted(out, key=lambda g: (-len(g), g[0].uri))
+
+    def _row_columns(self) -> set[str]:
+        return {c for (c,) in self._con.execute(f"SELECT column_name FROM (DESCRIBE {contract.IMAGE_ROWS})").fetchall()}
 
     # -- SQL -------------------------------------------------------------------
 
@@ -628,6 +678,15 @@ def _saved_spec_matching(info: IndexInfo) -> str | None:
             if (ident.model, ident.revision) == (info.embed_model, info.embed_revision):
                 return spec
     return None
+
+
+def _kept(rule: str, rows) -> int:
+    """Which of ``rows`` (id, uri, caption, image_id, bytes, pixels, modified; sorted by uri) --keep keeps."""
+    if rule == "largest":
+        return max(range(len(rows)), key=lambda n: (rows[n][4] or 0, rows[n][5] or 0, -n))
+    if rule == "newest":
+        return max(range(len(rows)), key=lambda n: (rows[n][6] or "", -n))
+    return 0
 
 
 def _positive(k) -> int:

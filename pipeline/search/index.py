@@ -11,14 +11,18 @@ probe ``truncated`` and ``caption_truncated``). Which row of a uri is current
 is pipeline.rows' rule (sql_is_newest); a uri whose current row is ``gone``
 (its file left the source) is not indexed at all (sql_is_live).
 
-Searchable = status 'ok'; error rows stay in ``images`` for SQL. Re-indexing
-rebuilds everything into a temporary file that replaces the old one only once
-complete, so readers never see a half-built index and a failed build leaves
-the previous index intact. A rebuild is skipped when the source files are
-unchanged (same paths, sizes, mtimes) and the ANN choice is the same.
-The vectors (pipeline.search.vector_build) are updated in time proportional
-to the rows that changed. ``rows_only`` builds just the rows (no vectors or
-BM25): what ``captioner export --from`` reads through.
+Searchable = status 'ok'; error rows stay in ``images`` for SQL. Every build
+writes a temporary file that replaces the old one only once complete, so
+readers never see a half-built index and a failed build leaves the previous
+index intact. Nothing is done when the source files are unchanged (same
+paths, sizes, mtimes) and the ANN choice is the same. Otherwise an update
+starts from a copy of the previous catalogue and re-derives only the rows of
+uris the new or changed files touch (pipeline.search.catalogue_update), the
+BM25 tables in place (pipeline.search.bm25) and the vectors by appending
+(pipeline.search.vector_build); a fresh build (--fresh, another format or
+embedder, or rows an update cannot reach) derives everything.
+``rows_only`` builds just the rows (no vectors or BM25): what
+``captioner export --from`` reads through.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.rows import sql_is_live, sql_is_newest
-from pipeline.search import contract
+from pipeline.search import bm25, contract
+from pipeline.search.catalogue_update import KEY_COLUMNS, create_source_keys
 from pipeline.search.contract import INDEX_FORMAT, IndexInfo, read_info
 from pipeline.search.errors import SearchError
 from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
@@ -57,6 +62,7 @@ class BuildReport:
     ignored: tuple[str, ...] = ()  # Parquet files in the sources' folders that captioner did not write
     vectors_read: int = 0  # embeddings read from Parquet (the rest kept their slot in the vector file)
     vectors_rewritten: bool = False  # a new vector file (fresh, compaction, ANN retrained), else appended to
+    updated: bool = False  # the previous catalogue was updated in place (else built fresh)
 
 
 def expand_sources(sources, storage_options: dict | None = None) -> list[str]:
@@ -283,24 +289,24 @@ def _build_index(sources, db_path, ann, ann_min_rows, fresh, mixed_probes, rows_
     # The one temporary-name rule (pipeline.storage): a dot-name beside the index, renamed into place.
     tmp = db_path.with_name(temp_name(db_path.name))
     _remove_db_files(tmp)
+    timings: dict[str, float] = {}
+    updated = False
     try:
-        con = duckdb.connect(str(tmp), config=CONNECT_CONFIG)
-        try:
-            load_extensions(con)
-            # Bucket sources are read by DuckDB through the same fsspec filesystem as everything else.
-            for fs in {id(fs): fs for fs in (_filesystem(f, storage_options)[0] for f in files) if fs is not None}.values():
-                con.register_filesystem(fs)
-            timings: dict[str, float] = {}
-            try:
-                info, built = _build(con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only,
-                              db_path=db_path, previous=previous, storage_options=storage_options)
-            except (duckdb.Error, OSError) as exc:
-                _raise_if_changed(files, fingerprint, storage_options, exc)
-                raise
-            with _timed(timings, "checkpoint"):
-                con.execute("CHECKPOINT")
-        finally:
-            con.close()
+        if _updatable(previous, runs, rows_only):
+            # An update edits a copy of the live catalogue (readers keep the original until the rename).
+            with _timed(timings, "copy"):
+                Folder(str(db_path.parent)).copy(db_path.name, tmp.name)
+            result = _in_database(tmp, files, fingerprint, storage_options, timings, lambda con: _update(
+                con, files, runs, all_sources, fingerprint, settings, timings, db_path=db_path, previous=previous,
+                storage_options=storage_options))
+            updated = result is not None
+            if not updated:
+                _remove_db_files(tmp)
+        if not updated:
+            result = _in_database(tmp, files, fingerprint, storage_options, timings, lambda con: _build(
+                con, files, runs, all_sources, fingerprint, settings, timings, rows_only=rows_only, db_path=db_path,
+                previous=previous, storage_options=storage_options))
+        info, built = result
         # A file replaced during the build (a run's final merge) may have been read half old, half new.
         _raise_if_changed(files, fingerprint, storage_options, None)
         # A leftover WAL next to the old file would be replayed onto the new one.
@@ -319,8 +325,87 @@ def _build_index(sources, db_path, ann, ann_min_rows, fresh, mixed_probes, rows_
     return BuildReport(
         info, rebuilt=True, seconds=time.perf_counter() - started, timings=timings, probe_sets=probe_sets,
         ignored=tuple(ignored), vectors_read=built.appended if built else 0,
-        vectors_rewritten=bool(built and built.rewritten),
+        vectors_rewritten=bool(built and built.rewritten), updated=updated,
     )
+
+
+def _in_database(path: Path, files, fingerprint, storage_options, timings, fill):
+    """Open the database file at ``path``, run ``fill(con)`` on it, checkpoint, close; fill's result."""
+    con = duckdb.connect(str(path), config=CONNECT_CONFIG)
+    try:
+        load_extensions(con)
+        # Bucket sources are read by DuckDB through the same fsspec filesystem as everything else.
+        for fs in {id(fs): fs for fs in (_filesystem(f, storage_options)[0] for f in files) if fs is not None}.values():
+            con.register_filesystem(fs)
+        try:
+            result = fill(con)
+        except (duckdb.Error, OSError) as exc:
+            _raise_if_changed(files, fingerprint, storage_options, exc)
+            raise
+        if result is not None:
+            with _timed(timings, "checkpoint"):
+                con.execute("CHECKPOINT")
+        return result
+    finally:
+        con.close()
+
+
+def _updatable(previous: IndexInfo | None, runs, rows_only: bool) -> bool:
+    """Whether the previous index can be updated in place: same format and embedder, both searchable."""
+    if previous is None or rows_only or previous.rows_only or previous.index_format != INDEX_FORMAT:
+        return False
+    run, dim = _index_embedder(runs)
+    if dim is None and previous.embedding_dim is None:
+        return True
+    return (run.embed_model, run.embed_revision, dim) == (
+        previous.embed_model, previous.embed_revision, previous.embedding_dim)
+
+
+def _update(con, files, runs, sources, fingerprint, settings, timings, *, db_path, previous, storage_options):
+    """The copied catalogue brought up to date with the changed files: (IndexInfo, VectorBuild or None),
+    or None when the rows cannot be derived from the changed files alone (then the caller builds fresh)."""
+    from schemas import COLUMN_NAMES
+
+    from pipeline.search.catalogue_update import update_rows
+
+    run, dim = _index_embedder(runs)
+    before = set(map(tuple, previous.files))
+    new_files = [str(path) for path, *marker in fingerprint if (str(path), *marker) not in before]
+    now = set(map(tuple, fingerprint))
+    gone_files = [str(path) for path, *marker in previous.files if (str(path), *marker) not in now]
+    fresh_files = set(new_files)
+    versions: dict[int, list[str]] = {}
+    for path, file_run in zip(map(str, files), runs):
+        if path in fresh_files:
+            versions.setdefault(file_run.schema_version, []).append(path)
+    plain = [c for c in COLUMN_NAMES if c != "embedding"]
+    with _timed(timings, "load"):
+        if versions:
+            new_sql, new_params = _sources_sql(versions, plain), list(versions.values())
+        else:  # nothing new: an empty selection of the same columns
+            new_sql, new_params = f"SELECT * FROM ({_empty_sources_sql(con, plain)})", []
+        delta = update_rows(con, new_sql=new_sql, new_params=new_params, new_files=new_files,
+                            gone_files=gone_files, columns=plain)
+    if delta is None:
+        return None
+    _check_row_models(con, run)
+    with _timed(timings, "fts"):
+        bm25.update(con, delta.removed, delta.added)
+    built = None
+    if dim:
+        from pipeline.search.vector_build import update_vectors
+
+        built = update_vectors(
+            con, db_path, dim=dim, run=run, previous=previous, dropped=delta.dropped_slots, candidates=delta.added,
+            ann_wanted=lambda live: _ann_wanted(settings, live), timings=timings, storage_options=storage_options,
+        )
+    con.execute(f"DROP TABLE {contract.INDEX_META}")
+    return _write_info(con, run, dim, runs, sources, fingerprint, built, False), built
+
+
+def _empty_sources_sql(con, columns: list[str]) -> str:
+    """Zero rows shaped like image_rows' schema columns plus source_file/source_row."""
+    return f"SELECT {', '.join(columns)}, source_file, source_row FROM {contract.IMAGE_ROWS} WHERE false"
 
 
 def _raise_if_changed(files, fingerprint, storage_options, cause) -> None:
@@ -403,13 +488,9 @@ def _timed(timings: dict, step: str):
 def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_only=False, db_path=None,
            previous=None, storage_options=None):
     """Fill an empty database with the layout pipeline.search.contract describes: (IndexInfo, VectorBuild or None)."""
-    from schemas import COLUMN_NAMES, SCHEMA_VERSION
+    from schemas import COLUMN_NAMES
 
-    # The embedder of the index: that of the files that have one (check_files made them agree).
-    run = next((r for r in runs if r.embed_model is not None and r.embedding_dim), None) or next(
-        (r for r in runs if r.embed_model is not None), runs[0]
-    )
-    dim = int(run.embedding_dim) if run.embedding_dim else None
+    run, dim = _index_embedder(runs)
     file_list = [str(p) for p in files]
     plain = [c for c in COLUMN_NAMES if c != "embedding"]  # constant schema column names, not user input
     versions: dict[int, list[str]] = {}
@@ -447,7 +528,9 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
             embedded AS (SELECT * FROM same_bytes WHERE embed_model IS NOT NULL QUALIFY {newest})
             SELECT row_number() OVER (ORDER BY b.uri) - 1 AS id, {base_select},
                    b.source_file, b.source_row,
-                   e.source_file AS embedding_source_file, e.source_row AS embedding_source_row
+                   e.source_file AS embedding_source_file, e.source_row AS embedding_source_row,
+                   CASE WHEN c.uri IS NULL THEN b.source_file ELSE c.source_file END AS caption_source_file,
+                   CASE WHEN c.uri IS NULL THEN b.source_row ELSE c.source_row END AS caption_source_row
             FROM base AS b
             LEFT JOIN captioned AS c ON c.uri = b.uri
             LEFT JOIN embedded AS e ON e.uri = b.uri
@@ -456,6 +539,9 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
             """,
             [files_of for files_of in versions.values()],
         )
+        if not rows_only:
+            key_columns = [*KEY_COLUMNS, "caption_model", "embed_model"]
+            create_source_keys(con, _sources_sql(versions, key_columns), list(versions.values()))
     _check_row_models(con, run)
 
     # The stored view's embedding is null: a reader shadows it with one over the vector file (contract).
@@ -473,8 +559,6 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
     # Helpers for --where / captioner sql: the answer to one probe question.
     contract.add_macros(con)
 
-    rows = con.execute("SELECT count(*) FROM image_rows").fetchone()[0]
-    searchable = con.execute("SELECT count(*) FROM image_rows WHERE status = 'ok'").fetchone()[0]
     built = None
     if dim and not rows_only:
         from pipeline.search.vector_build import build_vectors
@@ -483,7 +567,28 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
             con, db_path, dim=dim, run=run, files=file_list, fingerprint=fingerprint, previous=previous,
             ann_wanted=lambda live: _ann_wanted(settings, live), timings=timings, storage_options=storage_options,
         )
+    return _write_info(con, run, dim, runs, sources, fingerprint, built, rows_only), built
 
+
+def _build_docs(con) -> None:
+    """BM25 text (the caption and every probe answer of searchable rows) and its fts index."""
+    bm25.build(con)
+
+
+def _index_embedder(runs):
+    """(the run metadata naming the index's embedder, its dim or None): that of the files that have one
+    (check_files made them agree)."""
+    run = next((r for r in runs if r.embed_model is not None and r.embedding_dim), None) or next(
+        (r for r in runs if r.embed_model is not None), runs[0]
+    )
+    return run, (int(run.embedding_dim) if run.embedding_dim else None)
+
+
+def _write_info(con, run, dim, runs, sources, fingerprint, built, rows_only) -> IndexInfo:
+    from schemas import SCHEMA_VERSION
+
+    rows = con.execute("SELECT count(*) FROM image_rows").fetchone()[0]
+    searchable = con.execute("SELECT count(*) FROM image_rows WHERE status = 'ok'").fetchone()[0]
     probes: dict[str, None] = {}
     for r in runs:
         probes.update(dict.fromkeys(r.probes))
@@ -507,22 +612,7 @@ def _build(con, files, runs, sources, fingerprint, settings, timings, *, rows_on
         rows_only=rows_only,
     )
     contract.write_info(con, info)
-    return info, built
-
-
-def _build_docs(con) -> None:
-    """BM25 text: the caption, every probe answer and the text read in the image (OCR) of searchable rows."""
-    # The one place that says what a row's BM25 document is: caption_short and text are schema v5's
-    # (null in upgraded older rows, which concat_ws skips).
-    con.execute(
-        """
-        CREATE TABLE docs AS
-        SELECT id, concat_ws(' ', caption, caption_short,
-                             array_to_string(list_transform(probes, lambda p: p.answer), ' '), text) AS text
-        FROM image_rows WHERE status = 'ok'
-        """
-    )
-    con.execute("PRAGMA create_fts_index('docs', 'id', 'text', overwrite = 1)")
+    return info
 
 
 def _sources_sql(versions: dict[int, list[str]], columns: list[str]) -> str:

@@ -64,6 +64,7 @@ class VectorStore:
         self.id_to_slot[slot_ids[live]] = np.flatnonzero(live)
         self.live = int(live.sum())
         self.centroids = centroids
+        self.lists = lists  # int32 IVF list per slot (-1: dead), None without ANN
         if centroids is not None and lists is not None:
             order = np.argsort(lists[live], kind="stable")
             self._members = np.flatnonzero(live)[order]  # live slots grouped by list

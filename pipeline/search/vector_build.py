@@ -91,6 +91,38 @@ def build_vectors(con, db_path: Path, *, dim: int, run, files: list[str], finger
                     storage_options=storage_options)
 
 
+def update_vectors(con, db_path: Path, *, dim: int, run, previous: IndexInfo, dropped: str, candidates: str,
+                   ann_wanted, timings: dict, storage_options=None) -> VectorBuild:
+    """The vectors of an updated catalogue (a copy of ``previous``'s, pipeline.search.catalogue_update).
+
+    Its ``vector_slots`` still hold the previous slots: those of the ids in
+    table ``dropped`` go (their slots become dead), the searchable rows of
+    ``candidates`` without a slot are read from their files and appended,
+    unless compaction or retraining (as in :func:`build_vectors`) rewrites the file.
+    """
+    model, revision = run.embed_model, run.embed_revision
+    if _reusable(previous, db_path, dim, model, revision):
+        con.execute(f"DELETE FROM {contract.VECTOR_SLOTS} WHERE id IN (SELECT id FROM {dropped})")
+        kept = con.execute(f"SELECT count(*) FROM {contract.VECTOR_SLOTS}").fetchone()[0]
+        new_ids, new_rows = _read_new(con, dim, timings, storage_options, candidates=candidates)
+        live = kept + len(new_ids)
+        dead = previous.vector_slots - kept
+        wants_ann = bool(ann_wanted(live))
+        retrain = wants_ann and (not previous.ann or live > ann.RETRAIN_GROWTH * max(1, previous.ann_trained_rows))
+        if dead <= COMPACT_SHARE * (previous.vector_slots + len(new_ids)) and not retrain:
+            if not wants_ann:
+                con.execute(f"DROP TABLE IF EXISTS {contract.ANN_CENTROIDS}")
+            return _append(con, db_path, previous, new_ids, new_rows, live, wants_ann, dim, model, revision, timings,
+                           centroids_from=None)
+    con.execute(f"DROP TABLE IF EXISTS {contract.ANN_CENTROIDS}")
+    con.execute(f"DROP TABLE IF EXISTS {contract.VECTOR_SLOTS}")
+    con.execute(
+        f"CREATE TABLE {contract.VECTOR_SLOTS} (id BIGINT NOT NULL, slot BIGINT NOT NULL, norm FLOAT NOT NULL, list INTEGER)"
+    )
+    return _rewrite(con, db_path, dim=dim, model=model, revision=revision, ann_wanted=ann_wanted, timings=timings,
+                    storage_options=storage_options)
+
+
 def _reusable(previous: IndexInfo | None, db_path: Path, dim, model, revision) -> bool:
     if previous is None or previous.index_format != contract.INDEX_FORMAT or previous.rows_only:
         return False
@@ -106,7 +138,7 @@ def _reusable(previous: IndexInfo | None, db_path: Path, dim, model, revision) -
     return True
 
 
-def _embedding_batches(con, dim: int, *, only_new: bool, storage_options):
+def _embedding_batches(con, dim: int, *, only_new: bool, storage_options, candidates: str | None = None):
     """(ids int64, rows float32 (n x dim)) per batch: the searchable rows' embeddings, read from their files.
 
     pyarrow streams each file's embedding column and keeps the rows the
@@ -118,6 +150,8 @@ def _embedding_batches(con, dim: int, *, only_new: bool, storage_options):
     from pipeline.search.index import _filesystem
 
     extra = f"AND id NOT IN (SELECT id FROM {contract.VECTOR_SLOTS})" if only_new else ""
+    if candidates:
+        extra += f" AND id IN (SELECT id FROM {candidates})"
     wanted = con.execute(
         f"SELECT embedding_source_file AS f, embedding_source_row AS r, id FROM image_rows WHERE status = 'ok' "
         f"AND embedding_source_file IS NOT NULL {extra} ORDER BY f, r"
@@ -143,23 +177,28 @@ def _embedding_batches(con, dim: int, *, only_new: bool, storage_options):
                 offset += batch.num_rows
 
 
-def _read_new(con, dim: int, timings: dict, storage_options):
-    """(ids, rows) of the searchable rows that have no reused slot, read from the files that hold them."""
+def _read_new(con, dim: int, timings: dict, storage_options, candidates: str | None = None):
+    """(ids, rows) of the searchable rows that have no reused slot (among ``candidates``' ids, when given),
+    read from the files that hold them."""
     t0 = time.perf_counter()
     ids, rows = [np.zeros(0, np.int64)], [np.zeros((0, dim), np.float32)]
-    for i, r in _embedding_batches(con, dim, only_new=True, storage_options=storage_options):
+    for i, r in _embedding_batches(con, dim, only_new=True, storage_options=storage_options, candidates=candidates):
         ids.append(i)
         rows.append(r)
     timings["embeddings"] = time.perf_counter() - t0
     return np.concatenate(ids), np.concatenate(rows)
 
 
-def _append(con, db_path, previous: IndexInfo, new_ids, new_rows, live, wants_ann, dim, model, revision, timings):
+def _append(con, db_path, previous: IndexInfo, new_ids, new_rows, live, wants_ann, dim, model, revision, timings,
+            centroids_from: str | None = "prev"):
+    """Append the new rows after the committed slots; ``centroids_from``: the attached database to copy the
+    IVF centroids from (None: the catalogue being built has them already)."""
     t0 = time.perf_counter()
     path = contract.vector_path(db_path, previous)
     lists = None
     if wants_ann:
-        con.execute(f"CREATE TABLE {contract.ANN_CENTROIDS} AS SELECT * FROM prev.{contract.ANN_CENTROIDS}")
+        if centroids_from:
+            con.execute(f"CREATE TABLE {contract.ANN_CENTROIDS} AS SELECT * FROM {centroids_from}.{contract.ANN_CENTROIDS}")
         table = con.execute(f"SELECT centroid FROM {contract.ANN_CENTROIDS} ORDER BY list").fetch_arrow_table()
         centroids = table.column(0).combine_chunks().flatten().to_numpy().reshape(-1, dim)
         lists = ann.assign(centroids, new_rows) if len(new_rows) else np.zeros(0, np.int32)

@@ -167,8 +167,19 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: list[str] | None = None) -> Starlette:
-    """``allowed_hosts``: Host header names accepted (DNS-rebinding guard); None accepts any."""
+def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: list[str] | None = None,
+               image_origins: tuple[str, ...] = ()) -> Starlette:
+    """``allowed_hosts``: Host header names accepted (DNS-rebinding guard); None accepts any.
+
+    ``image_origins``: pages of these origins (``scheme://host:port``) may load
+    thumbnails cross-origin (CORS on the thumbnail route only, for the exact
+    Origin sent): Label Studio loads task images with ``crossorigin``. No other
+    origin, and no other route, gets a CORS header.
+    """
+
+    def cors(request: Request) -> dict:
+        origin = request.headers.get("origin", "").lower()
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin in image_origins else {}
 
     def info(request: Request):
         return JSONResponse(service.describe())
@@ -206,10 +217,11 @@ def create_app(service: IndexService, thumbs: ThumbnailCache, *, allowed_hosts: 
             return FileResponse(
                 STATIC / "placeholder.svg",
                 media_type="image/svg+xml",
-                headers={"Cache-Control": "no-store", "X-Thumbnail": "placeholder"},
+                headers={"Cache-Control": "no-store", "X-Thumbnail": "placeholder", **cors(request)},
             )
         version = request.query_params.get("v")
         headers = {
+            **cors(request),
             "ETag": made.etag,
             "Cache-Control": _IMMUTABLE if version and image_id and image_id.startswith(version) else _REVALIDATE,
         }

@@ -32,6 +32,7 @@ Examples:
   captioner serve --index out/index.duckdb                 # http://127.0.0.1:8000/
   captioner serve --index out/index.duckdb --port 8080
   captioner serve --index index.duckdb --storage-option endpoint_url=http://127.0.0.1:9000   # images in a bucket
+  captioner serve --index out/index.duckdb --image-origin http://127.0.0.1:8080   # Label Studio shows the images
 \b
 The page searches (hybrid, text or semantic), filters on probe answers, shows
 thumbnails, every probe answer of an image, and "more like this"; drop an
@@ -56,6 +57,20 @@ def is_loopback(host: str) -> bool:
 def allowed_hosts_for(host: str) -> list[str] | None:
     """Host headers to accept: loopback names on loopback (a DNS-rebinding guard), any otherwise."""
     return list(LOOPBACK_NAMES) if is_loopback(host) else None
+
+
+def image_origins_of(values: tuple[str, ...]) -> tuple[str, ...]:
+    """``--image-origin`` values as browsers send Origin: scheme://host[:port], lower case, no path."""
+    from urllib.parse import urlsplit
+
+    out = []
+    for value in values:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+            raise click.BadParameter(f"{value!r} is not an origin; pass scheme://host[:port], e.g. http://127.0.0.1:8080",
+                                     param_hint="'--image-origin'")
+        out.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return tuple(out)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -92,9 +107,11 @@ def bind(host: str, port: int) -> socket.socket:
 @embed_model_option(QUERY_EMBED_MODEL_HELP)
 @click.option("--thumb-cache", type=click.Path(file_okay=False), help="Thumbnail cache folder. [default: INDEX.thumbs beside the index]")
 @click.option("--thumb-cache-mb", default=512, show_default=True, type=click.IntRange(min=0), help="Size bound of the thumbnail cache; least recently used thumbnails go first. 0: no disk cache.")
+@click.option("--image-origin", "image_origins", multiple=True, metavar="ORIGIN",
+              help="Let pages of ORIGIN (e.g. Label Studio at http://127.0.0.1:8080) load the thumbnails cross-origin (CORS, images only; repeatable).")
 @storage_option("fsspec option for reading images from a bucket (repeatable), as for `captioner run`.")
 @_user_errors
-def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_mb, storage_options):
+def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_mb, image_origins, storage_options):
     """Serve a search page for an index at http://HOST:PORT/."""
     from pathlib import Path
 
@@ -122,7 +139,7 @@ def serve(index_path, host, port, device, embed_model, thumb_cache, thumb_cache_
         if thumbs.root is None and thumb_cache_mb:
             click.echo(f"warning: cannot write the thumbnail cache {cache_dir}; thumbnails are made on every view "
                        f"(pass --thumb-cache DIR to cache them elsewhere)", err=True)
-        app = create_app(service, thumbs, allowed_hosts=allowed_hosts_for(host))
+        app = create_app(service, thumbs, allowed_hosts=allowed_hosts_for(host), image_origins=image_origins_of(image_origins))
         shown = f"[{host}]" if ":" in host else host
         click.echo(
             f"serving {index.path} ({index.info.searchable_rows:,} searchable images) at http://{shown}:{port}/  "
