@@ -7,8 +7,8 @@ fit the cluster it is given: values left at their defaults shrink to fit (a
 run that cannot fit is refused instead of waiting for ever. On CUDA there is
 one caption actor per GPU, each on a card of its own, holding enough Ray
 batches to keep its engine full (:func:`caption_flow`). ``build_dataset``
-wires the stages: decode as CPU tasks, the caption and embed models as actor
-pools, then the conform step.
+wires the stages: decode as CPU tasks, the OCR, caption and embed models as
+actor pools, then the conform step.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pyarrow as pa
 from jobs.session_guard import SessionGuard
 from pipeline.config import RunConfig
 from pipeline.models.moondream.defaults import CALLS_IN_FLIGHT, MAX_BATCHES_IN_FLIGHT, for_device, images_per_call
-from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
+from pipeline.stages import CaptionStage, EmbedStage, OcrStage, StageConfig, conform_batch, decode_batch
 from pipeline.stages.contract import LISTED
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class ResourcePlan:
     caption_actors: int  # 0 when the caption model has nothing to do
     embed_actors: int  # 0 without embeddings
     caption: CaptionFlow
+    ocr_actors: int = 0  # 0 without OCR; CPU actors (onnxruntime), model_actor_cpus each
 
     @property
     def torch_threads(self) -> int:
@@ -84,7 +85,7 @@ def caption_flow(config: RunConfig, use_gpu: bool) -> CaptionFlow:
     if asked == 1 or (asked is None and not defaults.fill_engine):
         return CaptionFlow(batch, 1, None)
     if asked is None:
-        target = images_per_call(defaults, caption.max_sequences, caption.enabled + len(caption.probes))
+        target = images_per_call(defaults, caption.max_sequences, caption.enabled * len(caption.lengths) + len(caption.probes))
         asked = min(MAX_BATCHES_IN_FLIGHT, max(2, math.ceil(CALLS_IN_FLIGHT * target / batch)))
     return CaptionFlow(batch, asked, max(batch, asked * batch // CALLS_IN_FLIGHT))
 
@@ -106,7 +107,8 @@ def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) 
     """Actors and CPU/GPU shares for this run on a cluster with ``cluster`` resources (ray.cluster_resources())."""
     ray_config = config.ray
     caption_actors, embed_actors = _actor_counts(config, cluster, use_gpu)
-    actors = caption_actors + embed_actors
+    ocr_actors = config.ray.ocr_actors * config.ocr.enabled
+    actors = caption_actors + embed_actors + ocr_actors
     actor_cpus = 1.0 if use_gpu else (ray_config.model_actor_cpus or DEFAULT_MODEL_ACTOR_CPUS)
     decode_cpus = ray_config.decode_cpus or DEFAULT_DECODE_CPUS
     conform_cpus = CONFORM_CPUS
@@ -150,6 +152,7 @@ def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) 
         caption_actors=caption_actors,
         embed_actors=embed_actors,
         caption=caption_flow(config, use_gpu),
+        ocr_actors=ocr_actors,
     )
 
 
@@ -187,6 +190,8 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
     flow = plan.caption
     model_stages = [
         # (enabled, class, constructor kwargs, batch size, actors, GPU share, batches in flight per actor)
+        # OCR first: an image it fails on is not captioned; it runs on CPU (GPU share 0).
+        (stage.runs_ocr, OcrStage, {}, config.ocr.batch_size, plan.ocr_actors, 0, 1),
         (stage.runs_captioner, CaptionStage, {"images_per_call": flow.images_per_call}, flow.batch_size,
          plan.caption_actors, plan.caption_gpus, flow.batches_in_flight),
         (stage.runs_embedder, EmbedStage, {}, config.embed.batch_size, plan.embed_actors, plan.embed_gpus, 1),
@@ -196,7 +201,7 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
             # Fault tolerance is Ray Data's default for actor pools: an actor that
             # dies (OOM kill, lost node, segfault) is restarted and its in-flight
             # batch retried (tests/test_crash_resume.py kills one).
-            resources = {"num_gpus": gpus, "num_cpus": plan.model_actor_cpus} if plan.use_gpu else {
+            resources = {"num_gpus": gpus, "num_cpus": plan.model_actor_cpus} if plan.use_gpu and gpus else {
                 "num_cpus": plan.model_actor_cpus
             }
             # Several batches in flight: Ray runs that many of the actor's calls in

@@ -9,6 +9,7 @@ a crash or Ctrl-C loses at most the rows not yet committed.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -107,7 +108,13 @@ def run_identity(config: RunConfig) -> RunMetadata:
     """The models and probe set every row of this run is stamped with (resolved on the driver, no weights)."""
     caption = config.caption.model if config.caption.runs_model else None
     embed = config.embed.model if config.embed.enabled else None
-    return identity_for_run(caption, embed, tuple(config.caption.probes) if caption else ())
+    identity = identity_for_run(caption, embed, tuple(config.caption.probes) if caption else ())
+    if config.ocr.enabled:
+        from pipeline.ocr import ocr_identity
+
+        model, revision = ocr_identity(config.ocr.engine)
+        identity = dataclasses.replace(identity, ocr_model=model, ocr_revision=revision)
+    return identity
 
 
 def _progress_label(config: RunConfig) -> str:
@@ -118,6 +125,8 @@ def _progress_label(config: RunConfig) -> str:
         parts.append("probing")
     if config.embed.enabled:
         parts.append("embedding")
+    if config.ocr.enabled:
+        parts.append("reading text")
     return "+".join(parts)
 
 

@@ -15,6 +15,7 @@ from pipeline import __version__, exit_codes
 from pipeline.config import (
     CAPTION_DTYPES,
     CAPTION_LENGTHS,
+    CAPTION_LENGTH_PAIRS,
     ConfigError,
     RunConfig,
     load_config_file,
@@ -96,11 +97,12 @@ def main() -> None:
 @click.option("--caption-model", help=f"Caption backend: moondream2[@REV], transformers:HUB_ID[@REV], or a local model directory PATH. {default_note('caption.model')}")
 @click.option("--embed-model", help=f"Embedder: open_clip:NAME[@PRETRAINED], open_clip:NAME@/path/ckpt.pt, or a local open_clip directory. {default_note('embed.model')}")
 @click.option("--probes", "probes_file", type=click.Path(dir_okay=False), help="YAML/JSON list of probe questions asked of every image. [default: the built-in set]")
-@click.option("--caption-length", type=click.Choice(CAPTION_LENGTHS), help=f"Caption length. {default_note('caption.length')}")
+@click.option("--caption-length", type=click.Choice(CAPTION_LENGTHS + CAPTION_LENGTH_PAIRS), help=f"Caption length, or two (e.g. short,normal) from one image encoding: the longer is `caption`, the shorter `caption_short`. {default_note('caption.length')}")
 @click.option("--batch-size", type=int, help=f"Images per captioning batch. {default_note('caption.batch_size')}")
 @click.option("--max-crops", type=click.IntRange(1, 12), help=f"Moondream: local crops per image, fewer is faster on large images. {_max_crops_default_note()}")
 @click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help=f"Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. {default_note('caption.dtype')}")
 @click.option("--compile", "compile_model", is_flag=True, default=None, help="Moondream: torch.compile the decode step (fullgraph; CUDA graphs on a GPU), the vision encoder and the prefix prefill (slower start, faster on long GPU runs).")
+@click.option("--ocr/--no-ocr", "ocr", default=None, help=f"Read the text in each image (RapidOCR, PP-OCRv4 on CPU) into the text columns. {default_note('ocr.enabled')}")
 @click.option("--embed-batch-size", type=int, help=f"Images per embedding batch. {default_note('embed.batch_size')}")
 @device_option("Where models run; auto picks CUDA when the cluster has GPUs.")
 @click.option("--address", help="Address of a running Ray cluster (ray start --head). [default: start an embedded local Ray]")
@@ -191,6 +193,7 @@ def _run_config(source, output, config_file, probes_file, storage_options, no_ca
             "embed.batch_size": flags["embed_batch_size"],
             "embed.enabled": False if no_embed else None,
             "decode.max_pixels": flags["max_pixels"],
+            "ocr.enabled": flags["ocr"],
             "ray.address": flags["address"],
         },
     )

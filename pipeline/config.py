@@ -29,6 +29,9 @@ DEFAULT_CAPTION_MODEL = f"moondream2@{MOONDREAM_REVISION}"
 DEFAULT_EMBED_MODEL = "open_clip:ViT-SO400M-14-SigLIP-384"
 
 CAPTION_LENGTHS = ("short", "normal", "long")
+# Two lengths from one image encoding, e.g. "short,normal": the shorter goes to ``caption_short``.
+CAPTION_LENGTH_PAIRS = tuple(f"{a},{b}" for i, a in enumerate(CAPTION_LENGTHS) for b in CAPTION_LENGTHS[i + 1:])
+OCR_ENGINES = ("rapidocr",)
 CAPTION_DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_EXTENSIONS = (
@@ -88,7 +91,8 @@ class CaptionConfig(_Section):
     # or without a caption (``--no-caption`` keeps them; ``--no-probes`` drops them).
     enabled: StrictBool = True
     model: Annotated[StrictStr, _model_spec("--caption-model")] = DEFAULT_CAPTION_MODEL
-    length: Annotated[StrictStr, _one_of(CAPTION_LENGTHS)] = "normal"
+    # One length, or two ("short,normal") written in one pass that shares the image encoding.
+    length: StrictStr = "normal"
     probes: tuple[StrictStr, ...] = ()
     batch_size: PositiveInt = 8
     # None: the backend's per-length caption budget (Moondream: the reference's
@@ -119,6 +123,31 @@ class CaptionConfig(_Section):
         except ProbeFileError as exc:
             raise ValueError(str(exc)) from exc
 
+    @field_validator("length")
+    @classmethod
+    def _valid_length(cls, value: str) -> str:
+        asked = [part.strip() for part in value.split(",")]
+        if len(asked) > 2 or len(set(asked)) != len(asked) or not set(asked) <= set(CAPTION_LENGTHS):
+            raise ValueError(
+                f"must be one of {', '.join(CAPTION_LENGTHS)} or two of them, e.g. short,normal; got {value!r}"
+            )
+        return ",".join(sorted(asked, key=CAPTION_LENGTHS.index))
+
+    @property
+    def lengths(self) -> tuple[str, ...]:
+        """The lengths asked, shortest first."""
+        return tuple(self.length.split(","))
+
+    @property
+    def main_length(self) -> str:
+        """The length of ``caption``: the longer when two were asked."""
+        return self.lengths[-1]
+
+    @property
+    def short_length(self) -> str | None:
+        """The length of ``caption_short``, or None when one length was asked."""
+        return self.lengths[0] if len(self.lengths) == 2 else None
+
     @property
     def runs_model(self) -> bool:
         """Whether the caption model has anything to do: a caption, probes, or both."""
@@ -131,12 +160,29 @@ class EmbedConfig(_Section):
     batch_size: PositiveInt = 32
 
 
+class OcrConfig(_Section):
+    # Off by default: on a GPU run, OCR on CPU actors reads fewer images per second than the
+    # caption model captions (README, "Text in images"), and it is a cost a user chooses.
+    enabled: StrictBool = False
+    engine: Annotated[StrictStr, _one_of(OCR_ENGINES)] = "rapidocr"
+    # The OCR model sees the decoded pixels (at most decode.model_max_side), shrunk to this side first.
+    max_side: Annotated[StrictInt, Field(ge=32)] = 1024
+    # Past this many seconds on one image, that image is an ``ocr`` error row.
+    timeout_s: PositiveFloat = 20.0
+    # Lines read with less confidence are dropped (the model's own default is 0.5).
+    min_confidence: Annotated[float, Field(ge=0, le=1, strict=True)] = 0.5
+    # The most lines kept per image (a bound on the recogniser's work on a page of small print).
+    max_lines: PositiveInt = 200
+    batch_size: PositiveInt = 8
+
+
 class RayConfig(_Section):
     # None: start an embedded local Ray; else the address of a running cluster.
     address: StrictStr | None = None
     # None: one caption actor per GPU of the cluster on CUDA, one on CPU.
     caption_actors: PositiveInt | None = None
     embed_actors: PositiveInt = 1
+    ocr_actors: PositiveInt = 1
     # Ray batches one caption actor holds at once; engine calls merge up to half
     # of the images they hold. None: the device's default (moondream/defaults.py):
     # on a GPU enough to fill the engine twice over, on CPU one.
@@ -172,6 +218,7 @@ class RunConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     caption: CaptionConfig = CaptionConfig()
     embed: EmbedConfig = EmbedConfig()
+    ocr: OcrConfig = OcrConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("storage_options", mode="before")
@@ -197,10 +244,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _something_to_compute(self) -> "RunConfig":
-        if not self.caption.runs_model and not self.embed.enabled:
+        if not self.caption.runs_model and not self.embed.enabled and not self.ocr.enabled:
             raise ValueError(
-                "there would be nothing to compute: no caption, no probes and no embedding "
-                "(drop --no-caption, --no-probes or --no-embed)"
+                "there would be nothing to compute: no caption, no probes, no embedding and no OCR "
+                "(drop --no-caption, --no-probes or --no-embed, or add --ocr)"
             )
         return self
 

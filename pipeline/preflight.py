@@ -56,6 +56,8 @@ def preflight(config: "RunConfig") -> None:
     ):
         if ref is not None:
             problems.append(_weights_problem(check, ref))
+    if config.ocr.enabled:
+        problems.append(_weights_problem(check_ocr_engine, config.ocr.engine))
     problems = [p for p in problems if p]
     if len(problems) == 1:
         raise PreflightFailed(problems[0])
@@ -71,6 +73,13 @@ def _weights_problem(check, ref) -> str | None:
     except ConfigError as exc:  # WeightsMissing, or a spec model_identity cannot resolve
         return str(exc)
     return None
+
+
+def check_ocr_engine(engine: str) -> None:
+    """The OCR engine is installed with its model files (it ships them: nothing to download)."""
+    from pipeline.ocr import ocr_identity
+
+    ocr_identity(engine)
 
 
 def source_problem(source: str) -> str | None:

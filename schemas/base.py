@@ -43,6 +43,9 @@ class RunMetadata:
     probe_set_hash: str
     probes: tuple[str, ...] = ()
     schema_version: int = field(default=None)  # type: ignore[assignment]
+    # Schema v5: the OCR engine and its weights; None when OCR was off (and in older files).
+    ocr_model: str | None = None
+    ocr_revision: str | None = None
 
     def __post_init__(self):
         if self.schema_version is None:
@@ -72,7 +75,11 @@ class RunMetadata:
         return cls(**{k: v for k, v in fields.items() if k in known})
 
     def models_signature(self) -> tuple:
-        """What must match for a row to count as already done on a rerun."""
+        """What must match for a row to count as already done on a rerun.
+
+        OCR is not part of it: a rerun that turns OCR on redoes the rows read without it
+        (pipeline/output/resume.py) instead of refusing the output.
+        """
         return (self.caption_model, self.caption_revision, self.embed_model, self.embed_revision, self.probe_set_hash)
 
 

@@ -31,6 +31,8 @@ _KINDS = {
     # Not permanent: a fix or another model version may take it.
     "preprocess": (False, "a model's CPU preprocessor refused the decoded image"),
     "model": (False, "the model failed on this image"),
+    # The OCR stage (pipeline/stages/ocr.py): its model failed, or the image took longer than ocr.timeout_s.
+    "ocr": (False, "the OCR model failed on this image or ran past ocr.timeout_s"),
 }
 
 #: kind -> its one-line meaning, in the order above.

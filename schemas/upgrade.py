@@ -12,12 +12,12 @@ from __future__ import annotations
 import pyarrow as pa
 
 from schemas.base import SchemaMismatch, read_metadata
-from schemas import v2, v3, v4
+from schemas import v2, v3, v4, v5
 
-_CURRENT = v4.SCHEMA
+_CURRENT = v5.SCHEMA
 # Version N -> the module of version N+1, which declares what it added to N
 # (NEW_PROBE_FIELDS, NEW_COLUMNS) and its table (SCHEMA).
-_STEPS = {1: v2, 2: v3, 3: v4}
+_STEPS = {1: v2, 2: v3, 3: v4, 4: v5}
 
 # DuckDB spellings of the Arrow types an upgrade fills with nulls.
 _DUCKDB_TYPES = {
@@ -25,6 +25,7 @@ _DUCKDB_TYPES = {
     pa.bool_(): "BOOLEAN",
     pa.string(): "VARCHAR",
     pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.list_(v5.TEXT_LINE_TYPE): "STRUCT(text VARCHAR, confidence FLOAT, box FLOAT[8])[]",
 }
 
 

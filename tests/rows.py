@@ -32,6 +32,8 @@ def row(uri: str, *, run: RunMetadata, at: datetime = T0, **fields) -> dict:
         caption_revision=run.caption_revision,
         embed_model=run.embed_model,
         embed_revision=run.embed_revision,
+        ocr_model=run.ocr_model,
+        ocr_revision=run.ocr_revision,
         probe_set_hash=run.probe_set_hash,
         processed_at=at,
     )

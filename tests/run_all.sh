@@ -10,6 +10,11 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium chromium-driver || exit 1
 fi
+# The OCR tests draw their text with Debian's fonts (examples/text_images.py).
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q fonts-dejavu-core fonts-liberation || exit 1
+fi
 python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e '.[test]' || exit 1
 python -m pytest; main=$?
 python -m pytest -m cluster; cluster=$?

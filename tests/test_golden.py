@@ -32,6 +32,8 @@ GOLDEN = {
     "v2.parquet": ("6f08bb88bac78e908038e2fe44cdc4cb0cc606a5acbac87a58ae3ca6927ed16e", 5, 4, ("bakery", "/photos/shopfront.png")),
     "v3.parquet": ("19e0231949680af011ce19d381a93b68bd7fdf73f8afa20c3c7fe184d794711d", 5, 4, ("harbour", "/photos/harbour.png")),
     "v4.parquet": ("62cb5f081df943e274c84c1d3bfeeb66d48f7d706414ca5e35c0b7630d8e1fa5", 5, 4, ("lighthouse", "/photos/lighthouse.png")),
+    # "zanzibar" is only in the text read in the image (schema v5's text column).
+    "v5.parquet": ("588147a05291636f92d1ef739e46901fb24ad11a37b1d7681b352a4193eaf5b2", 4, 3, ("zanzibar", "/photos/noticeboard.png")),
 }
 
 
@@ -99,6 +101,8 @@ def test_golden_file_resumes_as_an_existing_output(golden, tmp_path):
             expected = {**old[row["uri"]]}
             expected.setdefault("caption_truncated", None)
             expected.setdefault("source_mtime", None)
+            for added in ("caption_short", "text", "text_lines", "ocr_model", "ocr_revision"):  # schema v5
+                expected.setdefault(added, None)
             for probe in expected["probes"] or ():
                 probe.setdefault("yes_prob", None)
                 probe.setdefault("truncated", None)
@@ -192,7 +196,7 @@ def test_a_v4_gone_row_is_not_indexed_and_indexes_beside_every_older_version(tmp
     db = tmp_path / "index.duckdb"
     result = CliRunner().invoke(main, ["index", str(sources), "--db", str(db), "--mixed-probes"])
     assert result.exit_code == 0, (result.output, result.exception)
-    assert "20 rows, 16 searchable (status ok), 16 with embeddings" in result.output
+    assert "24 rows, 19 searchable (status ok), 19 with embeddings" in result.output  # v1..v4: 20 and 16, v5: 4 and 3
     uris = [r["uri"] for r in _sql(db, "SELECT uri FROM images")]
     assert "/photos/old-name.png" not in uris and "/photos/lighthouse.png" in uris and "/photos/harbour.png" in uris
     assert "/photos/old-name.png" not in _search(db, "lighthouse", "--mode", "text", "--limit", "50")

@@ -127,3 +127,26 @@ def test_caption_budgets_dtype_and_config_validation():
             CaptionConfig(**bad)
         with pytest.raises(ConfigError):
             RunConfig.from_dict({"source": "/p", "output": "/o.parquet", "caption": bad})
+
+
+def test_two_caption_lengths_come_from_one_image_encoding(tmp_path, monkeypatch):
+    """--caption-length short,normal: two caption requests on one image prefix (as probes share it), one
+    engine call; the short one is what a short-only run writes."""
+    _offline(monkeypatch, tmp_path / "empty_cache")
+    ref = resolve_captioner(str(local_moondream_dir(tmp_path / "md")))
+    limits = dict(max_new_tokens=6, answer_max_new_tokens=2, max_crops=2)
+    both = build_captioner(ref, CaptionConfig(length="short,normal", **limits), "cpu")
+    calls = []
+    generate = both.engine.generate
+    monkeypatch.setattr(both.engine, "generate", lambda images, requests: calls.append(requests) or generate(images, requests))
+    image = Image.new("RGB", (640, 480), (40, 120, 200))
+    (d,) = both.describe([image], QUESTIONS[:1])
+    (per_image,) = calls[0]
+    assert len(calls) == 1 and len(per_image) == 3  # normal caption, short caption, the probe: one image prefix
+    assert d.caption and d.short_caption and len(d.answers) == 1
+    # The same weights asked one length at a time (the requests read the config) write the same two captions.
+    both.config = CaptionConfig(length="short", **limits)
+    assert d.short_caption == both.describe([image], ())[0].caption
+    both.config = CaptionConfig(length="normal", **limits)
+    (alone,) = both.describe([image], ())
+    assert d.caption == alone.caption and alone.short_caption is None

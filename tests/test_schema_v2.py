@@ -99,7 +99,7 @@ def test_upgrade_table_handles_sliced_and_chunked_columns(piece):
 
 def test_upgrade_table_on_some_columns_and_on_v2():
     assert upgrade_table(v1_table().select(["uri", "caption", "status"])).column_names == [
-        "uri", "caption", "caption_truncated", "status"
+        "uri", "caption", "caption_truncated", "caption_short", "status"  # caption_short: v5, after v2's column
     ]
     current = upgrade_table(v1_table())
     assert upgrade_table(current) is current

@@ -23,7 +23,7 @@ def v2_table() -> pa.Table:
 
 def test_v3_is_v2_plus_source_mtime_after_bytes():
     v2, v3 = schemas.v2.output_schema(4), schemas.v3.output_schema(4)
-    assert schemas.v3.SCHEMA_VERSION == 3 and output_schema(4).names == v3.names  # v4 added no column
+    assert schemas.v3.SCHEMA_VERSION == 3 and schemas.v4.output_schema(4).names == v3.names  # v4 added no column
     at = v2.names.index("bytes") + 1
     assert v3.names == [*v2.names[:at], "source_mtime", *v2.names[at:]]
     field = v3.field("source_mtime")
@@ -44,9 +44,10 @@ def test_upgrade_table_gives_v2_rows_a_null_source_mtime():
 
 
 def test_upgrade_sql_composes_every_step_up_to_v3(tmp_path):
-    assert upgrade_sql(3) == {}
-    assert upgrade_sql(2) == {"source_mtime": "CAST(NULL AS TIMESTAMPTZ)"}
-    assert set(upgrade_sql(1)) == {"caption_truncated", "source_mtime", "probes"}
+    v5 = set(upgrade_sql(4))  # what v5 added (tests/test_schema_v5.py), on top of every step below
+    assert set(upgrade_sql(3)) == v5
+    assert upgrade_sql(2) == {"source_mtime": "CAST(NULL AS TIMESTAMPTZ)", **upgrade_sql(4)}
+    assert set(upgrade_sql(1)) == {"caption_truncated", "source_mtime", "probes"} | v5
     # What the index runs over files of each older version reads as current rows.
     for version, table in ((2, v2_table()),):
         path = tmp_path / f"v{version}.parquet"

@@ -18,12 +18,13 @@ def texts(rng, n):
 
 
 def catalogue(rows):
-    """A connection with an image_rows table of (id, status, caption, probes) rows."""
+    """A connection with an image_rows table of (id, status, caption, probes) rows (schema v5's caption_short
+    and OCR text, which the documents also read, null)."""
     con = duckdb.connect()
     load_extensions(con)
     con.execute("CREATE TABLE image_rows (id BIGINT, status VARCHAR, caption VARCHAR, "
-                "probes STRUCT(question VARCHAR, answer VARCHAR)[])")
-    con.executemany("INSERT INTO image_rows VALUES (?, ?, ?, ?)", rows)
+                "probes STRUCT(question VARCHAR, answer VARCHAR)[], caption_short VARCHAR, text VARCHAR)")
+    con.executemany("INSERT INTO image_rows (id, status, caption, probes) VALUES (?, ?, ?, ?)", rows)
     return con
 
 
@@ -72,7 +73,7 @@ def test_an_update_in_place_equals_a_fresh_fts_build(seed):
     bm25.build(updated)
     changed = [r[0] for r in replaced] + removed
     updated.execute("DELETE FROM image_rows WHERE id IN (SELECT unnest(?::BIGINT[]))", [changed])
-    updated.executemany("INSERT INTO image_rows VALUES (?, ?, ?, ?)", replaced + added)
+    updated.executemany("INSERT INTO image_rows (id, status, caption, probes) VALUES (?, ?, ?, ?)", replaced + added)
     updated.execute("CREATE TEMP TABLE gone AS SELECT unnest(?::BIGINT[]) AS id", [changed])
     updated.execute("CREATE TEMP TABLE new AS SELECT unnest(?::BIGINT[]) AS id", [[r[0] for r in replaced + added]])
     bm25.update(updated, "gone", "new")

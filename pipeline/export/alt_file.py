@@ -18,7 +18,7 @@ import json
 from collections import Counter
 from typing import Iterable
 
-from pipeline.export.alt_text import alt_text
+from pipeline.export.alt_text import alt_text_with_text
 from pipeline.export.errors import ExportError
 from pipeline.export.rows import ExportRow
 from pipeline.export.sidecars import captioned
@@ -37,7 +37,8 @@ def alt_format(out: str) -> str:
 
 def alt_records(rows: Iterable[ExportRow], max_chars: int, skipped: Counter) -> Iterable[dict]:
     for row in captioned(rows, skipped):
-        text = alt_text(row.caption, max_chars)
+        # The short caption when there is one, and the legible text read in the image, quoted (alt_text.py).
+        text = alt_text_with_text(row.alt_caption, row.text, max_chars)
         if text is None:
             skipped["caption without words"] += 1
             continue

@@ -11,6 +11,18 @@ The rules (WCAG-style practice for alt text, applied mechanically):
     without a dangling "and" / "of the";
   * starts with a capital letter and ends with punctuation.
 
+When OCR read legible text in the image (schema v5's ``text``), the alt text
+quotes it after the description (:func:`alt_text_with_text`):
+
+  * legible text: the OCR lines joined by " / ", whitespace collapsed, kept
+    only when it holds at least MIN_LEGIBLE letters or digits (a stray mark
+    read as one character is not text to quote);
+  * the result is ``DESCRIPTION Text: "TEXT"`` (just ``Text: "TEXT"``
+    without a caption), at most ``max_chars`` characters;
+  * when both do not fit, the quoted text is cut first, on a word boundary
+    with "…" inside the quotes, but it keeps at least MIN_QUOTED characters:
+    the description is cut (by the rules above) to leave that room.
+
 Everything here is pure string work, so the rules are unit-tested directly.
 """
 
@@ -20,6 +32,10 @@ import re
 
 DEFAULT_MAX_CHARS = 125
 ELLIPSIS = "…"
+# Text read in the image: fewer letters/digits than this is not quoted; a cut quote keeps at least MIN_QUOTED.
+MIN_LEGIBLE = 2
+MIN_QUOTED = 40
+LINE_JOIN = " / "
 
 # Openers that only say "this is an image"; matched case-insensitively at the
 # start, repeatedly ("In this image, we can see a photo of a dog").
@@ -104,3 +120,37 @@ def _cut(text: str, max_chars: int) -> str:
     else:
         kept = text[:room]  # one word longer than the limit
     return kept.rstrip(" ,;:-.!?") + ELLIPSIS
+
+
+def legible_text(text: str | None) -> str | None:
+    """The OCR text as one line to quote (lines joined by " / "), or None when it is not legible text."""
+    lines = [" ".join(line.split()) for line in (text or "").splitlines()]
+    joined = LINE_JOIN.join(line for line in lines if line)
+    return joined if sum(ch.isalnum() for ch in joined) >= MIN_LEGIBLE else None
+
+
+def quoted_text(text: str, max_chars: int) -> str:
+    """``Text: "TEXT"`` in at most ``max_chars`` characters, TEXT cut between words with "…" when it must be."""
+    frame = 'Text: ""'
+    if len(frame) + len(text) <= max_chars:
+        return f'Text: "{text}"'
+    return f'Text: "{_cut(text, max(2, max_chars - len(frame)))}"'
+
+
+def alt_text_with_text(caption: str | None, text: str | None, max_chars: int = DEFAULT_MAX_CHARS) -> str | None:
+    """The alt text for ``caption`` with the legible ``text`` read in the image quoted after it (rules above)."""
+    description = alt_text(caption, max_chars)
+    legible = legible_text(text)
+    if legible is None:
+        return description
+    if description is None:
+        return quoted_text(legible, max_chars)
+    full = f"{description} {quoted_text(legible, max_chars)}"
+    if len(full) <= max_chars:
+        return full
+    quote_room = max_chars - len(description) - 1
+    quote_needs = min(len(quoted_text(legible, 10**9)), len('Text: ""') + MIN_QUOTED)
+    if quote_room >= quote_needs:
+        return f"{description} {quoted_text(legible, quote_room)}"
+    description = alt_text(caption, max(2, max_chars - quote_needs - 1))
+    return f"{description} {quoted_text(legible, max_chars - len(description) - 1)}"

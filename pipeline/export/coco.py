@@ -4,7 +4,7 @@
   OUT/images/<relative path>      the images, copied (or symlinked with --link)
 
 ``images`` entries are {id, file_name (relative to OUT/images), width,
-height}; ``annotations`` are {id, image_id, caption}, one per captioned
+height}, plus ``text`` (what OCR read in it, lines by newlines) when OCR ran; ``annotations`` are {id, image_id, caption}, one per captioned
 image: the fields pycocotools' COCO(), getImgIds/getAnnIds/loadAnns and
 loadRes (caption results) use. Width and height are the image's pixel size
 after EXIF orientation, as the pipeline recorded it. Files are written
@@ -37,7 +37,10 @@ def coco_document(source: RowSource, *, root: str | None, skipped: Counter, plac
         rel = relative[row.uri]
         if not place(row.uri, rel):
             continue
-        images.append({"id": image_id, "file_name": rel, "width": row.width, "height": row.height})
+        image = {"id": image_id, "file_name": rel, "width": row.width, "height": row.height}
+        if row.text is not None:  # schema v5: the text OCR read, one line per line ('' when none); absent when never read
+            image["text"] = row.text
+        images.append(image)
         annotations.append({"id": image_id, "image_id": image_id, "caption": " ".join(row.caption.split())})
         if row.generator:
             generators[row.generator] = None

@@ -1,9 +1,11 @@
 """``captioner export hf-dataset``: a Hugging Face ``datasets.Dataset`` saved with save_to_disk.
 
 Columns: ``image`` (datasets.Image, the original file's bytes), ``file_name``
-(the path below the root), ``caption``, ``image_id``, one column per
-probe question (pipeline.export.labels), and with --trigger/--style tags a
-``text`` column (pipeline.export.training_text). ``datasets.load_from_disk(OUT)``
+(the path below the root), ``caption``, ``caption_short`` and ``image_text``
+(schema v5: the short caption and the text OCR read in the image, null when
+not written), ``image_id``, one column per probe question
+(pipeline.export.labels), and with --trigger/--style tags a ``text`` column
+(pipeline.export.training_text). ``datasets.load_from_disk(OUT)``
 reads it back. The dataset is built in a temporary cache folder (never the
 user's HF cache) and written to OUT, local or on a bucket.
 """
@@ -40,6 +42,9 @@ def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None,
             "image": datasets.Image(),
             "file_name": datasets.Value("string"),
             "caption": datasets.Value("string"),
+            # Schema v5: the short caption (two lengths asked) and the text OCR read in the image; null when not written.
+            "caption_short": datasets.Value("string"),
+            "image_text": datasets.Value("string"),
             "image_id": datasets.Value("string"),
             **({"text": datasets.Value("string")} if with_text else {}),
             **{name: types[kind] for name, kind in feature_types(columns, source.has_yes_prob).items()},
@@ -58,6 +63,8 @@ def write_hf_dataset(source: RowSource, dest: ExportFolder, *, root: str | None,
                 "image": {"bytes": data, "path": rel},
                 "file_name": rel,
                 "caption": row.caption,
+                "caption_short": row.caption_short,
+                "image_text": row.text,
                 "image_id": row.image_id,
                 **({"text": text.of(row)} if with_text else {}),
                 **probe_values(row, columns, source.has_yes_prob),

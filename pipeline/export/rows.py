@@ -31,7 +31,7 @@ PAGE_ROWS = 2_000
 # What exports read; the embedding is left out on purpose (wide, unused).
 _COLUMNS = (
     "id", "uri", "status", "error", "caption", "probes", "width", "height", "format", "bytes",
-    "image_id", "caption_model", "caption_revision",
+    "image_id", "caption_model", "caption_revision", "caption_short", "text",
 )  # fmt: skip
 
 
@@ -58,6 +58,9 @@ class ExportRow:
     image_id: str | None
     caption_model: str | None
     caption_revision: str | None
+    # Schema v5 (null in rows upgraded from older files): the short caption, the text OCR read.
+    caption_short: str | None = None
+    text: str | None = None
 
     @property
     def generator(self) -> str | None:
@@ -65,6 +68,11 @@ class ExportRow:
         if not self.caption_model:
             return None
         return f"{self.caption_model}@{self.caption_revision}" if self.caption_revision else self.caption_model
+
+    @property
+    def alt_caption(self) -> str | None:
+        """What alt text starts from: the short caption when the run wrote two lengths."""
+        return self.caption_short or self.caption
 
     def answer(self, question: str) -> ProbeAnswer | None:
         return next((p for p in self.probes if p.question == question), None)

@@ -1,9 +1,12 @@
 """``captioner export txt``: one ``.txt`` caption per image, the layout kohya-ss
 and TagGUI-style trainers read (``photo.jpg`` -> ``photo.txt``, same folder).
 
-The file holds the caption alone, whitespace-normalised, UTF-8, no trailing
-newline; or, with ``--trigger``/``--style tags``, the training text
-pipeline.export.training_text makes of the row. An existing ``.txt`` is kept (it may be hand-edited) unless
+The file holds the caption, whitespace-normalised, UTF-8, no trailing
+newline; when OCR read legible text in the image it follows the caption as
+``Text: "LINE / LINE"`` (pipeline.export.alt_text.legible_text), so a model
+trained on the pairs learns the words it sees. With ``--trigger``/``--style
+tags`` it holds the training text pipeline.export.training_text makes of the
+row instead. An existing ``.txt`` is kept (it may be hand-edited) unless
 ``overwrite``; one that already says the same is left alone either way.
 """
 
@@ -13,6 +16,7 @@ import posixpath
 from collections import Counter
 from typing import Iterable
 
+from pipeline.export.alt_text import legible_text
 from pipeline.export.rows import ExportRow
 from pipeline.export.sidecars import CREATE, KEEP, UPDATE, Placement, Plan, captioned
 from pipeline.export.storage import Storage
@@ -23,8 +27,10 @@ def txt_name(image_name: str) -> str:
     return posixpath.splitext(image_name)[0] + ".txt"
 
 
-def caption_text(caption: str) -> str:
-    return " ".join(caption.split())
+def caption_text(caption: str, text: str | None = None) -> str:
+    legible = legible_text(text)
+    caption = " ".join(caption.split())
+    return f'{caption} Text: "{legible}"' if legible else caption
 
 
 def plan_txt(rows: Iterable[ExportRow], placement: Placement, storage: Storage, *, overwrite: bool, skipped: Counter,
@@ -35,7 +41,7 @@ def plan_txt(rows: Iterable[ExportRow], placement: Placement, storage: Storage, 
     plans = []
     for row in rows:
         location = where[row.uri]
-        data = (caption_text(row.caption) if text.plain else text.of(row)).encode("utf-8")
+        data = (caption_text(row.caption, row.text) if text.plain else text.of(row)).encode("utf-8")
         if not storage.exists(location):
             plans.append(Plan(row.uri, location, CREATE, data))
             continue

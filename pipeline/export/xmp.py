@@ -4,8 +4,10 @@ Each sidecar (``photo.jpg.xmp`` by default, ``photo.xmp`` with
 ``--sidecar-name stem``) gets, as x-default language alternatives:
 
   dc:description                          the caption
-  Iptc4xmpCore:AltTextAccessibility       the alt text (pipeline.export.alt_text)
-  Iptc4xmpCore:ExtDescrAccessibility      the caption, as the extended description
+  Iptc4xmpCore:AltTextAccessibility       the alt text (pipeline.export.alt_text): from the short caption
+                                          when the run wrote two lengths, the image's legible text quoted
+  Iptc4xmpCore:ExtDescrAccessibility      the caption, as the extended description, then the text
+                                          read in the image in full (``Text in the image: "..."``)
 
 plus ``captioner:MachineGenerated``, ``captioner:Generator`` (model@revision)
 and ``captioner:Fields`` (which of the three captioner wrote), in captioner's
@@ -24,7 +26,7 @@ import posixpath
 from collections import Counter
 from typing import Iterable
 
-from pipeline.export.alt_text import alt_text
+from pipeline.export.alt_text import alt_text_with_text, legible_text
 from pipeline.export.errors import ExportError, optional_import
 from pipeline.export.rows import ExportRow
 from pipeline.export.sidecars import CREATE, KEEP, UPDATE, Placement, Plan, captioned
@@ -135,7 +137,13 @@ def plan_xmp(rows: Iterable[ExportRow], placement: Placement, storage: Storage, 
     for row in rows:
         location = where[row.uri]
         caption = " ".join(row.caption.split())
-        values = {DESCRIPTION: caption, ALT_TEXT: alt_text(caption, max_chars) or caption, EXT_DESCRIPTION: caption}
+        # Alt text: the short caption (when written) with the image's legible text quoted; the extended
+        # description: the (longer) caption and the text read in the image, in full.
+        short = " ".join((row.alt_caption or "").split()) or caption
+        legible = legible_text(row.text)
+        extended = f'{caption} Text in the image: "{legible}"' if legible else caption
+        values = {DESCRIPTION: caption, ALT_TEXT: alt_text_with_text(short, row.text, max_chars) or short,
+                  EXT_DESCRIPTION: extended}
         existing = storage.read(location) if storage.exists(location) else None
         try:
             data, written, kept = updated_sidecar(existing, values, row.generator, overwrite=overwrite)

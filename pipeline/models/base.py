@@ -40,6 +40,8 @@ class Description:
     # Whether the caption / each answer stopped at its token cap instead of at end-of-sequence.
     caption_truncated: bool = False
     answers_truncated: tuple[bool, ...] = ()
+    # The second, short caption when the config asks two lengths (CaptionConfig.short_length), else None.
+    short_caption: str | None = None
 
 
 class Preprocessor(ABC):

@@ -124,7 +124,7 @@ class TransformersCaptioner(Captioner):
         images = list(images)
         captions: list[str | None] = [None] * len(images)
         if caption and images:
-            prompt = CAPTION_PROMPTS[self.config.length]
+            prompt = CAPTION_PROMPTS[getattr(self.config, "main_length", self.config.length)]
             captions = list(self._generate(images, [prompt] * len(images), self.config.max_new_tokens or DEFAULT_CAPTION_TOKENS))
         answers: list[str] = []
         if questions and images:

@@ -19,12 +19,13 @@ import pyarrow.parquet as pq
 from pipeline import rows as row_rule
 from pipeline.sources import mtime_micros
 from pipeline.storage import OutputError
-from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema, upgrade_table
+from schemas import STATUS_OK, RunMetadata, SchemaMismatch, check_schema, output_schema, upgrade_table
 from schemas.errors import PERMANENT_ERROR_KINDS
 
 # Columns that decide resume; reading only these keeps a rerun's start cheap.
 # source_mtime is null in rows upgraded from v1/v2 files, which lack it.
-_STATE_COLUMNS = ["uri", "status", "error_kind", "image_id", "bytes", "source_mtime", "processed_at"]
+# ocr_revision (v5) tells a row read by this run's OCR model from one read by none or another.
+_STATE_COLUMNS = ["uri", "status", "error_kind", "image_id", "bytes", "source_mtime", "processed_at", "ocr_revision"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class RowState:
     gone: bool = False  # the file left the source (status gone): never done, a copy to reuse (pipeline.output.lifecycle)
     file: int = 0  # where the row is: the rank of its file in ResumeState.files, and its position there
     row: int = 0
+    ocr_revision: str | None = None  # the OCR model that read the row's text; None: OCR never ran on it
 
 
 @dataclass
@@ -49,6 +51,9 @@ class ResumeState:
     run: RunMetadata | None = None
     current: dict[str, RowState] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)  # the output's data files, in rank order (RowState.file)
+    # The OCR model this run reads text with (None: OCR off). OCR is not in the models' signature, so an
+    # output made without it is not refused; its ok rows are redone instead (is_done).
+    ocr_revision: str | None = None
 
     @property
     def rows(self) -> int:
@@ -85,6 +90,8 @@ class ResumeState:
             return False
         if not row.ok and (retry_errors or not row.permanent):
             return False
+        if row.ok and self.ocr_revision is not None and row.ocr_revision != self.ocr_revision:
+            return False  # this run reads text and the row's text was not read by its OCR model
         if size is not None and row.size is not None and size != row.size:
             return False
         if mtime is not None and row.mtime_us is not None:
@@ -102,7 +109,7 @@ def load_state(fs, files: list[str], run: RunMetadata, display) -> ResumeState:
 
     ``display(path)`` spells a path for the user.
     """
-    state = ResumeState()
+    state = ResumeState(ocr_revision=run.ocr_revision)
     ranks = row_rule.rank_files(files)
     state.files = sorted(ranks, key=ranks.get)
     tables = []
@@ -110,7 +117,7 @@ def load_state(fs, files: list[str], run: RunMetadata, display) -> ResumeState:
         state.run = check_file(fs, path, run, display)
         table = _read_state_columns(fs, path)
         keys = row_rule.key_table(table["uri"], table["processed_at"], ranks[path])
-        for name in ("status", "error_kind", "image_id", "bytes", "source_mtime"):
+        for name in ("status", "error_kind", "image_id", "bytes", "source_mtime", "ocr_revision"):
             keys = keys.append_column(name, table[name])
         tables.append(keys)
     if not tables:
@@ -118,15 +125,15 @@ def load_state(fs, files: list[str], run: RunMetadata, display) -> ResumeState:
     current = row_rule.newest_rows(pa.concat_tables(tables))
     seconds = current["processed_at"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy() / 1e6
     mtimes = current["source_mtime"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
-    for uri, status, kind, image_id, size, when, mtime_us, rank, position in zip(
+    for uri, status, kind, image_id, size, when, mtime_us, rank, position, ocr in zip(
         current["uri"].to_pylist(), current["status"].to_pylist(), current["error_kind"].to_pylist(),
         current["image_id"].to_pylist(), current["bytes"].to_pylist(), seconds.tolist(), mtimes,
-        current[row_rule.FILE].to_pylist(), current[row_rule.ROW].to_pylist(),
+        current[row_rule.FILE].to_pylist(), current[row_rule.ROW].to_pylist(), current["ocr_revision"].to_pylist(),
     ):
         gone = row_rule.is_gone(status)
         ok = status == STATUS_OK or (gone and kind is None)  # a gone row keeps the error_kind of the row it copied
         permanent = not ok and not gone and kind in PERMANENT_ERROR_KINDS
-        state.current[uri] = RowState(ok, permanent, size, when, mtime_us, image_id, gone, rank, position)
+        state.current[uri] = RowState(ok, permanent, size, when, mtime_us, image_id, gone, rank, position, ocr)
     return state
 
 
@@ -136,7 +143,14 @@ def _read_state_columns(fs, path: str) -> pa.Table:
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
         table = parquet.read(columns=[name for name in _STATE_COLUMNS if name in names])
-    return upgrade_table(table)
+    table = upgrade_table(table)
+    # A column whose anchor is not among these (ocr_revision follows ocr_model) is not added by the
+    # upgrade: null, as the upgrade would make it.
+    schema = output_schema(None)
+    for name in _STATE_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table
 
 
 def check_file(fs, path: str, run: RunMetadata, display) -> RunMetadata:

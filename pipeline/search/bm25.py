@@ -1,4 +1,4 @@
-"""The BM25 index over captions and probe answers: built by DuckDB's fts, updated in place by us.
+"""The BM25 index over captions, probe answers and OCR text: built by DuckDB's fts, updated in place by us.
 
 DuckDB's fts extension only has ``PRAGMA create_fts_index``, which rebuilds
 the index over every row (18.7 s at 1M rows, most of an update's time before
@@ -27,8 +27,13 @@ from pipeline.search.contract import DOCS, FTS_SCHEMA
 
 STEMMER = "porter"  # create_fts_index's default, which the build uses
 
-# The text of a searchable row: its caption and every probe answer.
-DOC_TEXT = "concat_ws(' ', caption, array_to_string(list_transform(probes, lambda p: p.answer), ' '))"
+# The text of a searchable row: its caption, its short caption, every probe answer and the text read
+# in the image (OCR). caption_short and text are schema v5's: null in upgraded older rows, which
+# concat_ws skips. The OCR column is qualified: the documents' own column is named text too.
+DOC_TEXT = (
+    "concat_ws(' ', caption, caption_short, array_to_string(list_transform(probes, lambda p: p.answer), ' '), "
+    "image_rows.text)"
+)
 
 # fts's own indexing steps (extension fts_indexing.cpp, create_fts_index): split with the index's
 # tokenize macro, drop empty tokens and stopwords (before stemming), stem.

@@ -41,9 +41,10 @@ Layout of an index database (all names fixed, nothing derived from user text):
                how many of its rows this catalogue covers. DuckDB is the
                catalogue; the vectors are scanned by pipeline.search.scan.
   ann_centroids (list, centroid FLOAT[D]) when the index has IVF lists.
-  docs         (id, text) for status='ok' rows: caption + probe answers, with
-               a BM25 full-text index (schema ``fts_main_docs``), built by
-               DuckDB's fts and updated in place (pipeline.search.bm25).
+  docs         (id, text) for status='ok' rows: captions, probe answers and the
+               text read in the image (OCR), with a BM25 full-text index (schema
+               ``fts_main_docs``), built by DuckDB's fts and updated in place
+               (pipeline.search.bm25).
   images       a view: image_rows in schema column order (embedding null),
                plus id / source_file / source_row. A reader with vectors
                shadows it with a TEMP view of the same columns whose

@@ -3,6 +3,7 @@
   GET  /                            the page (static HTML; the JS asks the API for everything)
   GET  /api/info                    index facts, search modes, probe filters
   GET  /api/search?q=&mode=         search; &probe=Question?=yes (repeatable), &confidence=0.8,
+                                    &text=with|without (images in which OCR read text / none),
                                     &offset=&limit= for paging; "index" says which index answered
                                     (its generation grows when a rebuilt index file was reopened)
 
@@ -11,7 +12,7 @@ MAX_PROBE_CHARS each and a q of MAX_QUERY_CHARS (else 400); its queries are
 interrupted after the service's query_timeout (503), and a request that waits
 that long for the index gets 503 too.
   POST /api/search/image            body: image bytes; images like it (&q= fuses BM25 in hybrid)
-  GET  /api/images/{id}             one row: caption, every probe answer, uri, size
+  GET  /api/images/{id}             one row: caption(s), every probe answer, the text read in it, uri, size
   GET  /api/images/{id}/similar     more like this (the row's stored embedding)
   GET  /api/images/{id}/thumb?size=s|l   JPEG thumbnail, or a placeholder when the original is unusable
 
@@ -41,7 +42,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pipeline.search import SearchError
-from pipeline.serve.service import DEFAULT_PAGE, Busy, Filters, IndexService, NotFound, Page
+from pipeline.serve.service import DEFAULT_PAGE, TEXT_FILTERS, Busy, Filters, IndexService, NotFound, Page
 from pipeline.serve.thumbs import SIDES, ThumbnailCache
 
 STATIC = Path(__file__).parent / "static"
@@ -323,7 +324,10 @@ def _filters(request: Request) -> Filters:
             raise HTTPException(400, f"min_score must be a cosine similarity in [-1, 1], got {raw[:40]!r}") from None
         if not (math.isfinite(min_score) and -1 <= min_score <= 1):
             raise HTTPException(400, f"min_score must be a cosine similarity in [-1, 1], got {raw[:40]!r}")
-    return Filters(tuple(probes), confidence, min_score)
+    text = request.query_params.get("text") or None
+    if text is not None and text not in TEXT_FILTERS:
+        raise HTTPException(400, f"text must be one of {', '.join(TEXT_FILTERS)} (leave it out for any), got {text[:40]!r}")
+    return Filters(tuple(probes), confidence, min_score, text)
 
 
 def _page_json(page: Page) -> JSONResponse:

@@ -137,6 +137,11 @@ class Filters:
     probes: tuple[str, ...] = ()  # "Question?=answer", as --probe takes them
     min_confidence: float | None = None  # applies to yes/no filters, when the index has yes_prob
     min_score: float | None = None  # semantic / image / similar pages: the lowest cosine similarity shown
+    text: str | None = None  # "with" / "without": only images in which OCR read text / read none (TEXT_FILTERS)
+
+
+# The page's text filter -> its --where condition over the images view (schema v5's ``text``; null: OCR never ran).
+TEXT_FILTERS = {"with": "coalesce(text, '') <> ''", "without": "coalesce(text, '') = ''"}
 
 
 def sql_string(text: str) -> str:
@@ -423,6 +428,9 @@ class IndexService:
         if offset < 0 or limit < 1 or offset + limit > MAX_RESULTS:
             raise SearchError(f"offset + limit must stay within 1..{MAX_RESULTS} (offset >= 0, limit >= 1)")
         where = _confidence_where(opened, filters)
+        if filters.text is not None:
+            text = TEXT_FILTERS[filters.text]
+            where = text if where is None else f"({where}) AND {text}"
         with self._locked(opened):
             # One extra row says whether another page exists.
             extra = {} if filters.min_score is None else {"min_score": filters.min_score}
@@ -443,7 +451,8 @@ class IndexService:
         result = self._sql(
             opened,
             "SELECT r.id, r.uri, r.image_id, r.status, r.error_kind, r.error, r.bytes, r.format, r.width, r.height, "
-            "r.caption, r.probes, r.caption_model, r.embed_model, CAST(r.processed_at AS VARCHAR) AS processed_at, "
+            "r.caption, r.caption_short, r.probes, r.text, r.caption_model, r.embed_model, r.ocr_model, "
+            "CAST(r.processed_at AS VARCHAR) AS processed_at, "
             f"{embedded} AS has_embedding FROM image_rows AS r WHERE r.id = ?",
             [_bigint(row_id)],
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import RunConfig
-from pipeline.stages.contract import CAPTIONED, DECODED, EMBEDDED, StageColumns
+from pipeline.stages.contract import CAPTIONED, DECODED, EMBEDDED, READ, StageColumns
 from schemas import RunMetadata
 
 
@@ -26,10 +26,21 @@ class StageConfig:
     def runs_embedder(self) -> bool:
         return self.run.embed.enabled
 
+    @property
+    def runs_ocr(self) -> bool:
+        return self.run.ocr.enabled
+
     def columns_after(self, stage: str) -> StageColumns:
-        """The columns a batch carries once ``stage`` ("decode", "caption", "embed") is done."""
+        """The columns a batch carries once ``stage`` ("decode", "ocr", "caption", "embed") is done.
+
+        The stages run in that order; OCR first, so that an image it fails on costs no captioning.
+        """
         columns = DECODED
         if stage == "decode":
+            return columns
+        if self.runs_ocr:
+            columns = columns + READ
+        if stage == "ocr":
             return columns
         if self.runs_captioner:
             columns = columns + CAPTIONED

@@ -64,12 +64,22 @@ def conform_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
             only_ok(column("caption_truncated").combine_chunks())
             if "caption_truncated" in batch.column_names else pa.nulls(n, pa.bool_())
         ),
+        "caption_short": (
+            only_ok(column("caption_short").combine_chunks()) if "caption_short" in batch.column_names else pa.nulls(n)
+        ),
         "probes": probes,
+        "text": only_ok(column("text").combine_chunks()) if "text" in batch.column_names else pa.nulls(n),
+        "text_lines": (
+            only_ok(column("text_lines").combine_chunks())
+            if "text_lines" in batch.column_names else pa.nulls(n, schema.field("text_lines").type)
+        ),
         "embedding": embedding,
         "caption_model": [identity.caption_model] * n,
         "caption_revision": [identity.caption_revision] * n,
         "embed_model": [identity.embed_model] * n,
         "embed_revision": [identity.embed_revision] * n,
+        "ocr_model": [identity.ocr_model] * n,
+        "ocr_revision": [identity.ocr_revision] * n,
         "probe_set_hash": [identity.probe_set_hash] * n,
         "processed_at": [now] * n,
     }

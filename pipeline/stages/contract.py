@@ -109,6 +109,7 @@ CAPTIONED = StageColumns(
     [
         _output("caption"),
         _output("caption_truncated"),
+        _output("caption_short"),
         pa.field("answers", pa.list_(pa.string())),
         # Per answer: P("yes") at its first step (null unless a yes/no question
         # and the backend reports it), and whether it hit its token cap.
@@ -116,6 +117,10 @@ CAPTIONED = StageColumns(
         pa.field("answers_truncated", pa.list_(pa.bool_())),
     ],
 )
+
+#: OCR stage (pipeline/stages/ocr.py): the text read and its lines, boxes in decoded-image
+#: pixels (the output's ``width`` x ``height``); null on rows that failed.
+READ = StageColumns("ocr", [_output("text"), _output("text_lines")])
 
 #: Embed stage: a variable-length list here, and the model's width beside it
 #: (known even when every image of the batch failed); the conform step fixes

@@ -88,6 +88,7 @@ def decode_batch(batch: pa.Table, *, stage: StageConfig) -> pa.Table:
     caption_prep, embed_prep = preprocessors(stage)
     # Pixels only travel to a model that prepares images itself.
     needs_pixels = (stage.runs_captioner and caption_prep is None) or (stage.runs_embedder and embed_prep is None)
+    needs_pixels = needs_pixels or stage.runs_ocr  # the OCR stage reads the decoded pixels
     keep_pixels = needs_pixels or not (stage.runs_captioner or stage.runs_embedder)
 
     options = stage.run.storage_options_dict()

@@ -159,13 +159,14 @@ class CaptionStage(_ModelStage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns, rows, results = self._run(batch, self._describe, self._describe_prepared)
         n = batch.num_rows
-        captions, truncated, answers, yes_probs, answers_truncated = ([None] * n for _ in range(5))
+        captions, truncated, answers, yes_probs, answers_truncated, shorts = ([None] * n for _ in range(6))
         for row, result in zip(rows, results):
             if isinstance(result, Exception):
                 continue
             count = len(result.answers)
             captions[row] = result.caption if self.write_caption else None
             truncated[row] = bool(result.caption_truncated) if self.write_caption else None
+            shorts[row] = getattr(result, "short_caption", None) if self.write_caption else None
             answers[row] = list(result.answers)
             # Backends that do not report these leave them empty: nulls, not guesses.
             yes_probs[row] = list(result.yes_probs) if len(result.yes_probs) == count else [None] * count
@@ -173,7 +174,7 @@ class CaptionStage(_ModelStage):
                 list(result.answers_truncated) if len(result.answers_truncated) == count else [None] * count
             )
         columns.update(
-            caption=captions, caption_truncated=truncated, answers=answers,
+            caption=captions, caption_truncated=truncated, caption_short=shorts, answers=answers,
             yes_probs=yes_probs, answers_truncated=answers_truncated,
         )  # fmt: skip
         assert set(CAPTIONED.names) <= set(columns)

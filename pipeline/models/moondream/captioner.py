@@ -49,7 +49,15 @@ def crop_count(config: CaptionConfig, geometry: CropGeometry) -> int:
 def caption_budget(config: CaptionConfig) -> int:
     """config.max_new_tokens when set, else the per-length budget (the reference's 768 for normal/long)."""
     explicit = getattr(config, "max_new_tokens", None)
-    return int(explicit) if explicit else CAPTION_BUDGETS[config.length]
+    return int(explicit) if explicit else CAPTION_BUDGETS[_main_length(config)]
+
+
+def _main_length(config) -> str:
+    return getattr(config, "main_length", None) or config.length
+
+
+def _short_length(config) -> str | None:
+    return getattr(config, "short_length", None)
 
 
 class Moondream2Captioner(Captioner):
@@ -124,7 +132,10 @@ class Moondream2Captioner(Captioner):
 
         out = []
         if caption:
-            out.append(Request(CAPTION_PROMPTS[self.config.length], self.caption_max_tokens))
+            out.append(Request(CAPTION_PROMPTS[_main_length(self.config)], self.caption_max_tokens))
+            # A second length is one more request on the same image prefix, like a probe: no second encoding.
+            if short := _short_length(self.config):
+                out.append(Request(CAPTION_PROMPTS[short], min(self.caption_max_tokens, CAPTION_BUDGETS[short])))
         for q in questions:
             prompt = QUERY_PREFIX + tuple(self.tokenizer.encode(q)) + QUERY_SUFFIX
             out.append(Request(prompt, self.answer_max_tokens, yes_no=is_yes_no_question(q)))
@@ -142,9 +153,11 @@ class Moondream2Captioner(Captioner):
         per_image = self.requests(questions, caption)
         generations = self.engine.generate(prepared, [per_image] * len(prepared))
         out = []
+        captions = (1 + bool(_short_length(self.config))) if caption else 0
         for gens in generations:
             cap = gens[0] if caption else None
-            answers = gens[1:] if caption else gens
+            short = gens[1] if captions == 2 else None
+            answers = gens[captions:]
             out.append(
                 Description(
                     caption=self.tokenizer.decode(cap.ids).strip() if cap else None,
@@ -152,6 +165,7 @@ class Moondream2Captioner(Captioner):
                     yes_probs=tuple(g.yes_prob for g in answers),
                     caption_truncated=bool(cap and cap.hit_cap),
                     answers_truncated=tuple(g.hit_cap for g in answers),
+                    short_caption=self.tokenizer.decode(short.ids).strip() if short else None,
                 )
             )
         return out

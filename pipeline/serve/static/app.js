@@ -49,6 +49,8 @@
     }
     const confidence = Number($("confidence").value);
     if (state.info && state.info.confidence && yesNo && confidence > 0) params.set("confidence", String(confidence));
+    const text = document.querySelector('input[name="text"]:checked');
+    if (text && text.value) params.set("text", text.value);
     return params;
   }
 
@@ -273,6 +275,7 @@
     for (const input of document.querySelectorAll('.probe-filter input[value=""]')) input.checked = true;
     for (const select of document.querySelectorAll(".probe-filter select")) select.value = "";
     $("confidence").value = "0";
+    document.querySelector('input[name="text"][value=""]').checked = true;
     $("confidence-out").textContent = "off";
     filtersChanged();
   }
@@ -314,6 +317,9 @@
       body.append(el("tr", {}, [el("td", { text: probe.question }), answer]));
     }
     $("viewer-probes").hidden = !row.probes.length;
+    // The text OCR read in the image, line by line (white-space: pre-line keeps its lines).
+    $("viewer-text").textContent = row.text || "";
+    $("viewer-text").hidden = !row.text;
     const facts = $("viewer-facts");
     facts.replaceChildren();
     const size = [row.width && row.height ? `${row.width} × ${row.height}` : null, row.bytes != null ? formatBytes(row.bytes) : null, row.format]
@@ -439,6 +445,7 @@
       $("confidence-out").textContent = value > 0 ? value.toFixed(2) : "off";
     });
     $("confidence").addEventListener("change", filtersChanged);
+    for (const input of document.querySelectorAll('input[name="text"]')) input.addEventListener("change", filtersChanged);
     $("viewer-close").addEventListener("click", closeViewer);
     $("viewer-prev").addEventListener("click", () => step(-1));
     $("viewer-next").addEventListener("click", () => step(1));
