@@ -6,16 +6,17 @@
 # if either failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+# Debian's Chromium drives the page tests; the OCR tests draw their text with
+# Debian's fonts (examples/text_images.py).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
+   || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || [ ! -d /usr/share/fonts/truetype/liberation ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium chromium-driver || exit 1
-fi
-# The OCR tests draw their text with Debian's fonts (examples/text_images.py).
-if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q fonts-dejavu-core fonts-liberation || exit 1
+  $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium chromium-driver fonts-dejavu-core fonts-liberation || exit 1
 fi
 python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e '.[test]' || exit 1
-python -m pytest; main=$?
+# Two pytest workers, each test file whole on one (its module fixtures built
+# once): half the suite's time is waiting on Ray and on processes, which the
+# other worker fills.
+python -m pytest -n 2 --dist loadfile; main=$?
 python -m pytest -m cluster; cluster=$?
 exit $(( main != 0 || cluster != 0 ))
