@@ -31,7 +31,6 @@ from pipeline.models.moondream.defaults import for_device
 from pipeline.models.moondream.kv import KVPools, bucket
 from pipeline.models.moondream.model import MoondreamModel
 from pipeline.models.moondream.preprocess import MoondreamCrops
-from pipeline.models.moondream.text import fp32_matmul_kind
 from pipeline.models.moondream.vision import normalise_crops
 
 PREFIX_PREFILL_IMAGES = 8  # images per prefix prefill pass (bounds activation memory)
@@ -95,7 +94,7 @@ class MoondreamEngine:
         self.no_ids = torch.tensor(list(no_ids), dtype=torch.long, device=self.device)
         t = self.config.text
         self.prefix_len = self.config.prefix_len
-        self.matmul = fp32_matmul_kind(self.dtype, self.device)
+        self.rope = step.RopeTables.build(model.text)
         self.pools = KVPools(t.n_layers, t.n_kv_heads, t.head_dim, self.prefix_len, self.dtype, self.device,
                              static=compile)
         self.state: step.SlotState | None = None
@@ -173,11 +172,10 @@ class MoondreamEngine:
     # ------------------------------------------------------------------ the step and the first token
     # (a test harness overrides these two to record logits and force tokens; production runs them as is)
 
-    def _decode(self, batch: "_Batch", length: int) -> None:
+    def _decode(self, batch: "_Batch") -> None:
         p = self.pools
-        self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state,
-                   slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
-                   matmul=self.matmul)
+        self._step(self.model.text, p.k, p.v, self.state, self.rope, slots=batch.lanes * batch.rows,
+                   lanes=batch.lanes, stride=p.suffix_length, prefix_len=self.prefix_len)
 
     def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,
                       yes_no: list[bool]) -> None:
@@ -191,8 +189,9 @@ class MoondreamEngine:
         else:
             self.state.yes_prob[where] = float("nan")
 
-    def _reserve(self, images: int, slots: int, length: int, width: int) -> None:
-        self.pools.reserve(images, slots, length)
+    def _reserve(self, images: int, lanes: int, length: int, width: int) -> None:
+        self.pools.reserve(images, lanes, length)
+        slots = images * lanes
         s = self.state
         if s is None or s.out.shape[0] < slots or s.out.shape[1] < width:
             self.state = step.SlotState.allocate(max(slots, 0 if s is None else s.out.shape[0]),
@@ -231,7 +230,7 @@ class _Batch:
         self.length_cap = bucket(longest, room)
         self.out_width = max(lim for lims in self.limits for lim in lims) + 1
         first = min(self.length_cap, bucket(self.prompt_width + engine.harvest_every, room))
-        engine._reserve(self.rows, self.slots, first, self.out_width)
+        engine._reserve(self.rows, self.group, first, self.out_width)
 
     # -------------------------------------------------------------- loop
 
@@ -243,10 +242,9 @@ class _Batch:
                 return
             self.lanes = self.group if any(self.slot[self.rows :]) else 1
             needed = max(min(s.bound + e.harvest_every, s.prompt_len + s.limit) for s in self.slot if s)
-            length = bucket(needed, self.length_cap)
-            e.pools.grow_suffix(length)
+            e.pools.grow_suffix(bucket(needed, self.length_cap))
             for _ in range(e.harvest_every):
-                e._decode(self, length)
+                e._decode(self)
             for s in self.slot:
                 if s:
                     s.bound = min(s.bound + e.harvest_every, s.prompt_len + s.limit)
@@ -293,18 +291,15 @@ class _Batch:
                 yes_no.append(bool(r and r.yes_no))
         slot_index = torch.tensor(where, device=device)
         e.pools.grow_suffix(bucket(width, self.length_cap))
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril().view(1, 1, width, width)
+        pool_rows, pool_lanes = slot_index % self.rows, slot_index // self.rows
 
         def write(layer, k, v):
-            e.pools.suffix_k[layer][slot_index, :, :width] = k
-            e.pools.suffix_v[layer][slot_index, :, :width] = v
-            return k, v
+            e.pools.write_prompts(layer, pool_rows, pool_lanes, k, v)
 
         prefix_k, prefix_v = [k for k, _ in caches], [v for _, v in caches]
         del caches
         positions = (e.prefix_len + torch.arange(width, device=device)).expand(n, width)
-        hidden = step.run_suffix(text, torch.tensor(tokens, device=device), positions, prefix_k, prefix_v, write,
-                                 causal, g, e.matmul)
+        hidden = step.run_prompts(text, torch.tensor(tokens, device=device), positions, prefix_k, prefix_v, write, g)
         lengths_t = torch.tensor(lengths, device=device)
         logits = text.logits(hidden[torch.arange(n, device=device), lengths_t - 1])
         e._first_tokens(self, slot_index, logits, torch.tensor(real, device=device),

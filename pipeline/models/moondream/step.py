@@ -1,12 +1,14 @@
 """The fixed-shape decode step: every slot steps every time, everything it needs stays on the device.
 
-Slots are laid out request-major in lanes: slot j*M + r holds request j (lane j) of the image in prefix
-row r (M rows), so an image's queries are scored against its prefix in one matmul, the prefix read once
-per step and never copied per prompt, with no index tensors. A step runs the first ``lanes`` lanes, all
-their slots (finished or empty ones too: their results are masked, which keeps the shapes fixed),
-against a suffix of static length L (the pool's first L positions, a bucket of the longest live
-sequence, see kv.bucket). The engine runs every lane while any probe is live and lane 0 alone (the
-captions) once they have all stopped: two shapes, and a long caption does not drag idle probe slots.
+Slots are laid out request-major in lanes: slot j*M + r holds request j (lane j) of the image in row r
+(M rows) of the key/value pools (kv.py), whose span is the image's prefix followed by its lanes'
+suffixes. So one fused attention kernel (SDPA) per layer scores an image's queries against its prefix
+(read once per step, never copied per prompt) and each query against its own suffix, with one static
+mask built once per step. A step runs the first ``lanes`` lanes, all their slots (finished or empty ones
+too: their results are masked, which keeps the shapes fixed), over a static span (the prefix plus
+``lanes`` lanes of the pool's length, a bucket of the longest sequence seen, see kv.bucket). The engine
+runs every lane while any probe is live and lane 0 alone (the captions) once they have all stopped: two
+shapes, and a long caption does not drag idle probe slots.
 
 Stopping rule (reference ``_generate_answer``), applied on the device: the first token is the argmax
 of the prompt's last logits; a token equal to EOS ends the sequence and is not emitted; after
@@ -16,14 +18,14 @@ having hit its cap. From the second step on, the answer token id is masked out b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from pipeline.models.moondream.config import ANSWER_ID, EOS_ID
-from pipeline.models.moondream.text import TextModel, fp32_matmul
+from pipeline.models.moondream.config import ANSWER_ID, EOS_ID, ROTARY_DIMS
+from pipeline.models.moondream.text import TextModel
 
 
 @dataclass
@@ -52,64 +54,112 @@ class SlotState:
         return [self.tokens, self.pos, self.produced, self.limit, self.active, self.hit_cap, self.out, self.yes_prob]
 
 
-def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_visible, lanes: int, matmul: str):
-    """Attention of N = lanes*M slots over their image's prefix plus their own suffix, one float32 softmax.
+@dataclass(frozen=True)
+class RopeTables:
+    """Rotary embedding as two gathers and a multiply-add, for q and k of a step together (one call per
+    layer instead of text.apply_rope's dozen ops on each). Exactly apply_rope's arithmetic: rotated dim 2i
+    is real_i*cos_i + imag_i*(-sin_i), dim 2i+1 imag_i*cos_i + real_i*sin_i (the same products and sums,
+    IEEE-equal), the other dims x*1 + y*0 = x. ``cos``/``sin`` (context, head_dim) float32 per position."""
 
-    Slots are request-major: slot j*M + r is request j of the image in prefix row r, so the lanes queries
-    of an image are scored against its prefix row in one matmul. q (N, H, Q, d); prefix_k/v (M, H, P, d);
-    suffix_k/v (N, H, T, d); suffix_visible (N or 1, 1, Q, T) bool. Returns (N, H, Q, d) in q's dtype."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    take_u: torch.Tensor  # (head_dim,) long: dims 2i, 2i+1 <- real_i, imag_i; the rest unchanged
+    take_w: torch.Tensor  # (head_dim,) long: dims 2i, 2i+1 <- imag_i, real_i
+
+    @classmethod
+    def build(cls, text: TextModel) -> "RopeTables":
+        half, head_dim = ROTARY_DIMS // 2, text.config.head_dim
+        cos_half, sin_half = text.rope_cos, text.rope_sin  # (context, half), the reference's tables
+        device = cos_half.device
+        cos = torch.ones(cos_half.shape[0], head_dim, device=device)
+        sin = torch.zeros(cos_half.shape[0], head_dim, device=device)
+        cos[:, 0:ROTARY_DIMS:2], cos[:, 1:ROTARY_DIMS:2] = cos_half, cos_half
+        sin[:, 0:ROTARY_DIMS:2], sin[:, 1:ROTARY_DIMS:2] = -sin_half, sin_half
+        take_u, take_w = torch.arange(head_dim), torch.arange(head_dim)
+        i = torch.arange(half)
+        take_u[2 * i], take_u[2 * i + 1] = i, half + i
+        take_w[2 * i], take_w[2 * i + 1] = half + i, i
+        return cls(cos, sin, take_u.to(device), take_w.to(device))
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (N, heads, head_dim) at positions whose rows of cos/sin are given as (N, 1, head_dim)."""
+        return (x.index_select(-1, self.take_u) * cos + x.index_select(-1, self.take_w) * sin).to(x.dtype)
+
+
+def grouped_attention(q, keys, values, mask, lanes: int):
+    """One fused attention (SDPA) per image row over its pool span: N = lanes*M request-major queries
+    q (N, H, Q, d); keys/values (M, H, S, d) (prefix, then lane suffixes); mask (M or 1, 1, lanes*Q, S)
+    bool, True where visible. Returns (N, H, Q, d)."""
     n, heads, n_q, head_dim = q.shape
-    m, prefix_len = n // lanes, prefix_k.shape[2]
+    m = n // lanes
     grouped = q.view(lanes, m, heads, n_q, head_dim).permute(1, 2, 0, 3, 4).reshape(m, heads, lanes * n_q, head_dim)
-    prefix_scores = fp32_matmul(matmul, grouped, prefix_k.transpose(-1, -2))
-    prefix_scores = prefix_scores.view(m, heads, lanes, n_q, prefix_len).permute(2, 0, 1, 3, 4)
-    prefix_scores = prefix_scores.reshape(n, heads, n_q, prefix_len)
-    suffix_scores = fp32_matmul(matmul, q, suffix_k.transpose(-1, -2)).masked_fill(~suffix_visible, float("-inf"))
-    probs = torch.softmax(torch.cat([prefix_scores, suffix_scores], dim=-1) * (1.0 / math.sqrt(head_dim)), dim=-1)
-    prefix_probs, suffix_probs = probs[..., :prefix_len], probs[..., prefix_len:]
-    prefix_probs = prefix_probs.reshape(lanes, m, heads, n_q, prefix_len).permute(1, 2, 0, 3, 4)
-    prefix_out = fp32_matmul(matmul, prefix_probs.reshape(m, heads, lanes * n_q, prefix_len), prefix_v)
-    prefix_out = prefix_out.view(m, heads, lanes, n_q, head_dim).permute(2, 0, 1, 3, 4).reshape(n, heads, n_q, head_dim)
-    return (prefix_out + fp32_matmul(matmul, suffix_probs, suffix_v)).to(q.dtype)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+    return out.view(m, heads, lanes, n_q, head_dim).permute(2, 0, 1, 3, 4).reshape(n, heads, n_q, head_dim)
 
 
-Writer = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+def prompt_mask(lanes: int, width: int, prefix_len: int, device) -> torch.Tensor:
+    """(1, 1, lanes*width, prefix_len + lanes*width): every prompt sees the prefix and itself, causally."""
+    lane, t = torch.arange(lanes, device=device).repeat_interleave(width), torch.arange(width, device=device).repeat(lanes)
+    own = (lane.view(-1, 1) == lane.view(1, -1)) & (t.view(1, -1) <= t.view(-1, 1))
+    prefix = torch.ones(lanes * width, prefix_len, dtype=torch.bool, device=device)
+    return torch.cat([prefix, own], dim=1).view(1, 1, lanes * width, prefix_len + lanes * width)
 
 
-def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, visible, lanes: int, matmul: str):
-    """(N, Q) suffix tokens at absolute ``positions`` through the decoder -> (N, Q, dim) hidden states.
-    ``write(layer, k, v)`` stores the new keys/values and returns the suffix keys/values to attend to;
-    prefix_k/v: per layer (M, H, P, d)."""
+Writer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def run_prompts(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, lanes: int):
+    """The prompts of newly admitted images: (N, W) tokens (request-major, N = lanes*M) at absolute
+    ``positions`` through the decoder -> (N, W, dim) hidden states. prefix_k/v: per layer (M, H, P, d) of
+    those images; ``write(layer, k, v)`` stores the prompts' keys/values (N, H, W, d) in the pool."""
+    n, width = tokens.shape
+    m, prefix_len = n // lanes, prefix_k[0].shape[2]
+    mask = prompt_mask(lanes, width, prefix_len, tokens.device)
     x = text.embed(tokens)
     cos, sin = text.rope_cos[positions], text.rope_sin[positions]
+
+    def grouped(t):
+        return t.view(lanes, m, *t.shape[1:]).permute(1, 2, 0, 3, 4).reshape(m, t.shape[1], lanes * width, -1)
+
     for i, block in enumerate(text.blocks):
         h = block.ln(x)
         q, k, v = block.attn.qkv_heads(h, cos, sin)
-        suffix_k, suffix_v = write(i, k, v)
-        out = shared_prefix_attention(q, prefix_k[i], prefix_v[i], suffix_k, suffix_v, visible, lanes, matmul)
+        write(i, k, v)
+        keys, values = torch.cat([prefix_k[i], grouped(k)], dim=2), torch.cat([prefix_v[i], grouped(v)], dim=2)
+        out = grouped_attention(q, keys, values, mask, lanes)
         x = x + block.attn.merge(out) + block.mlp(h)
     return x
 
 
-def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, *, slots: int,
-                  lanes: int, length: int, prefix_len: int, matmul: str) -> torch.Tensor:
+def decode_logits(text: TextModel, keys, values, state: SlotState, rope: RopeTables, *, slots: int, lanes: int,
+                  stride: int, prefix_len: int) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
-    (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` = lanes * M suffix
-    slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part."""
+    (slots, vocab) logits. Pools (kv.py): per layer (rows, H, P + G*stride, d); the first ``slots`` =
+    lanes * M slots, rows [0, M) and each row's first P + lanes*stride positions take part. About 20
+    operators per layer: layer norm, qkv, rope of q and k together, two in-place writes, one SDPA, the
+    output projection, the MLP and the residual sum."""
+    m, dim = slots // lanes, text.config.dim
+    heads, head_dim = text.config.n_heads, text.config.head_dim
     pos = state.pos[:slots]
-    rows = torch.arange(slots, device=pos.device)
-
-    def write(layer, k, v):
-        keys, values = suffix_k[layer], suffix_v[layer]
-        keys[rows, :, pos] = k[:, :, 0]
-        values[rows, :, pos] = v[:, :, 0]
-        return keys[:slots, :, :length], values[:slots, :, :length]
-
-    visible = (torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)).view(slots, 1, 1, length)
-    m = slots // lanes
-    hidden = run_suffix(text, state.tokens[:slots].view(slots, 1), (prefix_len + pos).view(slots, 1),
-                        [k[:m] for k in prefix_k], [v[:m] for v in prefix_v], write, visible, lanes, matmul)
-    return text.logits(hidden[:, -1])
+    slot = torch.arange(slots, device=pos.device)
+    row, start = slot % m, prefix_len + (slot // m) * stride
+    column = start + pos  # where the pending token's key/value goes in its row's span
+    span = prefix_len + lanes * stride
+    t = torch.arange(span, device=pos.device).view(1, span)
+    visible = (t < prefix_len) | ((t >= start.view(slots, 1)) & (t <= column.view(slots, 1)))
+    mask = visible.view(lanes, m, 1, span).transpose(0, 1).transpose(1, 2)  # (M, 1, lanes, span)
+    cos, sin = rope.cos[prefix_len + pos].unsqueeze(1), rope.sin[prefix_len + pos].unsqueeze(1)
+    x = text.embed(state.tokens[:slots])
+    for i, block in enumerate(text.blocks):
+        h = block.ln(x)
+        qkv = block.attn.qkv(h)
+        qk = rope.apply(qkv[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
+        keys[i][row, :, column] = qk[:, heads:]
+        values[i][row, :, column] = qkv[:, 2 * dim :].view(slots, heads, head_dim)
+        q = qk[:, :heads].view(lanes, m, heads, head_dim).permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(q, keys[i][:m, :, :span], values[i][:m, :, :span], attn_mask=mask)
+        x = x + block.attn.proj(out.permute(2, 0, 1, 3).reshape(slots, dim)) + block.mlp(h)
+    return text.logits(x)
 
 
 def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
@@ -131,11 +181,11 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
     active.copy_(emit)
 
 
-def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, *, slots: int,
-                lanes: int, length: int, prefix_len: int, matmul: str) -> None:
+def decode_step(text: TextModel, keys, values, state: SlotState, rope: RopeTables, *, slots: int, lanes: int,
+                stride: int, prefix_len: int) -> None:
     """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
-    logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, slots=slots, lanes=lanes,
-                           length=length, prefix_len=prefix_len, matmul=matmul)
+    logits = decode_logits(text, keys, values, state, rope, slots=slots, lanes=lanes, stride=stride,
+                           prefix_len=prefix_len)
     advance(state, logits, slots)
 
 
