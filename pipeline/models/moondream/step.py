@@ -147,7 +147,9 @@ def decode_logits(text: TextModel, keys, values, state: SlotState, rope: RopeTab
     span = prefix_len + lanes * stride
     t = torch.arange(span, device=pos.device).view(1, span)
     visible = (t < prefix_len) | ((t >= start.view(slots, 1)) & (t <= column.view(slots, 1)))
-    mask = visible.view(lanes, m, 1, span).transpose(0, 1).transpose(1, 2)  # (M, 1, lanes, span)
+    # Additive (0 / -inf), in the keys' dtype: a boolean mask is converted by SDPA in every layer.
+    hidden = torch.zeros((), dtype=keys[0].dtype, device=pos.device).masked_fill(~visible, float("-inf"))
+    mask = hidden.view(lanes, m, 1, span).permute(1, 2, 0, 3).contiguous()  # (M, 1, lanes, span), once
     cos, sin = rope.cos[prefix_len + pos].unsqueeze(1), rope.sin[prefix_len + pos].unsqueeze(1)
     x = text.embed(state.tokens[:slots])
     for i, block in enumerate(text.blocks):
