@@ -11,6 +11,10 @@ One ``generate`` call takes many images, each with its own list of prompts (capt
    sequences are read out, an image row whose sequences have all stopped is free, and free rows admit the
    next images, so the batch stays full while long captions finish.
 
+``stream(requests, images_hint)`` keeps that loop open across calls (EngineStream): the caption actor
+adds images as Ray batches arrive and takes finished ones out, so the engine drains only when its input
+does (pipeline/stages/feeder.py StreamFeeder).
+
 ``compile=True`` compiles the decode step with ``fullgraph=True`` (on CUDA ``mode="reduce-overhead"``:
 CUDA graphs), plus, as before, the vision encoder and the prefix prefill (dynamic shapes). The prompt
 prefill stays eager (once per admission, not per token).
