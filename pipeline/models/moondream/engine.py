@@ -99,6 +99,7 @@ class MoondreamEngine:
         t = self.config.text
         self.prefix_len = self.config.prefix_len
         self.rope = step.RopeTables.build(model.text)
+        self.attention = step.attention_kind(self.dtype, self.device)
         self.pools = KVPools(t.n_layers, t.n_kv_heads, t.head_dim, self.prefix_len, self.dtype, self.device,
                              static=compile)
         self.state: step.SlotState | None = None
@@ -188,10 +189,11 @@ class MoondreamEngine:
     # ------------------------------------------------------------------ the step and the first token
     # (a test harness overrides these two to record logits and force tokens; production runs them as is)
 
-    def _decode(self, batch: "_Batch") -> None:
+    def _decode(self, batch: "_Batch", length: int) -> None:
         p = self.pools
-        self._step(self.model.text, p.k, p.v, self.state, self.rope, slots=batch.lanes * batch.rows,
-                   lanes=batch.lanes, stride=p.suffix_length, prefix_len=self.prefix_len)
+        self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, self.rope,
+                   slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
+                   kind=self.attention)
 
     def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,
                       yes_no: list[bool]) -> None:
@@ -205,9 +207,8 @@ class MoondreamEngine:
         else:
             self.state.yes_prob[where] = float("nan")
 
-    def _reserve(self, images: int, lanes: int, length: int, width: int) -> None:
-        self.pools.reserve(images, lanes, length)
-        slots = images * lanes
+    def _reserve(self, images: int, slots: int, length: int, width: int) -> None:
+        self.pools.reserve(images, slots, length)
         s = self.state
         if s is None or s.out.shape[0] < slots or s.out.shape[1] < width:
             self.state = step.SlotState.allocate(max(slots, 0 if s is None else s.out.shape[0]),
@@ -249,7 +250,7 @@ class _Batch:
         self.length_cap = bucket(longest, room)
         self.out_width = max(lim for lims in limits for lim in lims) + 1
         first = min(self.length_cap, bucket(self.prompt_width + engine.harvest_every, room))
-        engine._reserve(self.rows, self.group, first, self.out_width)
+        engine._reserve(self.rows, self.slots, first, self.out_width)
 
     def limits(self, requests: Sequence[Request]) -> list[int]:
         """Token caps, lowered where the context window would overflow."""
@@ -269,9 +270,10 @@ class _Batch:
             return None
         self.lanes = self.group if any(self.slot[self.rows :]) else 1
         needed = max(min(s.bound + e.harvest_every, s.prompt_len + s.limit) for s in self.slot if s)
-        e.pools.grow_suffix(bucket(needed, self.length_cap))
+        length = bucket(needed, self.length_cap)
+        e.pools.grow_suffix(length)
         for _ in range(e.harvest_every):
-            e._decode(self)
+            e._decode(self, length)
         for s in self.slot:
             if s:
                 s.bound = min(s.bound + e.harvest_every, s.prompt_len + s.limit)
@@ -318,15 +320,19 @@ class _Batch:
                 yes_no.append(bool(r and r.yes_no))
         slot_index = torch.tensor(where, device=device)
         e.pools.grow_suffix(bucket(width, self.length_cap))
-        pool_rows, pool_lanes = slot_index % self.rows, slot_index // self.rows
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        mask = step.additive(causal, e.dtype).view(1, 1, width, width)
 
         def write(layer, k, v):
-            e.pools.write_prompts(layer, pool_rows, pool_lanes, k, v)
+            e.pools.suffix_k[layer][slot_index, :, :width] = k
+            e.pools.suffix_v[layer][slot_index, :, :width] = v
+            return k, v
 
         prefix_k, prefix_v = [k for k, _ in caches], [v for _, v in caches]
         del caches
         positions = (e.prefix_len + torch.arange(width, device=device)).expand(n, width)
-        hidden = step.run_prompts(text, torch.tensor(tokens, device=device), positions, prefix_k, prefix_v, write, g)
+        hidden = step.run_suffix(text, torch.tensor(tokens, device=device), positions, prefix_k, prefix_v, write,
+                                 mask, g, e.attention)
         lengths_t = torch.tensor(lengths, device=device)
         logits = text.logits(hidden[torch.arange(n, device=device), lengths_t - 1])
         e._first_tokens(self, slot_index, logits, torch.tensor(real, device=device),

@@ -1,14 +1,14 @@
 """The fixed-shape decode step: every slot steps every time, everything it needs stays on the device.
 
-Slots are laid out request-major in lanes: slot j*M + r holds request j (lane j) of the image in row r
-(M rows) of the key/value pools (kv.py), whose span is the image's prefix followed by its lanes'
-suffixes. So one fused attention kernel (SDPA) per layer scores an image's queries against its prefix
-(read once per step, never copied per prompt) and each query against its own suffix, with one static
-mask built once per step. A step runs the first ``lanes`` lanes, all their slots (finished or empty ones
-too: their results are masked, which keeps the shapes fixed), over a static span (the prefix plus
-``lanes`` lanes of the pool's length, a bucket of the longest sequence seen, see kv.bucket). The engine
-runs every lane while any probe is live and lane 0 alone (the captions) once they have all stopped: two
-shapes, and a long caption does not drag idle probe slots.
+Slots are laid out request-major in lanes: slot j*M + r holds request j (lane j) of the image in prefix
+row r (M rows), so an image's queries meet its prefix in one call of a fused attention kernel, the
+prefix read once per step and never copied per prompt, with no index tensors; each slot meets its own
+suffix in a second call, and the two are merged by log-sum-exp (``attend``). A step runs the first
+``lanes`` lanes, all their slots (finished or empty ones too: their results are masked, which keeps the
+shapes fixed), against a suffix of static length L (the pool's first L positions, a bucket of the
+longest live sequence, see kv.bucket). The engine runs every lane while any probe is live and lane 0
+alone (the captions) once they have all stopped: two shapes, and a long caption does not drag idle
+probe slots.
 
 Stopping rule (reference ``_generate_answer``), applied on the device: the first token is the argmax
 of the prompt's last logits; a token equal to EOS ends the sequence and is not emitted; after
@@ -18,11 +18,11 @@ having hit its cap. From the second step on, the answer token id is masked out b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.models.moondream.config import ANSWER_ID, EOS_ID, ROTARY_DIMS
 from pipeline.models.moondream.text import TextModel
@@ -86,81 +86,108 @@ class RopeTables:
         return (x.index_select(-1, self.take_u) * cos + x.index_select(-1, self.take_w) * sin).to(x.dtype)
 
 
-def grouped_attention(q, keys, values, mask, lanes: int):
-    """One fused attention (SDPA) per image row over its pool span: N = lanes*M request-major queries
-    q (N, H, Q, d); keys/values (M, H, S, d) (prefix, then lane suffixes); mask (M or 1, 1, lanes*Q, S)
-    bool, True where visible. Returns (N, H, Q, d)."""
+def attention_kind(dtype: torch.dtype, device: torch.device) -> str:
+    """How ``attend`` gets each part's output and log-sum-exp, decided once, eagerly, so that a compiled step
+    holds no try/except. PyTorch's public SDPA does not return the log-sum-exp that merging two key sets
+    needs; aten's fused kernels do:
+    "cpu_flash": both parts through aten's CPU flash-attention kernel (fused; masks; any float dtype);
+    "cuda_flash": the prefix (no mask) through aten's CUDA flash kernel (bf16/fp16), the short per-slot
+    suffix by hand in float32; "math": both by hand, in float32 (where neither kernel is there)."""
+    q = torch.zeros(1, 1, 1, 32, dtype=dtype, device=device)
+    try:
+        if device.type == "cpu":
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, False, attn_mask=q[..., :1])
+            return "cpu_flash"
+        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+            torch.ops.aten._scaled_dot_product_flash_attention(q, q, q, 0.0, False, False)
+            return "cuda_flash"
+    except (RuntimeError, AttributeError, NotImplementedError):
+        pass
+    return "math"
+
+
+def _part(kind: str, q, k, v, mask):
+    """Attention of q (B, H, Q, d) over k/v (B, H, K, d) under an additive mask (broadcast to B, H, Q, K, or
+    None): (output (B, H, Q, d), log-sum-exp of the scaled scores (B, H, Q), float32)."""
+    if kind == "cpu_flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
+    if kind == "cuda_flash" and mask is None:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+        return out[0], out[1][..., : q.shape[2]]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float()), lse
+
+
+def attend(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes: int, kind: str):
+    """Attention of N = lanes*M slots over their image's prefix plus their own suffix: two fused kernels,
+    merged by log-sum-exp. Slots are request-major (slot j*M + r: request j of the image in prefix row r),
+    so the lanes queries of an image meet its prefix row in one kernel call, the prefix read once per
+    step and never copied per prompt. q (N, H, Q, d); prefix_k/v (M, H, P, d); suffix_k/v (N, H, T, d);
+    suffix_mask additive, (N or 1, 1, Q, T). Returns (N, H, Q, d) in q's dtype."""
     n, heads, n_q, head_dim = q.shape
     m = n // lanes
     grouped = q.view(lanes, m, heads, n_q, head_dim).permute(1, 2, 0, 3, 4).reshape(m, heads, lanes * n_q, head_dim)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
-    return out.view(m, heads, lanes, n_q, head_dim).permute(2, 0, 1, 3, 4).reshape(n, heads, n_q, head_dim)
+    prefix_out, prefix_lse = _part(kind, grouped, prefix_k, prefix_v, None)
+    prefix_out = prefix_out.view(m, heads, lanes, n_q, head_dim).permute(2, 0, 1, 3, 4).reshape(n, heads, n_q, head_dim)
+    prefix_lse = prefix_lse.view(m, heads, lanes, n_q).permute(2, 0, 1, 3).reshape(n, heads, n_q)
+    suffix_out, suffix_lse = _part(kind, q, suffix_k, suffix_v, suffix_mask)
+    lse = torch.logaddexp(prefix_lse, suffix_lse)
+    out = (prefix_out.float() * torch.exp(prefix_lse - lse).unsqueeze(-1)
+           + suffix_out.float() * torch.exp(suffix_lse - lse).unsqueeze(-1))
+    return out.to(q.dtype)
 
 
-def prompt_mask(lanes: int, width: int, prefix_len: int, device) -> torch.Tensor:
-    """(1, 1, lanes*width, prefix_len + lanes*width): every prompt sees the prefix and itself, causally."""
-    lane, t = torch.arange(lanes, device=device).repeat_interleave(width), torch.arange(width, device=device).repeat(lanes)
-    own = (lane.view(-1, 1) == lane.view(1, -1)) & (t.view(1, -1) <= t.view(-1, 1))
-    prefix = torch.ones(lanes * width, prefix_len, dtype=torch.bool, device=device)
-    return torch.cat([prefix, own], dim=1).view(1, 1, lanes * width, prefix_len + lanes * width)
+def additive(visible: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean mask as 0 / -inf in ``dtype`` (a boolean one is converted by the kernel in every layer)."""
+    return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
 
 
-Writer = Callable[[int, torch.Tensor, torch.Tensor], None]
+Writer = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def run_prompts(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, lanes: int):
-    """The prompts of newly admitted images: (N, W) tokens (request-major, N = lanes*M) at absolute
-    ``positions`` through the decoder -> (N, W, dim) hidden states. prefix_k/v: per layer (M, H, P, d) of
-    those images; ``write(layer, k, v)`` stores the prompts' keys/values (N, H, W, d) in the pool."""
-    n, width = tokens.shape
-    m, prefix_len = n // lanes, prefix_k[0].shape[2]
-    mask = prompt_mask(lanes, width, prefix_len, tokens.device)
+def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, mask, lanes: int, kind: str):
+    """(N, Q) suffix tokens (the prompts of newly admitted images) at absolute ``positions`` through the
+    decoder -> (N, Q, dim) hidden states. ``write(layer, k, v)`` stores the new keys/values and returns the
+    suffix keys/values to attend to; prefix_k/v: per layer (M, H, P, d); mask additive (N or 1, 1, Q, T)."""
     x = text.embed(tokens)
     cos, sin = text.rope_cos[positions], text.rope_sin[positions]
-
-    def grouped(t):
-        return t.view(lanes, m, *t.shape[1:]).permute(1, 2, 0, 3, 4).reshape(m, t.shape[1], lanes * width, -1)
-
     for i, block in enumerate(text.blocks):
         h = block.ln(x)
         q, k, v = block.attn.qkv_heads(h, cos, sin)
-        write(i, k, v)
-        keys, values = torch.cat([prefix_k[i], grouped(k)], dim=2), torch.cat([prefix_v[i], grouped(v)], dim=2)
-        out = grouped_attention(q, keys, values, mask, lanes)
+        suffix_k, suffix_v = write(i, k, v)
+        out = attend(q, prefix_k[i], prefix_v[i], suffix_k, suffix_v, mask, lanes, kind)
         x = x + block.attn.merge(out) + block.mlp(h)
     return x
 
 
-def decode_logits(text: TextModel, keys, values, state: SlotState, rope: RopeTables, *, slots: int, lanes: int,
-                  stride: int, prefix_len: int) -> torch.Tensor:
+def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
+                  slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
-    (slots, vocab) logits. Pools (kv.py): per layer (rows, H, P + G*stride, d); the first ``slots`` =
-    lanes * M slots, rows [0, M) and each row's first P + lanes*stride positions take part. About 20
-    operators per layer: layer norm, qkv, rope of q and k together, two in-place writes, one SDPA, the
-    output projection, the MLP and the residual sum."""
+    (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` = lanes * M suffix
+    slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part.
+    Per layer: layer norm, qkv, rotary of q and k together, two in-place writes, the two attention
+    kernels and their merge, the output projection, the MLP and the residual sum."""
     m, dim = slots // lanes, text.config.dim
     heads, head_dim = text.config.n_heads, text.config.head_dim
     pos = state.pos[:slots]
-    slot = torch.arange(slots, device=pos.device)
-    row, start = slot % m, prefix_len + (slot // m) * stride
-    column = start + pos  # where the pending token's key/value goes in its row's span
-    span = prefix_len + lanes * stride
-    t = torch.arange(span, device=pos.device).view(1, span)
-    visible = (t < prefix_len) | ((t >= start.view(slots, 1)) & (t <= column.view(slots, 1)))
-    # Additive (0 / -inf), in the keys' dtype: a boolean mask is converted by SDPA in every layer.
-    hidden = torch.zeros((), dtype=keys[0].dtype, device=pos.device).masked_fill(~visible, float("-inf"))
-    mask = hidden.view(lanes, m, 1, span).permute(1, 2, 0, 3).contiguous()  # (M, 1, lanes, span), once
+    rows = torch.arange(slots, device=pos.device)
+    visible = torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)
+    mask = additive(visible, suffix_k[0].dtype).view(slots, 1, 1, length)  # built once per step
     cos, sin = rope.cos[prefix_len + pos].unsqueeze(1), rope.sin[prefix_len + pos].unsqueeze(1)
     x = text.embed(state.tokens[:slots])
     for i, block in enumerate(text.blocks):
         h = block.ln(x)
         qkv = block.attn.qkv(h)
         qk = rope.apply(qkv[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
-        keys[i][row, :, column] = qk[:, heads:]
-        values[i][row, :, column] = qkv[:, 2 * dim :].view(slots, heads, head_dim)
-        q = qk[:, :heads].view(lanes, m, heads, head_dim).permute(1, 2, 0, 3)
-        out = F.scaled_dot_product_attention(q, keys[i][:m, :, :span], values[i][:m, :, :span], attn_mask=mask)
-        x = x + block.attn.proj(out.permute(2, 0, 1, 3).reshape(slots, dim)) + block.mlp(h)
+        keys, values = suffix_k[i], suffix_v[i]
+        keys[rows, :, pos] = qk[:, heads:]
+        values[rows, :, pos] = qkv[:, 2 * dim :].view(slots, heads, head_dim)
+        out = attend(qk[:, :heads].unsqueeze(2), prefix_k[i][:m], prefix_v[i][:m], keys[:slots, :, :length],
+                     values[:slots, :, :length], mask, lanes, kind)
+        x = x + block.attn.proj(out.reshape(slots, dim)) + block.mlp(h)
     return text.logits(x)
 
 
@@ -183,11 +210,11 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
     active.copy_(emit)
 
 
-def decode_step(text: TextModel, keys, values, state: SlotState, rope: RopeTables, *, slots: int, lanes: int,
-                stride: int, prefix_len: int) -> None:
+def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
+                slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> None:
     """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
-    logits = decode_logits(text, keys, values, state, rope, slots=slots, lanes=lanes, stride=stride,
-                           prefix_len=prefix_len)
+    logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots, lanes=lanes,
+                           length=length, prefix_len=prefix_len, kind=kind)
     advance(state, logits, slots)
 
 
