@@ -205,8 +205,9 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
                 "num_cpus": plan.model_actor_cpus
             }
             # Several batches in flight: Ray runs that many of the actor's calls in
-            # threads, each its own batch, and the stage's feeder hands them to the
-            # model as one call (pipeline/stages/feeder.py). Threads, not an async
+            # threads, each its own batch, and the stage's feeder feeds their images
+            # into one running engine, each call returning when its own images are
+            # done (pipeline/stages/feeder.py). Threads, not an async
             # __call__: Ray Data runs an async UDF's batches 4 at a time per task
             # whatever the stage asks, so the count would not be the plan's. No
             # tasks queued beyond those: the feeder already holds the next engine

@@ -144,3 +144,27 @@ def test_decode_step_compiles_in_one_graph_and_recompiles_at_most_twice(eos_mode
     assert 1 <= variants <= 3
     assert not torch._dynamo.utils.counters["graph_break"]
     print(f"compiled run (compile included): {took:.1f} s, {variants} compiled variants")
+
+
+def test_the_fused_attention_merge_equals_one_softmax_over_prefix_and_suffix():
+    """step.attend (two fused kernel calls merged by log-sum-exp; the by-hand fallback) against one float32
+    softmax over each slot's prefix row and its own visible suffix, with request-major lanes."""
+    torch.manual_seed(0)
+    lanes, m, heads, n_q, head_dim, prefix, suffix = 3, 2, 2, 4, 32, 10, 6
+    n = lanes * m
+    q = torch.randn(n, heads, n_q, head_dim)
+    prefix_k, prefix_v = torch.randn(m, heads, prefix, head_dim), torch.randn(m, heads, prefix, head_dim)
+    suffix_k, suffix_v = torch.randn(n, heads, suffix, head_dim), torch.randn(n, heads, suffix, head_dim)
+    visible = torch.rand(n, 1, n_q, suffix) > 0.4
+    visible[..., 0] = True
+    rows = torch.arange(n) % m  # slot j*M + r reads prefix row r
+    keys = torch.cat([prefix_k[rows], suffix_k], dim=2)
+    values = torch.cat([prefix_v[rows], suffix_v], dim=2)
+    scores = (q @ keys.transpose(-1, -2)) / head_dim**0.5
+    scores = scores.masked_fill(~torch.cat([torch.ones(n, 1, n_q, prefix, dtype=torch.bool), visible], -1), float("-inf"))
+    expected = torch.softmax(scores, -1) @ values
+    mask = step.additive(visible, torch.float32)
+    for kind in ("cpu_flash", "math"):
+        got = step.attend(q, prefix_k, prefix_v, suffix_k, suffix_v, mask, lanes, kind)
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-6, msg=kind)
+    assert step.attention_kind(torch.float32, torch.device("cpu")) == "cpu_flash"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,9 +92,10 @@ def _listed(paths: list[Path]) -> pa.Table:
     })  # fmt: skip
 
 
-def _stage_config(tmp_path: Path, caption_model: str | None, embed_model: str | None) -> StageConfig:
+def _stage_config(tmp_path: Path, caption_model: str | None, embed_model: str | None, **caption_options) -> StageConfig:
     caption = dict(enabled=caption_model is not None, probes=PROBES, max_new_tokens=2, answer_max_new_tokens=2,
                    max_crops=2, batch_size=4)
+    caption.update(caption_options)
     if caption_model:
         caption["model"] = caption_model
     else:
@@ -217,37 +219,91 @@ def _wait_until(condition, timeout_s: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def test_the_caption_feeder_merges_concurrent_batches_into_engine_calls_and_gives_each_its_own_rows(
-    tmp_path, moondream_dir, offline, monkeypatch
-):
-    from pipeline.models.moondream.engine import MoondreamEngine
+def _same_rows(out: pa.Table, expected: pa.Table) -> None:
+    assert out.column("uri").to_pylist() == expected.column("uri").to_pylist()  # one row per input, in order
+    for name in ("status", "error_kind", "caption", "caption_truncated", "answers", "answers_truncated"):
+        assert out.column(name).to_pylist() == expected.column(name).to_pylist(), name
 
-    stage = _stage_config(tmp_path, str(moondream_dir), None)
-    paths = _pngs(tmp_path / "images", [(40 + i, 30 + i) for i in range(16)])
-    batches = [decode_batch(_listed(paths[start : start + 2]), stage=stage) for start in range(0, 16, 2)]
+
+@pytest.mark.parametrize("sizes", [(2,) * 6, (1, 3, 5, 2, 4, 1)], ids=["batches-of-2", "mixed-sizes"])
+def test_the_caption_stream_keeps_the_engine_full_across_batches_and_gives_each_its_own_rows(
+    sizes, tmp_path, moondream_dir, offline, refusing_preprocessors, monkeypatch
+):
+    """Concurrent Ray batches (threads, as Ray Data runs one actor's calls) share one running engine:
+    images of later batches join while earlier ones decode, a batch comes back while later ones are still
+    in the engine, and every batch gets exactly its own rows, equal to a call of its own. Bad files of
+    every kind (unreadable, not images, refused by the CPU preparation) are mixed in."""
+    from pipeline.models.moondream.engine import EngineStream, _Batch
+
+    stage = _stage_config(tmp_path, str(moondream_dir), None, max_new_tokens=9)
+    (tmp_path / "images").mkdir()
+    files = [path for path, _ in _files(tmp_path / "images", random.Random(f"stream-{sizes}"), sum(sizes))]
+    starts = np.cumsum((0,) + sizes)
+    batches = [decode_batch(_listed(files[a:b]), stage=stage) for a, b in zip(starts, starts[1:])]
     alone = [CaptionStage(stage)(batch) for batch in batches]  # one engine call per batch, as on CPU
 
     fed = CaptionStage(stage, images_per_call=8)
-    calls, generate = [], MoondreamEngine.generate
+    events, started = [], threading.Event()
+    advance, admit = EngineStream.advance, _Batch._admit_images
 
-    def counted(engine, images, requests):
-        if not calls:  # hold the first call until every other batch waits behind it, as on a busy GPU
-            _wait_until(lambda: len(images) + 2 * len(fed.feeder._queue) == 16)
-        calls.append(len(images))
-        return generate(engine, images, requests)
+    def advanced(stream):
+        out = advance(stream)
+        events.append(("advance", len(stream)))
+        started.set()
+        return out
 
-    monkeypatch.setattr(MoondreamEngine, "generate", counted)
-    with ThreadPoolExecutor(8) as threads:  # Ray Data's calls of one actor, a batch each
-        outs = list(threads.map(fed, batches))
+    def admitted(batch, rows, images):
+        events.append(("admit", sum(image is not None for image in batch.row_image)))
+        return admit(batch, rows, images)
 
-    # Whole batches merged up to the cap: the first call has what had come in, the next one is full.
-    assert sum(calls) == 16 and max(calls) == calls[1] == 8 and len(calls) <= 3, calls
-    for batch, out, expected in zip(batches, outs, alone):
+    monkeypatch.setattr(EngineStream, "advance", advanced)
+    monkeypatch.setattr(_Batch, "_admit_images", admitted)
+
+    def call(k):
+        out = fed(batches[k])
+        events.append(("returned", k))
+        return out
+
+    with ThreadPoolExecutor(len(batches)) as threads:
+        first = threads.submit(call, 0)  # the first batch starts the engine, the others arrive while it runs
+        started.wait(60)
+        outs = [first.result()] + list(threads.map(call, range(1, len(batches))))
+
+    for out, expected in zip(outs, alone):
         assert out.schema.equals(stage.columns_after("caption").schema)
-        assert out.column("uri").to_pylist() == batch.column("uri").to_pylist()  # one row per input, in order
-        assert set(out.column("status").to_pylist()) == {STATUS_OK}
-        assert out.column("caption").to_pylist() == expected.column("caption").to_pylist()
-        assert out.column("answers").to_pylist() == expected.column("answers").to_pylist()
+        _same_rows(out, expected)
+    assert {STATUS_OK, STATUS_ERROR} <= {s for out in outs for s in out.column("status").to_pylist()}
+    # Images joined a running engine (rows were busy when they were admitted) ...
+    assert any(kind == "admit" and busy > 0 for kind, busy in events), events
+    # ... and a batch came back while images of later batches were still decoding.
+    returned = events.index(next(e for e in events if e[0] == "returned"))
+    assert any(kind == "advance" and held > 0 for kind, held in events[returned:]), events
+
+
+def test_a_fault_of_the_caption_stream_retries_its_images_by_bisection_and_the_next_batch_streams(
+    tmp_path, moondream_dir, offline, monkeypatch
+):
+    import torch
+
+    from pipeline.models.moondream.engine import EngineStream
+
+    stage = _stage_config(tmp_path, str(moondream_dir), None)
+    paths = _pngs(tmp_path / "images", [(40 + i, 30 + i) for i in range(6)])
+    batch = decode_batch(_listed(paths), stage=stage)
+    expected = CaptionStage(stage)(batch)
+    fed = CaptionStage(stage, images_per_call=8)
+    advance, faults = EngineStream.advance, []
+
+    def out_of_memory_once(stream):
+        if not faults:
+            faults.append(len(stream))
+            raise torch.OutOfMemoryError("injected: out of memory in the stream")
+        return advance(stream)
+
+    monkeypatch.setattr(EngineStream, "advance", out_of_memory_once)
+    _same_rows(fed(batch), expected)  # retried by generate calls: every image still has its row
+    assert faults == [6]
+    _same_rows(fed(batch), expected)  # a fresh stream takes the next batch
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.stages.config import StageConfig
-from pipeline.stages.feeder import ModelFeeder
+from pipeline.stages.feeder import ModelFeeder, StreamFeeder
 from pipeline.stages.contract import CAPTIONED, EMBEDDED, PREPARED_INPUT, STATUS_COLUMNS
 from schemas import STATUS_ERROR, STATUS_OK
 from schemas.errors import exception_text
@@ -131,8 +131,10 @@ class _ModelStage:
 
 class CaptionStage(_ModelStage):
     """Caption + probes. With ``images_per_call``, the actor serves several Ray batches at once (Ray Data
-    runs its calls in threads, jobs/ray_plan.py) and one feeding thread merges them into engine calls of
-    up to that many images; without, each batch is its own call."""
+    runs its calls in threads, jobs/ray_plan.py) and one feeding thread owns the model: a streaming
+    engine (Moondream) is kept full across the batches, images joining as rows free up, each batch
+    returned when its own images are done (feeder.StreamFeeder); another captioner gets merged calls of
+    up to that many images (feeder.ModelFeeder). Without, each batch is its own call."""
 
     name = "caption"
 
@@ -144,7 +146,18 @@ class CaptionStage(_ModelStage):
         self.questions = tuple(config.probes)
         self.write_caption = config.enabled
         self.captioner = build_captioner(resolve_captioner(config.model), config, stage.run.device)
-        self.feeder = ModelFeeder(images_per_call, super()._call_model) if images_per_call else None
+        self.feeder = None
+        if images_per_call:
+            # A streaming engine is kept full across batches; other captioners get merged calls.
+            stream = getattr(self.captioner, "stream", None)
+            hint = int(images_per_call)
+            if stream is not None and stream(self.questions, caption=self.write_caption, images_hint=hint) is not None:
+                self.feeder = StreamFeeder(
+                    lambda: stream(self.questions, caption=self.write_caption, images_hint=hint),
+                    super()._call_model, on_fault=release_gpu_memory,
+                )
+            else:
+                self.feeder = ModelFeeder(images_per_call, super()._call_model)
 
     def _call_model(self, fn: Callable[[list], list], items: list) -> list:
         return self.feeder(fn, items) if self.feeder is not None else super()._call_model(fn, items)

@@ -152,20 +152,56 @@ class Moondream2Captioner(Captioner):
         prepared = [im if isinstance(im, MoondreamCrops) else self.prepare(im) for im in images]
         per_image = self.requests(questions, caption)
         generations = self.engine.generate(prepared, [per_image] * len(prepared))
-        out = []
+        return [self._description(gens, caption) for gens in generations]
+
+    def _description(self, gens, caption: bool) -> Description:
+        """One image's generations (caption, the short caption when asked, then the probes) as a Description."""
         captions = (1 + bool(_short_length(self.config))) if caption else 0
-        for gens in generations:
-            cap = gens[0] if caption else None
-            short = gens[1] if captions == 2 else None
-            answers = gens[captions:]
-            out.append(
-                Description(
-                    caption=self.tokenizer.decode(cap.ids).strip() if cap else None,
-                    answers=tuple(self.tokenizer.decode(g.ids).strip() for g in answers),
-                    yes_probs=tuple(g.yes_prob for g in answers),
-                    caption_truncated=bool(cap and cap.hit_cap),
-                    answers_truncated=tuple(g.hit_cap for g in answers),
-                    short_caption=self.tokenizer.decode(short.ids).strip() if short else None,
-                )
-            )
-        return out
+        cap = gens[0] if caption else None
+        short = gens[1] if captions == 2 else None
+        answers = gens[captions:]
+        return Description(
+            caption=self.tokenizer.decode(cap.ids).strip() if cap else None,
+            answers=tuple(self.tokenizer.decode(g.ids).strip() for g in answers),
+            yes_probs=tuple(g.yes_prob for g in answers),
+            caption_truncated=bool(cap and cap.hit_cap),
+            answers_truncated=tuple(g.hit_cap for g in answers),
+            short_caption=self.tokenizer.decode(short.ids).strip() if short else None,
+        )
+
+    def stream(self, questions: Sequence[str], *, caption: bool = True, images_hint: int = 1):
+        """A DescriptionStream over the running engine, or None where a subclass replaces describe or
+        describe_prepared (it wants to see the calls) or there is nothing to ask."""
+        if overrides(type(self), Moondream2Captioner, "describe") or overrides(
+            type(self), Moondream2Captioner, "describe_prepared"
+        ):
+            return None
+        requests = self.requests(questions, caption)
+        return DescriptionStream(self, requests, caption, images_hint) if requests else None
+
+
+class DescriptionStream:
+    """Images join the running engine one by one (prepared bytes, PIL images or crops) and leave as
+    Descriptions when done, in whatever order they finish (engine.EngineStream)."""
+
+    def __init__(self, captioner: Moondream2Captioner, requests, caption: bool, images_hint: int):
+        self.captioner, self.caption = captioner, caption
+        self.engine_stream = captioner.engine.stream(requests, images_hint)
+
+    def add(self, key, item) -> None:
+        """Raises (a per-image fault: bytes that are not crops) before anything is queued."""
+        c = self.captioner
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            crops = crops_from_bytes(item, c.geometry.crop_size)
+        elif isinstance(item, MoondreamCrops):
+            crops = item
+        else:
+            crops = c.prepare(item)
+        self.engine_stream.add(key, crops)
+
+    def __len__(self) -> int:
+        return len(self.engine_stream)
+
+    def advance(self) -> list:
+        """(key, Description) of the images finished by this round of decode steps."""
+        return [(key, self.captioner._description(gens, self.caption)) for key, gens in self.engine_stream.advance()]

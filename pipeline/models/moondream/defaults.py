@@ -6,8 +6,9 @@ keeps in flight) all ask :func:`for_device`; no other module holds a copy.
 
 On a GPU a decode step costs about the same for 64 sequences as for 384 (it
 is bound by reading the weights), so the engine holds many, and the caption
-actor merges several Ray batches into one engine call and keeps twice that in
-flight, so that the next call is queued when one ends (jobs/ray_plan.py). On
+actor keeps several Ray batches in flight, twice what fills the engine's rows,
+feeding their images into the running engine as rows free up
+(pipeline/stages/feeder.py StreamFeeder, jobs/ray_plan.py). On
 CPU a step's cost grows with its sequences and the cores are shared with the
 decode tasks: small caps, one batch at a time, as measured fastest there.
 """
@@ -35,7 +36,7 @@ class DeviceDefaults:
 GPU = DeviceDefaults(max_sequences=384, vision_batch_crops=64, fill_engine=True, min_images_per_call=64, harvest_every=8)
 CPU = DeviceDefaults(max_sequences=64, vision_batch_crops=8, fill_engine=False, min_images_per_call=1, harvest_every=4)
 
-#: Engine calls' worth of images a filling caption actor keeps in flight: one running, one queued.
+#: Engine-fulls of images a filling caption actor keeps in flight: one decoding, one queued to join it.
 CALLS_IN_FLIGHT = 2
 #: At most this many Ray batches in flight per caption actor (each holds one of the actor's threads).
 MAX_BATCHES_IN_FLIGHT = 64

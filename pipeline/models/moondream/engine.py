@@ -11,6 +11,10 @@ One ``generate`` call takes many images, each with its own list of prompts (capt
    sequences are read out, an image row whose sequences have all stopped is free, and free rows admit the
    next images, so the batch stays full while long captions finish.
 
+``stream(requests, images_hint)`` keeps that loop open across calls (EngineStream): the caption actor
+adds images as Ray batches arrive and takes finished ones out, so the engine drains only when its input
+does (pipeline/stages/feeder.py StreamFeeder).
+
 ``compile=True`` compiles the decode step with ``fullgraph=True`` (on CUDA ``mode="reduce-overhead"``:
 CUDA graphs), plus, as before, the vision encoder and the prefix prefill (dynamic shapes). The prompt
 prefill stays eager (once per admission, not per token).
@@ -31,7 +35,6 @@ from pipeline.models.moondream.defaults import for_device
 from pipeline.models.moondream.kv import KVPools, bucket
 from pipeline.models.moondream.model import MoondreamModel
 from pipeline.models.moondream.preprocess import MoondreamCrops
-from pipeline.models.moondream.text import fp32_matmul_kind
 from pipeline.models.moondream.vision import normalise_crops
 
 PREFIX_PREFILL_IMAGES = 8  # images per prefix prefill pass (bounds activation memory)
@@ -95,7 +98,8 @@ class MoondreamEngine:
         self.no_ids = torch.tensor(list(no_ids), dtype=torch.long, device=self.device)
         t = self.config.text
         self.prefix_len = self.config.prefix_len
-        self.matmul = fp32_matmul_kind(self.dtype, self.device)
+        self.rope = step.RopeTables.build(model.text)
+        self.attention = step.attention_kind(self.dtype, self.device)
         self.pools = KVPools(t.n_layers, t.n_kv_heads, t.head_dim, self.prefix_len, self.dtype, self.device,
                              static=compile)
         self.state: step.SlotState | None = None
@@ -156,28 +160,40 @@ class MoondreamEngine:
         """For each image, one Generation per request, in order."""
         if len(images) != len(requests):
             raise ValueError(f"{len(images)} images but {len(requests)} request lists")
-        room = self.room()
         for per_image in requests:
-            for r in per_image:
-                if r.max_tokens < 1 or not r.prompt or len(r.prompt) >= room:
-                    raise ValueError(f"a request needs a prompt shorter than {room} tokens and max_tokens >= 1")
+            self._check(per_image)
         todo = [i for i in range(len(images)) if requests[i]]
         results: list[list[Generation | None]] = [[None] * len(r) for r in requests]
         if not todo:
             return results  # type: ignore[return-value]
         embeddings = self.embed_images([images[i] for i in todo])
-        batch = _Batch(self, {image: embeddings[row] for row, image in enumerate(todo)}, requests, results)
+        rows = {image: row for row, image in enumerate(todo)}
+
+        def embed(chosen: list[int]) -> torch.Tensor:
+            return embeddings[torch.tensor([rows[i] for i in chosen], device=self.device)]
+
+        batch = _Batch(self, embed, requests, results, len(todo))
         batch.until_done(deque(todo))
         return results  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[Request], images_hint: int) -> "EngineStream":
+        """An open engine that images join as slots free up, each with these requests (see EngineStream)."""
+        return EngineStream(self, requests, images_hint)
+
+    def _check(self, requests: Sequence[Request]) -> None:
+        room = self.room()
+        for r in requests:
+            if r.max_tokens < 1 or not r.prompt or len(r.prompt) >= room:
+                raise ValueError(f"a request needs a prompt shorter than {room} tokens and max_tokens >= 1")
 
     # ------------------------------------------------------------------ the step and the first token
     # (a test harness overrides these two to record logits and force tokens; production runs them as is)
 
     def _decode(self, batch: "_Batch", length: int) -> None:
         p = self.pools
-        self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state,
+        self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, self.rope,
                    slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
-                   matmul=self.matmul)
+                   kind=self.attention)
 
     def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,
                       yes_no: list[bool]) -> None:
@@ -206,51 +222,62 @@ class MoondreamEngine:
 
 
 class _Batch:
-    """One generate() call: which image holds which prefix row, which sequence which slot."""
+    """One generate() call or stream: which image holds which prefix row, which sequence which slot.
 
-    def __init__(self, engine: MoondreamEngine, embeddings, requests, results):
+    ``requests``/``results`` are indexed by image (a list, or a dict a stream adds to); the sizes are those
+    of the requests present when it starts (a stream's images all have the same requests), and
+    ``embed(images)`` gives the (n, 729, dim) embeddings of the images being admitted."""
+
+    def __init__(self, engine: MoondreamEngine, embed, requests, results, images: int):
         self.e = engine
-        self.embeddings = embeddings
+        self.embed = embed
         self.requests = requests
         self.results = results
-        live = [r for r in requests if r]
+        live = [r for r in (requests.values() if isinstance(requests, dict) else requests) if r]
         self.group = max(len(r) for r in live)  # G: lanes (suffix slots per image row)
         # Rows: what the caps allow, or fewer for a small call (a power of two, so that a compiled step sees
         # few distinct shapes).
         cap = max(1, min(engine.max_images, engine.max_sequences // self.group))
-        self.rows = min(cap, 1 << (len(live) - 1).bit_length())
+        self.rows = min(cap, 1 << (max(1, images) - 1).bit_length())
         self.slots = self.rows * self.group  # slot j * rows + r: request j of the image in row r
         self.lanes = self.group  # lanes the next steps run: all, or only lane 0 once no other is live
         self.row_image: list[int | None] = [None] * self.rows
         self.slot: list[Slot | None] = [None] * self.slots
         room = engine.room()
-        self.limits = [[min(r.max_tokens, room - len(r.prompt)) for r in per_image] for per_image in requests]
+        limits = [self.limits(per_image) for per_image in live]
         self.prompt_width = max(len(r.prompt) for per_image in live for r in per_image)
-        longest = max(len(r.prompt) + lim for per_image, lims in zip(requests, self.limits)
-                      for r, lim in zip(per_image, lims))
+        longest = max(len(r.prompt) + lim for per_image, lims in zip(live, limits) for r, lim in zip(per_image, lims))
         self.length_cap = bucket(longest, room)
-        self.out_width = max(lim for lims in self.limits for lim in lims) + 1
+        self.out_width = max(lim for lims in limits for lim in lims) + 1
         first = min(self.length_cap, bucket(self.prompt_width + engine.harvest_every, room))
         engine._reserve(self.rows, self.slots, first, self.out_width)
+
+    def limits(self, requests: Sequence[Request]) -> list[int]:
+        """Token caps, lowered where the context window would overflow."""
+        return [min(r.max_tokens, self.e.room() - len(r.prompt)) for r in requests]
 
     # -------------------------------------------------------------- loop
 
     def until_done(self, pending: deque) -> None:
+        while self.advance(pending) is not None:
+            pass
+
+    def advance(self, pending: deque) -> list[int] | None:
+        """Admit what fits, decode ``harvest_every`` steps, harvest: the images finished (None when idle)."""
         e = self.e
-        while True:
-            self.admit(pending)
-            if all(image is None for image in self.row_image):
-                return
-            self.lanes = self.group if any(self.slot[self.rows :]) else 1
-            needed = max(min(s.bound + e.harvest_every, s.prompt_len + s.limit) for s in self.slot if s)
-            length = bucket(needed, self.length_cap)
-            e.pools.grow_suffix(length)
-            for _ in range(e.harvest_every):
-                e._decode(self, length)
-            for s in self.slot:
-                if s:
-                    s.bound = min(s.bound + e.harvest_every, s.prompt_len + s.limit)
-            self.harvest()
+        self.admit(pending)
+        if all(image is None for image in self.row_image):
+            return None
+        self.lanes = self.group if any(self.slot[self.rows :]) else 1
+        needed = max(min(s.bound + e.harvest_every, s.prompt_len + s.limit) for s in self.slot if s)
+        length = bucket(needed, self.length_cap)
+        e.pools.grow_suffix(length)
+        for _ in range(e.harvest_every):
+            e._decode(self, length)
+        for s in self.slot:
+            if s:
+                s.bound = min(s.bound + e.harvest_every, s.prompt_len + s.limit)
+        return self.harvest()
 
     def admit(self, pending: deque) -> None:
         free = [row for row, image in enumerate(self.row_image) if image is None]
@@ -267,7 +294,7 @@ class _Batch:
     def _admit_images(self, rows: list[int], images: list[int]) -> None:
         e, text, g = self.e, self.e.model.text, self.group
         device = e.device
-        caches = e.prefix_caches(torch.stack([self.embeddings.pop(i) for i in images]))
+        caches = e.prefix_caches(self.embed(images))
         row_index = torch.tensor(rows, device=device)
         e.pools.write_prefix(row_index, caches)
         for row, image in zip(rows, images):
@@ -281,7 +308,7 @@ class _Batch:
             for row, image in zip(rows, images):
                 where.append(j * self.rows + row)
                 if j < len(self.requests[image]):
-                    r, limit = self.requests[image][j], self.limits[image][j]
+                    r, limit = self.requests[image][j], self.limits(self.requests[image])[j]
                     self.slot[j * self.rows + row] = Slot(image, j, len(r.prompt), limit, bound=len(r.prompt))
                     prompt = list(r.prompt)
                 else:
@@ -293,7 +320,8 @@ class _Batch:
                 yes_no.append(bool(r and r.yes_no))
         slot_index = torch.tensor(where, device=device)
         e.pools.grow_suffix(bucket(width, self.length_cap))
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril().view(1, 1, width, width)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        mask = step.additive(causal, e.dtype).view(1, 1, width, width)
 
         def write(layer, k, v):
             e.pools.suffix_k[layer][slot_index, :, :width] = k
@@ -304,15 +332,15 @@ class _Batch:
         del caches
         positions = (e.prefix_len + torch.arange(width, device=device)).expand(n, width)
         hidden = step.run_suffix(text, torch.tensor(tokens, device=device), positions, prefix_k, prefix_v, write,
-                                 causal, g, e.matmul)
+                                 mask, g, e.attention)
         lengths_t = torch.tensor(lengths, device=device)
         logits = text.logits(hidden[torch.arange(n, device=device), lengths_t - 1])
         e._first_tokens(self, slot_index, logits, torch.tensor(real, device=device),
                         torch.tensor(limits, device=device), lengths_t, yes_no)
 
-    def harvest(self) -> None:
+    def harvest(self) -> list[int]:
         """The decode loop's one look at the device (one transfer): which slots stopped, their ids, cap flags
-        and yes-probabilities; rows whose sequences all stopped are freed."""
+        and yes-probabilities; rows whose sequences all stopped are freed, their images returned."""
         s, n, width = self.e.state, self.slots, self.out_width
         bits = s.yes_prob[:n].view(torch.int32).long()  # float32 carried bit for bit in the same transfer
         flat = torch.cat([s.active[:n].long(), s.produced[:n], s.hit_cap[:n].long(), bits,
@@ -328,6 +356,65 @@ class _Batch:
                 tuple(int(t) for t in ids[k, : produced[k]]), bool(hit_cap[k]), None if np.isnan(yes_prob) else yes_prob
             )
             self.slot[k] = None
+        done = []
         for row in range(self.rows):
             if self.row_image[row] is not None and not any(self.slot[row :: self.rows]):
+                done.append(self.row_image[row])
                 self.row_image[row] = None
+        return done
+
+
+class EngineStream:
+    """An engine kept full across calls: images join as rows free up, finished ones leave, nothing drains.
+
+    Every image gets the same ``requests`` (the caption and the probes). ``add`` queues an image (host-side
+    crops; it is encoded when admitted, a vision pass per admitted group); ``advance`` admits queued images
+    into free rows, decodes ``harvest_every`` steps and returns the images finished since, as (key,
+    generations). Rows: enough for ``images_hint`` images, up to the engine's caps. One stream at a time per
+    engine: a ``generate`` call (or a new stream) reuses the engine's memory, and this stream is then over.
+    If ``advance`` raises (out of memory, say) the stream is broken: its images are for the caller to retry.
+    """
+
+    def __init__(self, engine: MoondreamEngine, requests: Sequence[Request], images_hint: int):
+        if not requests:
+            raise ValueError("a stream needs at least one request per image")
+        engine._check(requests)
+        self.e = engine
+        self._requests = tuple(requests)
+        self._crops: dict[int, MoondreamCrops] = {}
+        self._keys: dict[int, object] = {}
+        self._pending: deque[int] = deque()
+        self._batch: _Batch | None = None
+        self._hint = max(1, images_hint)
+        self._next = 0
+
+    def add(self, key, crops: MoondreamCrops) -> None:
+        image, self._next = self._next, self._next + 1
+        self._crops[image], self._keys[image] = crops, key
+        self._pending.append(image)
+
+    def __len__(self) -> int:
+        """Images queued or decoding."""
+        return len(self._keys)
+
+    @torch.inference_mode()
+    def advance(self) -> list[tuple[object, list[Generation]]]:
+        if self._batch is None and self._pending:
+            # Sized by the same requests as every image; the dicts grow as images are admitted.
+            self._batch = _Batch(self.e, self._embed, {-1: self._requests}, {}, self._hint)
+            del self._batch.requests[-1]
+        if self._batch is None:
+            return []
+        for image in self._pending:
+            if image not in self._batch.requests:
+                self._batch.requests[image] = self._requests
+                self._batch.results[image] = [None] * len(self._requests)
+        done = self._batch.advance(self._pending) or []
+        out = []
+        for image in done:
+            out.append((self._keys.pop(image), self._batch.results.pop(image)))
+            del self._batch.requests[image]
+        return out
+
+    def _embed(self, images: list[int]) -> torch.Tensor:
+        return self.e.embed_images([self._crops.pop(i) for i in images])

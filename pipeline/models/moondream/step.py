@@ -1,12 +1,14 @@
 """The fixed-shape decode step: every slot steps every time, everything it needs stays on the device.
 
 Slots are laid out request-major in lanes: slot j*M + r holds request j (lane j) of the image in prefix
-row r (M rows), so an image's queries are scored against its prefix in one matmul, the prefix read once
-per step and never copied per prompt, with no index tensors. A step runs the first ``lanes`` lanes, all
-their slots (finished or empty ones too: their results are masked, which keeps the shapes fixed),
-against a suffix of static length L (the pool's first L positions, a bucket of the longest live
-sequence, see kv.bucket). The engine runs every lane while any probe is live and lane 0 alone (the
-captions) once they have all stopped: two shapes, and a long caption does not drag idle probe slots.
+row r (M rows), so an image's queries meet its prefix in one call of a fused attention kernel, the
+prefix read once per step and never copied per prompt, with no index tensors; each slot meets its own
+suffix in a second call, and the two are merged by log-sum-exp (``attend``). A step runs the first
+``lanes`` lanes, all their slots (finished or empty ones too: their results are masked, which keeps the
+shapes fixed), against a suffix of static length L (the pool's first L positions, a bucket of the
+longest live sequence, see kv.bucket). The engine runs every lane while any probe is live and lane 0
+alone (the captions) once they have all stopped: two shapes, and a long caption does not drag idle
+probe slots.
 
 Stopping rule (reference ``_generate_answer``), applied on the device: the first token is the argmax
 of the prompt's last logits; a token equal to EOS ends the sequence and is not emitted; after
@@ -22,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from pipeline.models.moondream.config import ANSWER_ID, EOS_ID
-from pipeline.models.moondream.text import TextModel, fp32_matmul
+from pipeline.models.moondream.config import ANSWER_ID, EOS_ID, ROTARY_DIMS
+from pipeline.models.moondream.text import TextModel
 
 
 @dataclass
@@ -52,64 +54,141 @@ class SlotState:
         return [self.tokens, self.pos, self.produced, self.limit, self.active, self.hit_cap, self.out, self.yes_prob]
 
 
-def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_visible, lanes: int, matmul: str):
-    """Attention of N = lanes*M slots over their image's prefix plus their own suffix, one float32 softmax.
+@dataclass(frozen=True)
+class RopeTables:
+    """Rotary embedding as two gathers and a multiply-add, for q and k of a step together (one call per
+    layer instead of text.apply_rope's dozen ops on each). Exactly apply_rope's arithmetic: rotated dim 2i
+    is real_i*cos_i + imag_i*(-sin_i), dim 2i+1 imag_i*cos_i + real_i*sin_i (the same products and sums,
+    IEEE-equal), the other dims x*1 + y*0 = x. ``cos``/``sin`` (context, head_dim) float32 per position."""
 
-    Slots are request-major: slot j*M + r is request j of the image in prefix row r, so the lanes queries
-    of an image are scored against its prefix row in one matmul. q (N, H, Q, d); prefix_k/v (M, H, P, d);
-    suffix_k/v (N, H, T, d); suffix_visible (N or 1, 1, Q, T) bool. Returns (N, H, Q, d) in q's dtype."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    take_u: torch.Tensor  # (head_dim,) long: dims 2i, 2i+1 <- real_i, imag_i; the rest unchanged
+    take_w: torch.Tensor  # (head_dim,) long: dims 2i, 2i+1 <- imag_i, real_i
+
+    @classmethod
+    def build(cls, text: TextModel) -> "RopeTables":
+        half, head_dim = ROTARY_DIMS // 2, text.config.head_dim
+        cos_half, sin_half = text.rope_cos, text.rope_sin  # (context, half), the reference's tables
+        device = cos_half.device
+        cos = torch.ones(cos_half.shape[0], head_dim, device=device)
+        sin = torch.zeros(cos_half.shape[0], head_dim, device=device)
+        cos[:, 0:ROTARY_DIMS:2], cos[:, 1:ROTARY_DIMS:2] = cos_half, cos_half
+        sin[:, 0:ROTARY_DIMS:2], sin[:, 1:ROTARY_DIMS:2] = -sin_half, sin_half
+        take_u, take_w = torch.arange(head_dim), torch.arange(head_dim)
+        i = torch.arange(half)
+        take_u[2 * i], take_u[2 * i + 1] = i, half + i
+        take_w[2 * i], take_w[2 * i + 1] = half + i, i
+        return cls(cos, sin, take_u.to(device), take_w.to(device))
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (N, heads, head_dim) at positions whose rows of cos/sin are given as (N, 1, head_dim)."""
+        return (x.index_select(-1, self.take_u) * cos + x.index_select(-1, self.take_w) * sin).to(x.dtype)
+
+
+def attention_kind(dtype: torch.dtype, device: torch.device) -> str:
+    """How ``attend`` gets each part's output and log-sum-exp, decided once, eagerly, so that a compiled step
+    holds no try/except. PyTorch's public SDPA does not return the log-sum-exp that merging two key sets
+    needs; aten's fused kernels do:
+    "cpu_flash": both parts through aten's CPU flash-attention kernel (fused; masks; any float dtype);
+    "cuda_flash": the prefix (no mask) through aten's CUDA flash kernel (bf16/fp16), the short per-slot
+    suffix by hand in float32; "math": both by hand, in float32 (where neither kernel is there)."""
+    q = torch.zeros(1, 1, 1, 32, dtype=dtype, device=device)
+    try:
+        if device.type == "cpu":
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, False, attn_mask=q[..., :1])
+            return "cpu_flash"
+        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+            torch.ops.aten._scaled_dot_product_flash_attention(q, q, q, 0.0, False, False)
+            return "cuda_flash"
+    except (RuntimeError, AttributeError, NotImplementedError):
+        pass
+    return "math"
+
+
+def _part(kind: str, q, k, v, mask):
+    """Attention of q (B, H, Q, d) over k/v (B, H, K, d) under an additive mask (broadcast to B, H, Q, K, or
+    None): (output (B, H, Q, d), log-sum-exp of the scaled scores (B, H, Q), float32)."""
+    if kind == "cpu_flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
+    if kind == "cuda_flash" and mask is None:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+        return out[0], out[1][..., : q.shape[2]]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float()), lse
+
+
+def attend(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes: int, kind: str):
+    """Attention of N = lanes*M slots over their image's prefix plus their own suffix: two fused kernels,
+    merged by log-sum-exp. Slots are request-major (slot j*M + r: request j of the image in prefix row r),
+    so the lanes queries of an image meet its prefix row in one kernel call, the prefix read once per
+    step and never copied per prompt. q (N, H, Q, d); prefix_k/v (M, H, P, d); suffix_k/v (N, H, T, d);
+    suffix_mask additive, (N or 1, 1, Q, T). Returns (N, H, Q, d) in q's dtype."""
     n, heads, n_q, head_dim = q.shape
-    m, prefix_len = n // lanes, prefix_k.shape[2]
+    m = n // lanes
     grouped = q.view(lanes, m, heads, n_q, head_dim).permute(1, 2, 0, 3, 4).reshape(m, heads, lanes * n_q, head_dim)
-    prefix_scores = fp32_matmul(matmul, grouped, prefix_k.transpose(-1, -2))
-    prefix_scores = prefix_scores.view(m, heads, lanes, n_q, prefix_len).permute(2, 0, 1, 3, 4)
-    prefix_scores = prefix_scores.reshape(n, heads, n_q, prefix_len)
-    suffix_scores = fp32_matmul(matmul, q, suffix_k.transpose(-1, -2)).masked_fill(~suffix_visible, float("-inf"))
-    probs = torch.softmax(torch.cat([prefix_scores, suffix_scores], dim=-1) * (1.0 / math.sqrt(head_dim)), dim=-1)
-    prefix_probs, suffix_probs = probs[..., :prefix_len], probs[..., prefix_len:]
-    prefix_probs = prefix_probs.reshape(lanes, m, heads, n_q, prefix_len).permute(1, 2, 0, 3, 4)
-    prefix_out = fp32_matmul(matmul, prefix_probs.reshape(m, heads, lanes * n_q, prefix_len), prefix_v)
+    prefix_out, prefix_lse = _part(kind, grouped, prefix_k, prefix_v, None)
     prefix_out = prefix_out.view(m, heads, lanes, n_q, head_dim).permute(2, 0, 1, 3, 4).reshape(n, heads, n_q, head_dim)
-    return (prefix_out + fp32_matmul(matmul, suffix_probs, suffix_v)).to(q.dtype)
+    prefix_lse = prefix_lse.view(m, heads, lanes, n_q).permute(2, 0, 1, 3).reshape(n, heads, n_q)
+    suffix_out, suffix_lse = _part(kind, q, suffix_k, suffix_v, suffix_mask)
+    lse = torch.logaddexp(prefix_lse, suffix_lse)
+    out = (prefix_out.float() * torch.exp(prefix_lse - lse).unsqueeze(-1)
+           + suffix_out.float() * torch.exp(suffix_lse - lse).unsqueeze(-1))
+    return out.to(q.dtype)
+
+
+def additive(visible: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean mask as 0 / -inf in ``dtype`` (a boolean one is converted by the kernel in every layer)."""
+    return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
 
 
 Writer = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, visible, lanes: int, matmul: str):
-    """(N, Q) suffix tokens at absolute ``positions`` through the decoder -> (N, Q, dim) hidden states.
-    ``write(layer, k, v)`` stores the new keys/values and returns the suffix keys/values to attend to;
-    prefix_k/v: per layer (M, H, P, d)."""
+def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Writer, mask, lanes: int, kind: str):
+    """(N, Q) suffix tokens (the prompts of newly admitted images) at absolute ``positions`` through the
+    decoder -> (N, Q, dim) hidden states. ``write(layer, k, v)`` stores the new keys/values and returns the
+    suffix keys/values to attend to; prefix_k/v: per layer (M, H, P, d); mask additive (N or 1, 1, Q, T)."""
     x = text.embed(tokens)
     cos, sin = text.rope_cos[positions], text.rope_sin[positions]
     for i, block in enumerate(text.blocks):
         h = block.ln(x)
         q, k, v = block.attn.qkv_heads(h, cos, sin)
         suffix_k, suffix_v = write(i, k, v)
-        out = shared_prefix_attention(q, prefix_k[i], prefix_v[i], suffix_k, suffix_v, visible, lanes, matmul)
+        out = attend(q, prefix_k[i], prefix_v[i], suffix_k, suffix_v, mask, lanes, kind)
         x = x + block.attn.merge(out) + block.mlp(h)
     return x
 
 
-def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, *, slots: int,
-                  lanes: int, length: int, prefix_len: int, matmul: str) -> torch.Tensor:
+def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
+                  slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
     (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` = lanes * M suffix
-    slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part."""
+    slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part.
+    Per layer: layer norm, qkv, rotary of q and k together, two in-place writes, the two attention
+    kernels and their merge, the output projection, the MLP and the residual sum."""
+    m, dim = slots // lanes, text.config.dim
+    heads, head_dim = text.config.n_heads, text.config.head_dim
     pos = state.pos[:slots]
     rows = torch.arange(slots, device=pos.device)
-
-    def write(layer, k, v):
-        keys, values = suffix_k[layer], suffix_v[layer]
-        keys[rows, :, pos] = k[:, :, 0]
-        values[rows, :, pos] = v[:, :, 0]
-        return keys[:slots, :, :length], values[:slots, :, :length]
-
-    visible = (torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)).view(slots, 1, 1, length)
-    m = slots // lanes
-    hidden = run_suffix(text, state.tokens[:slots].view(slots, 1), (prefix_len + pos).view(slots, 1),
-                        [k[:m] for k in prefix_k], [v[:m] for v in prefix_v], write, visible, lanes, matmul)
-    return text.logits(hidden[:, -1])
+    visible = torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)
+    mask = additive(visible, suffix_k[0].dtype).view(slots, 1, 1, length)  # built once per step
+    cos, sin = rope.cos[prefix_len + pos].unsqueeze(1), rope.sin[prefix_len + pos].unsqueeze(1)
+    x = text.embed(state.tokens[:slots])
+    for i, block in enumerate(text.blocks):
+        h = block.ln(x)
+        qkv = block.attn.qkv(h)
+        qk = rope.apply(qkv[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
+        keys, values = suffix_k[i], suffix_v[i]
+        keys[rows, :, pos] = qk[:, heads:]
+        values[rows, :, pos] = qkv[:, 2 * dim :].view(slots, heads, head_dim)
+        out = attend(qk[:, :heads].unsqueeze(2), prefix_k[i][:m], prefix_v[i][:m], keys[:slots, :, :length],
+                     values[:slots, :, :length], mask, lanes, kind)
+        x = x + block.attn.proj(out.reshape(slots, dim)) + block.mlp(h)
+    return text.logits(x)
 
 
 def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
@@ -131,11 +210,11 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
     active.copy_(emit)
 
 
-def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, *, slots: int,
-                lanes: int, length: int, prefix_len: int, matmul: str) -> None:
+def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
+                slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> None:
     """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
-    logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, slots=slots, lanes=lanes,
-                           length=length, prefix_len=prefix_len, matmul=matmul)
+    logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots, lanes=lanes,
+                           length=length, prefix_len=prefix_len, kind=kind)
     advance(state, logits, slots)
 
 

@@ -60,33 +60,6 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _BMM_OUT_DTYPE = [True]
 
 
-def fp32_matmul_kind(dtype: torch.dtype, device: torch.device) -> str:
-    """How ``fp32_matmul`` reaches a float32 result for these weights, decided once, eagerly, so that a
-    compiled step holds no try/except: "plain" (float32 weights), "bmm_out" (CUDA: bf16 operands,
-    float32 output, as matmul_fp32 does when the torch build has it), "upcast" (elsewhere)."""
-    if dtype == torch.float32:
-        return "plain"
-    if device.type == "cuda":
-        a = torch.zeros(1, 2, 2, dtype=dtype, device=device)
-        try:
-            torch.bmm(a, a, out_dtype=torch.float32)
-            return "bmm_out"
-        except (RuntimeError, TypeError, NotImplementedError):
-            pass
-    return "upcast"
-
-
-def fp32_matmul(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """matmul_fp32 with the choice made beforehand (``fp32_matmul_kind``)."""
-    if kind == "plain":
-        return torch.matmul(a, b)
-    if kind == "bmm_out":
-        a = a.to(b.dtype)
-        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
-        return out.view(*a.shape[:-1], b.shape[-1])
-    return torch.matmul(a.float(), b.float())
-
-
 class TextAttention(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
