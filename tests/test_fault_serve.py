@@ -333,6 +333,9 @@ def _warm_up(served: Served, mix) -> None:
             served.request(method, path, body=body, headers=headers)
 
 
+# Beside the other pytest worker's Ray runs (load 3 per core) every in-flight
+# request once stalled 5.5 s together: the 2 s bound is judged with the machine to itself.
+@pytest.mark.alone
 def test_a_bounded_load_with_abuse_mixed_in_gets_no_5xx_and_no_slow_answer(tmp_path, embed_spec):
     import psutil
 
