@@ -20,12 +20,11 @@ reads is refused rather than half-understood and rewritten.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 
 from pipeline.labels.label_studio import Review
-from pipeline.storage import Folder, StorageError, is_local, local_path
+from pipeline.storage import Folder, StorageError, is_local
 
 KIND = "captioner-labels"
 VERSION = 1
@@ -51,11 +50,11 @@ def labels_location(*, sources: tuple[str, ...], labels: str | None, storage_opt
 
 
 def place_of(location: str, storage_options) -> tuple[Folder, str]:
-    if is_local(location):
-        path = local_path(location)
-        return Folder(os.path.dirname(path) or ".", storage_options), os.path.basename(path)
-    parent, name = location.rstrip("/").rsplit("/", 1)
-    return Folder(parent, storage_options), name
+    """The folder holding ``location`` and the file's name in it (the exports' own split of a location)."""
+    from pipeline.export.storage import name, parent
+
+    location = location if is_local(location) else location.rstrip("/")
+    return Folder(parent(location) or ".", storage_options), name(location)
 
 
 def read_labels(location: str, storage_options=None) -> dict[str, dict]:
