@@ -34,24 +34,36 @@ class _Job:
     result: Future = field(default_factory=Future)
 
 
-class ModelFeeder:
+class _OneThreadFeeder:
+    """Callers queue a job and wait on its Future; one daemon thread (the subclass's ``_loop``) owns the model."""
+
+    def _start(self, thread_name: str) -> None:
+        self._queue: deque = deque()
+        self._wake = threading.Condition()
+        threading.Thread(target=self._loop, name=thread_name, daemon=True).start()
+
+    def _submit(self, job):
+        with self._wake:
+            self._queue.append(job)
+            self._wake.notify()
+        return job.result.result()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class ModelFeeder(_OneThreadFeeder):
     def __init__(self, images_per_call: int, run: Callable[[Callable[[list], list], list], list]):
         """``run(fn, items)`` is what one merged call does (call_with_bisection with the stage's hooks)."""
         self.images_per_call = max(1, images_per_call)
         self._run = run
-        self._queue: deque[_Job] = deque()
-        self._wake = threading.Condition()
-        threading.Thread(target=self._loop, name="model-feeder", daemon=True).start()
+        self._start("model-feeder")
 
     def __call__(self, fn: Callable[[list], list], items: list) -> list:
         """``fn``'s results for ``items`` (an Exception where one item failed), run with other callers' items."""
         if not items:
             return []
-        job = _Job(fn, list(items))
-        with self._wake:
-            self._queue.append(job)
-            self._wake.notify()
-        return job.result.result()
+        return self._submit(_Job(fn, list(items)))
 
     def _take(self) -> list[_Job]:
         """The oldest job and the queued ones of the same kind that fit beside it."""
@@ -111,7 +123,7 @@ class _StreamJob:
             self.result.set_result(self.results)
 
 
-class StreamFeeder:
+class StreamFeeder(_OneThreadFeeder):
     """One running model, many Ray batches, no draining between them: the caption actor's feeding loop
     when its model can stream (Moondream's engine, engine.EngineStream).
 
@@ -128,18 +140,12 @@ class StreamFeeder:
     def __init__(self, open_stream: Callable[[], Stream], fallback: Callable[[Callable[[list], list], list], list],
                  on_fault: Callable[[Exception], None] | None = None):
         self._open, self._fallback, self._on_fault = open_stream, fallback, on_fault
-        self._queue: deque[_StreamJob] = deque()
-        self._wake = threading.Condition()
-        threading.Thread(target=self._loop, name="model-stream", daemon=True).start()
+        self._start("model-stream")
 
     def __call__(self, fn: Callable[[list], list], items: list) -> list:
         if not items:
             return []
-        job = _StreamJob(fn, list(items), [None] * len(items), len(items))
-        with self._wake:
-            self._queue.append(job)
-            self._wake.notify()
-        return job.result.result()
+        return self._submit(_StreamJob(fn, list(items), [None] * len(items), len(items)))
 
     def _loop(self) -> None:
         stream: Stream | None = None
