@@ -363,11 +363,10 @@ def _user() -> str:
 
 def lease_for_file(uri: str, storage_options: dict | None = None, *, what: str | None = None, command: str) -> Lease:
     """The lease on the file ``uri`` (a single-file output, an index database): ``.NAME.lease`` beside it."""
-    from pipeline.output.parts import _parent_uri
-    from pipeline.storage import display
+    from pipeline.storage import display, name_of, parent_of
 
-    name = uri.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
-    folder = Folder(_parent_uri(uri), storage_options, role="output")
+    name = name_of(uri)
+    folder = Folder(parent_of(uri), storage_options, role="output")
     folder.makedirs()
     return Lease(folder, lease_name(name), what=what or display(uri), command=command)
 

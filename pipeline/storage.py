@@ -76,6 +76,31 @@ def display(uri: str) -> str:
     return local_path(uri) if is_local(uri) else uri
 
 
+def parent_of(location: str) -> str:
+    """The folder holding a location: a local path's directory, a URL's prefix before its last '/'.
+
+    A trailing '/' names the folder itself (``s3://b/out/`` -> ``s3://b``), as it does for
+    ``name_of``; every "the folder beside a file" (leases, parts, exports, labels) asks here.
+    """
+    if is_local(location):
+        return os.path.dirname(local_path(location))  # abspath already dropped a trailing separator
+    return location.rstrip("/").rsplit("/", 1)[0]
+
+
+def name_of(location: str) -> str:
+    """The last component of a location (a file's name, or a folder's), without any trailing '/'."""
+    if is_local(location):
+        return os.path.basename(local_path(location))
+    return location.rstrip("/").rsplit("/", 1)[-1]
+
+
+def join_location(base: str, relative: str) -> str:
+    """``relative`` (a '/'-separated path) under ``base`` (a local folder or a URL prefix)."""
+    if is_local(base):
+        return os.path.join(local_path(base), *relative.split("/"))
+    return base.rstrip("/") + "/" + relative
+
+
 def protocol_of(uri: str) -> str:
     return "file" if is_local(uri) else uri.split("://", 1)[0].lower()
 

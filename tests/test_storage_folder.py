@@ -168,3 +168,25 @@ def test_thumbnail_cache_writes_and_evicts_through_the_folder_from_a_relative_ro
     left = sorted(p.name for p in (tmp_path / "thumbs").rglob("*") if p.is_file())
     assert len(left) == 2 and cache.total_bytes == 200
     assert not [name for name in left if is_temp_name(name)]
+
+
+@pytest.mark.parametrize("location, parent, name", [
+    ("s3://bucket/out/captions.parquet", "s3://bucket/out", "captions.parquet"),
+    ("s3://bucket/out/", "s3://bucket", "out"),
+    ("gs://b/x", "gs://b", "x"),
+])
+def test_parent_and_name_of_a_url(location, parent, name):
+    from pipeline.storage import join_location, name_of, parent_of
+
+    assert (parent_of(location), name_of(location)) == (parent, name)
+    assert join_location(parent_of(location), name_of(location)) == location.rstrip("/")
+
+
+def test_parent_and_name_of_a_local_path(tmp_path):
+    from pipeline.storage import join_location, name_of, parent_of
+
+    for location in (str(tmp_path / "out" / "captions.parquet"), f"file://{tmp_path}/out/captions.parquet",
+                     str(tmp_path / "out" / "captions.parquet") + os.sep):
+        assert parent_of(location) == str(tmp_path / "out")
+        assert name_of(location) == "captions.parquet"
+    assert join_location(str(tmp_path), "a/b.txt") == str(tmp_path / "a" / "b.txt")

@@ -22,7 +22,8 @@ from pipeline.export.alt_text import alt_text_with_text
 from pipeline.export.errors import ExportError
 from pipeline.export.rows import ExportRow
 from pipeline.export.sidecars import captioned
-from pipeline.export.storage import ExportFolder, name
+from pipeline.export.storage import ExportFolder
+from pipeline.storage import name_of
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 COLUMNS = ("uri", "alt_text", "caption", "machine_generated", "generator")
@@ -49,7 +50,7 @@ def alt_records(rows: Iterable[ExportRow], max_chars: int, skipped: Counter) -> 
 def write_alt_text(rows: Iterable[ExportRow], out: str, dest: ExportFolder, *, max_chars: int, skipped: Counter) -> int:
     """Write the file ``out`` through ``dest`` (the ExportFolder of its parent: a user's own file there is kept)."""
     kind = alt_format(out)
-    file = name(out)
+    file = name_of(out)
     dest.prepare([file])
     written = 0
     with dest.open_write(file) as handle:

@@ -211,9 +211,10 @@ def _export(format, source, storage, *, out, in_place, root, link, max_chars, si
                 f"then import {TASKS}){note}")
     if format == "alt-text":
         from pipeline.export.alt_file import write_alt_text
-        from pipeline.export.storage import ExportFolder, parent
+        from pipeline.export.storage import ExportFolder
+        from pipeline.storage import parent_of
 
-        with ExportFolder(storage, parent(out), sources=source.tree_uris(), overwrite=overwrite, allow_in_images=None,
+        with ExportFolder(storage, parent_of(out), sources=source.tree_uris(), overwrite=overwrite, allow_in_images=None,
                           recursive=False) as dest:
             n = write_alt_text(source.rows(), out, dest, max_chars=max_chars, skipped=skipped)
         return f"wrote {n} alt texts to {shown}"

@@ -16,7 +16,8 @@ from typing import Callable, Iterable
 
 from pipeline.export.errors import ExportError
 from pipeline.export.rows import ExportRow
-from pipeline.export.storage import Storage, join, name, parent, relative_paths
+from pipeline.export.storage import Storage, relative_paths
+from pipeline.storage import join_location, name_of, parent_of
 
 CREATE, UPDATE, KEEP = "create", "update", "keep"
 
@@ -40,13 +41,13 @@ class Placement:
             return {uri: _sibling(uri, sidecar_name) for uri in uris}
         relative = relative_paths(uris, self.root, tree=self.tree)
         return {
-            uri: join(self.out, posixpath.join(posixpath.dirname(rel), sidecar_name(posixpath.basename(rel))))
+            uri: join_location(self.out, posixpath.join(posixpath.dirname(rel), sidecar_name(posixpath.basename(rel))))
             for uri, rel in relative.items()
         }
 
 
 def _sibling(uri: str, sidecar_name: Callable[[str], str]) -> str:
-    return join(parent(uri), sidecar_name(name(uri)))
+    return join_location(parent_of(uri), sidecar_name(name_of(uri)))
 
 
 @dataclass(frozen=True)

@@ -26,21 +26,7 @@ from typing import Iterable, Iterator
 
 from pipeline.export.errors import ExportError
 from pipeline.storage import Folder, StorageError, display, is_local, local_path, read_bytes
-
-
-def join(base: str, relative: str) -> str:
-    """``relative`` (a '/'-separated path) under ``base`` (a local folder or a URL prefix)."""
-    if is_local(base):
-        return os.path.join(local_path(base), *relative.split("/"))
-    return base.rstrip("/") + "/" + relative
-
-
-def parent(location: str) -> str:
-    return os.path.dirname(local_path(location)) if is_local(location) else location.rsplit("/", 1)[0]
-
-
-def name(location: str) -> str:
-    return os.path.basename(local_path(location)) if is_local(location) else location.rsplit("/", 1)[-1]
+from pipeline.storage import join_location, name_of, parent_of
 
 
 def relative_paths(uris: Iterable[str], root: str | None = None, *, tree: Iterable[str] | None = None) -> dict[str, str]:
@@ -94,7 +80,7 @@ class Storage:
     def _place(self, location: str) -> tuple[Folder, str]:
         """(the Folder holding ``location``, its name there)."""
         try:
-            return Folder(parent(location), self.options, role="output"), name(location)
+            return Folder(parent_of(location), self.options, role="output"), name_of(location)
         except StorageError as exc:
             raise ExportError(str(exc)) from exc
 
@@ -203,7 +189,7 @@ class ExportFolder:
 
     # -- where things are ------------------------------------------------------------
     def location(self, rel: str) -> str:
-        return join(self.out, rel)
+        return join_location(self.out, rel)
 
     def _key(self, location: str) -> str:
         """One spelling per place: a local path with its folder's symlinks resolved (not the file's own), or a URL."""

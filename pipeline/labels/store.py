@@ -51,10 +51,10 @@ def labels_location(*, sources: tuple[str, ...], labels: str | None, storage_opt
 
 def place_of(location: str, storage_options) -> tuple[Folder, str]:
     """The folder holding ``location`` and the file's name in it (the exports' own split of a location)."""
-    from pipeline.export.storage import name, parent
+    from pipeline.storage import name_of, parent_of
 
     location = location if is_local(location) else location.rstrip("/")
-    return Folder(parent(location) or ".", storage_options), name(location)
+    return Folder(parent_of(location) or ".", storage_options), name_of(location)
 
 
 def read_labels(location: str, storage_options=None) -> dict[str, dict]:

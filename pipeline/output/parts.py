@@ -55,12 +55,12 @@ def find_output_files(uri: str, storage_options: dict | None = None) -> FoundOut
     output: it is returned in ``foreign``, not in ``files``. A missing
     location raises FileNotFoundError, for the caller to word.
     """
-    from pipeline.storage import Folder
+    from pipeline.storage import Folder, parent_of
 
     root = Folder(uri, storage_options, role="source")
     is_file = root.isfile()
     if is_file or (not root.isdir() and uri.rstrip("/").lower().endswith(".parquet")):
-        parent = Folder(_parent_uri(uri), storage_options, role="source")
+        parent = Folder(parent_of(uri), storage_options, role="source")
         parts = parts_folder_of(posixpath.basename(root.path.replace("\\", "/")))
         pending = [parent.join(f"{parts}/{p}") for p in parent.folder(parts).list(PART_GLOB)]
         # Before its first run finishes, a single-file output is only the parts committed so far
@@ -76,16 +76,6 @@ def find_output_files(uri: str, storage_options: dict | None = None) -> FoundOut
     for rel in root.list("*.parquet", recursive=True):
         (files if _has_captioner_metadata(root, rel) else foreign).append(root.join(rel))
     return FoundOutputs(files, foreign)
-
-
-def _parent_uri(uri: str) -> str:
-    import os
-
-    from pipeline.storage import is_local, local_path
-
-    if is_local(uri):
-        return os.path.dirname(local_path(uri))
-    return uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def _has_captioner_metadata(folder, relative: str) -> bool:

@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.output import merge, resume
-from pipeline.output.parts import PART_GLOB, _parent_uri, part_name, parts_folder_of
+from pipeline.output.parts import PART_GLOB, part_name, parts_folder_of
 from pipeline.output.resume import ResumeState
-from pipeline.storage import Folder, OutputError, explain, temp_name
+from pipeline.storage import Folder, OutputError, explain, name_of, parent_of, temp_name
 from schemas import RunMetadata
 
 
@@ -42,8 +42,8 @@ class OutputStore:
         self.single_file = output.rstrip().lower().endswith(".parquet")
         if self.single_file:
             # The folder holding the file, its parts folder and its config.
-            self.root = Folder(_parent_uri(output), storage_options, role="output")
-            self.name = posixpath.basename(output.rstrip("/").replace("\\", "/"))
+            self.root = Folder(parent_of(output), storage_options, role="output")
+            self.name = name_of(output)
             self.parts_rel = parts_folder_of(self.name)
         else:
             self.root = Folder(output, storage_options, role="output")
