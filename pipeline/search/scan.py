@@ -132,7 +132,8 @@ class VectorStore:
             mask = self._live_mask
         for start in range(0, n, SCAN_CHUNK):
             stop = min(n, start + SCAN_CHUNK)
-            scores = (self._array[start:stop] @ q) * self.inv_norms[start:stop]
+            scores = self._array[start:stop] @ q
+            scores *= self.inv_norms[start:stop]  # in place: no second 4 MB-per-million array
             if mask is not None:
                 scores[~mask[start:stop]] = -np.inf
             best = _best(scores, k)
@@ -167,4 +168,5 @@ def _best(scores: np.ndarray, k: int) -> np.ndarray:
     """Indexes of the k highest scores (unordered; all of them when there are at most k)."""
     if len(scores) <= k:
         return np.arange(len(scores))
-    return np.argpartition(-scores, k - 1)[:k]
+    # The k largest from the top of the partition: no negated copy of a million scores.
+    return np.argpartition(scores, len(scores) - k)[len(scores) - k:]
