@@ -62,6 +62,59 @@ def test_one_caption_actor_per_gpu_each_too_big_to_share_a_card():
         plan_resources(config(caption_actors=8), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True)
 
 
+# ---- OCR on the GPUs when onnxruntime-gpu is there (issue 17) --------------------------------------
+
+
+def ocr_config(device="auto", run_device="auto", **ray):
+    return RunConfig.from_dict({"source": "/p", "output": "/o.parquet", "device": run_device, "ray": ray,
+                                "ocr": {"enabled": True, "device": device}})  # fmt: skip
+
+
+@pytest.fixture
+def cuda_provider(monkeypatch):
+    """Whether onnxruntime offers CUDA, as the one function that asks it answers (no onnxruntime-gpu here)."""
+    from pipeline.ocr import reader
+
+    answer = {"available": True}
+    monkeypatch.setattr(reader, "cuda_provider_available", lambda: answer["available"])
+    return answer
+
+
+def test_with_onnxruntime_gpu_each_declared_gpu_gets_an_ocr_actor_beside_its_caption_actor(cuda_provider):
+    plan = plan_resources(ocr_config(), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True)
+    assert (plan.ocr_actors, plan.caption_actors, plan.embed_actors) == (4, 4, 1)
+    assert plan.ocr_device == "cuda"
+    # One of each per card: a second OCR share (above a half) fits on no card, and neither does a second
+    # caption share on a card that holds an OCR actor; the three shares fill one card, no more.
+    assert plan.ocr_gpus > 0.5 and plan.ocr_gpus + 2 * plan.caption_gpus > 1
+    assert plan.ocr_gpus + plan.caption_gpus + plan.embed_gpus <= 1.0
+    assert 4 * (plan.ocr_gpus + plan.caption_gpus) + plan.embed_gpus <= 4.0
+
+
+def test_without_the_cuda_provider_or_told_cpu_ocr_runs_on_cpu_actors_as_before(cuda_provider):
+    cuda_provider["available"] = False
+    before = plan_resources(config(), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True)  # OCR off
+    for plan in (plan_resources(ocr_config(), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True),
+                 plan_resources(ocr_config("cpu"), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True)):  # fmt: skip
+        assert (plan.ocr_actors, plan.ocr_gpus, plan.ocr_device) == (1, 0.0, "cpu")
+        assert (plan.caption_gpus, plan.embed_gpus) == (before.caption_gpus, before.embed_gpus) == (0.75, 0.25)
+    cuda_provider["available"] = True
+    assert plan_resources(ocr_config("cpu"), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True).ocr_device == "cpu"
+    # auto follows the run: --device cpu (or a cluster without GPUs) keeps OCR on CPU too.
+    assert plan_resources(ocr_config(run_device="cpu"), {"CPU": 16.0, "GPU": 4.0}, use_gpu=False).ocr_device == "cpu"
+    assert plan_resources(ocr_config(), {"CPU": 16.0}, use_gpu=False).ocr_device == "cpu"
+
+
+def test_ocr_told_cuda_takes_the_gpus_even_for_a_cpu_run_and_is_refused_without_any(cuda_provider):
+    plan = plan_resources(ocr_config("cuda", run_device="cpu"), {"CPU": 16.0, "GPU": 2.0}, use_gpu=False)
+    assert (plan.ocr_device, plan.ocr_actors, plan.use_gpu) == ("cuda", 2, False)
+    with pytest.raises(RayUnavailable, match=r"needs 0\.55 GPUs \(the cluster has 0\).*--ocr-device cpu"):
+        plan_resources(ocr_config("cuda", run_device="cpu"), {"CPU": 16.0}, use_gpu=False)
+    # Counts and shares the config sets are taken as asked.
+    plan = plan_resources(ocr_config(ocr_actors=2, ocr_gpus=0.2, caption_gpus=0.6), {"CPU": 16.0, "GPU": 4.0}, True)
+    assert (plan.ocr_actors, plan.ocr_gpus, plan.caption_gpus, plan.embed_gpus) == (2, 0.2, 0.6, 0.15)
+
+
 @pytest.mark.parametrize("probes", [0, 5, 20])
 def test_on_a_gpu_each_caption_actor_keeps_enough_images_in_flight_to_fill_its_engine(probes):
     questions = list(default_probes())[:probes] + [f"Is there a thing number {i}?" for i in range(probes - 5)]
