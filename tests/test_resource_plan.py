@@ -153,17 +153,19 @@ def test_the_engine_sizes_come_from_the_one_table_of_device_defaults(tmp_path, m
 
 @pytest.fixture(scope="module")
 def four_gpu_ray(tmp_path_factory, starts_ray):
-    """A Ray whose node declares 4 GPUs it does not have; its workers know the device-recording double."""
+    """A Ray whose node declares 4 GPUs it does not have; its workers know the device-recording doubles."""
     from pipeline.models import registry
+    from pipeline.ocr import reader
     from tests import fault_doubles
     from tests.fixtures.ray import own_ray
 
     fault_dir = tmp_path_factory.mktemp("devices")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
-        fault_doubles.register()
+        patch.setattr(reader, "_ENGINES", dict(reader._ENGINES))
+        fault_doubles.register_with_ocr_recording()
         with own_ray(num_gpus=4, runtime_env={
-            "worker_process_setup_hook": "tests.fault_doubles.register",
+            "worker_process_setup_hook": "tests.fault_doubles.register_with_ocr_recording",
             "env_vars": {fault_doubles.FAULT_DIR_ENV: str(fault_dir), "PYTHONPATH": REPO},
         }):  # fmt: skip
             yield fault_dir
@@ -199,3 +201,45 @@ def test_four_declared_gpus_get_four_caption_actors_each_on_its_own_card(four_gp
     assert all(r["cuda_visible"] == r["gpu_ids"][0] for r in records)  # what torch would see as cuda:0
     calls = [int(line) for line in (four_gpu_ray / "calls").read_text().split()]
     assert sum(calls) == 8  # every image through an engine call once, from its crops made in the decode stage
+
+
+def test_four_declared_gpus_with_onnxruntime_gpu_get_an_ocr_and_a_caption_actor_on_each_card(
+    four_gpu_ray, tmp_path, monkeypatch
+):
+    import shutil
+
+    import ray.data
+
+    from jobs.caption_job import run_job
+    from jobs.ray_plan import current_plan
+    from pipeline.ocr import reader
+    from tests.fixtures.images import make_jpegs
+    from tests.fixtures.moondream_cache import local_moondream_dir
+
+    for name in ("devices", "ocr_devices"):  # the module's other run wrote its own records
+        shutil.rmtree(four_gpu_ray / name, ignore_errors=True)
+    # The driver asks for the provider (jobs/ray_plan.py ocr_device); its answer is onnxruntime-gpu's.
+    monkeypatch.setattr(reader, "cuda_provider_available", lambda: True)
+    make_jpegs(tmp_path / "photos", 8, size=(64, 48))
+    run = RunConfig.from_dict({
+        "source": str(tmp_path / "photos"), "output": str(tmp_path / "out.parquet"), "device": "auto",
+        "caption": {"model": f"device_recording:{local_moondream_dir(tmp_path / 'md')}", "probes": [],
+                    "max_new_tokens": 2, "max_crops": 1, "batch_size": 2},
+        "embed": {"enabled": False}, "ocr": {"enabled": True, "batch_size": 2},
+        "ray": {"decode_batch_size": 2},
+    })  # fmt: skip
+    plan = current_plan(run)
+    assert (plan.ocr_actors, plan.ocr_device, plan.caption_actors) == (4, "cuda", 4)
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
+
+    summary = run_job(run, progress=False, echo=lambda message: None)
+
+    assert summary.ok == summary.listed == 8
+    rows = pq.read_table(tmp_path / "out.parquet", columns=["uri", "text", "ocr_model"]).to_pylist()
+    assert len({r["uri"] for r in rows}) == 8 and all(r["text"] is not None for r in rows)
+    assert {r["ocr_model"] for r in rows} == {"rapidocr-onnxruntime"}  # the model files' identity, any device
+    for name in ("ocr_devices", "devices"):  # OCR actors started first, then the caption actors beside them
+        records = [json.loads(path.read_text()) for path in (four_gpu_ray / name).glob("*.json")]
+        assert sorted(r["gpu_ids"] for r in records) == [["0"], ["1"], ["2"], ["3"]], name
+        assert all(r["cuda_visible"] == r["gpu_ids"][0] for r in records)
+    assert {r["device"] for r in (json.loads(p.read_text()) for p in (four_gpu_ray / "ocr_devices").glob("*.json"))} == {"cuda"}
