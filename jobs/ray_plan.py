@@ -203,6 +203,10 @@ def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) 
     problems = []
     if available + 1e-9 < needed:
         problems.append(f"{needed:g} CPUs (the cluster has {available:g})")
+    if use_gpu and caption_actors and ocr_on_gpu and shares.caption + shares.ocr > 1 + 1e-9:
+        # Ray would place the OCR actors, then wait for ever for a card with room for a caption actor
+        # (a config saved before GPU OCR existed carries caption_gpus 0.75).
+        problems.append(f"a caption and an OCR actor on each GPU, {shares.caption:g} + {shares.ocr:g} of one card")
     if gpus_needed and cluster.get("GPU", 0) + 1e-9 < gpus_needed:
         problems.append(f"{gpus_needed:g} GPUs (the cluster has {cluster.get('GPU', 0):g})")
     if problems:

@@ -113,6 +113,10 @@ def test_ocr_told_cuda_takes_the_gpus_even_for_a_cpu_run_and_is_refused_without_
     # Counts and shares the config sets are taken as asked.
     plan = plan_resources(ocr_config(ocr_actors=2, ocr_gpus=0.2, caption_gpus=0.6), {"CPU": 16.0, "GPU": 4.0}, True)
     assert (plan.ocr_actors, plan.ocr_gpus, plan.caption_gpus, plan.embed_gpus) == (2, 0.2, 0.6, 0.15)
+    # Shares that cannot share a card (a config saved before GPU OCR: caption_gpus 0.75) are refused, not
+    # left for Ray to wait on for ever.
+    with pytest.raises(RayUnavailable, match=r"an OCR actor on each GPU, 0\.75 \+ 0\.55 of one card.*--ocr-device cpu"):
+        plan_resources(ocr_config(caption_gpus=0.75, embed_gpus=0.25), {"CPU": 16.0, "GPU": 4.0}, use_gpu=True)
 
 
 @pytest.mark.parametrize("probes", [0, 5, 20])
