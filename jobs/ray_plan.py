@@ -84,11 +84,13 @@ def ocr_device(config: RunConfig, use_gpu: bool) -> str:
     auto is CUDA when the run's models go on GPUs (``use_gpu``: --device and
     the cluster) and onnxruntime has its CUDA provider (onnxruntime-gpu);
     cuda without the provider was refused by preflight before Ray started.
-    The provider is asked of the driver's onnxruntime: an embedded Ray's
-    workers run in the driver's environment, and a cluster's nodes are set
-    up alike. A worker that still lacks it does not fall back to CPU in
-    silence: its OCR actor fails at start naming the fix
-    (pipeline/ocr/reader.py), as a caption actor without CUDA does.
+    The provider is asked of the driver's onnxruntime, before any actor
+    exists: an embedded Ray's workers run in the driver's environment, and a
+    cluster is expected to run the driver's environment on its nodes (a
+    driver without onnxruntime-gpu gets CPU OCR under auto, and is refused
+    cuda: install it on the driver too). A worker that still lacks it does
+    not fall back to CPU in silence: its OCR actor fails at start naming the
+    fix (pipeline/ocr/reader.py), as a caption actor without CUDA does.
     """
     if not config.ocr.enabled or config.ocr.device == "cpu":
         return "cpu"
@@ -155,7 +157,9 @@ def caption_flow(config: RunConfig, use_gpu: bool) -> CaptionFlow:
     return CaptionFlow(batch, asked, max(batch, asked * batch // CALLS_IN_FLIGHT))
 
 
-def _actor_counts(config: RunConfig, cluster: dict[str, float], use_gpu: bool, ocr_on_gpu: bool) -> tuple[int, int, int]:
+def _actor_counts(
+    config: RunConfig, cluster: dict[str, float], use_gpu: bool, ocr_on_gpu: bool
+) -> tuple[int, int, int]:
     """(caption, embed, ocr) actors; an unset caption or OCR count is one per whole GPU on CUDA, one on CPU."""
     per_gpu = max(1, int(cluster.get("GPU", 0) + 1e-9))
     caption, ocr = config.ray.caption_actors, config.ray.ocr_actors
@@ -271,7 +275,8 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
          plan.ocr_gpus, 1),
         (stage.runs_captioner, CaptionStage, {"images_per_call": flow.images_per_call}, flow.batch_size,
          plan.caption_actors, plan.caption_gpus * model_gpus, flow.batches_in_flight),
-        (stage.runs_embedder, EmbedStage, {}, config.embed.batch_size, plan.embed_actors, plan.embed_gpus * model_gpus, 1),
+        (stage.runs_embedder, EmbedStage, {}, config.embed.batch_size, plan.embed_actors,
+         plan.embed_gpus * model_gpus, 1),
     ]  # fmt: skip
     for enabled, stage_class, kwargs, batch_size, actors, gpus, in_flight in model_stages:
         if enabled:

@@ -101,7 +101,8 @@ def test_on_cuda_the_reader_asks_rapidocr_for_cuda_in_all_three_models_and_never
     with pytest.raises(OcrUnavailable, match="Det/Cls/Rec model.s. on CPU.*pip install onnxruntime-gpu"):
         build_reader(OcrConfig(), 1, "cuda")
     (engine,) = built
-    assert [ort.cfg_use_cuda for ort in (engine.text_det.infer, engine.text_cls.infer, engine.text_rec.session)] == [True] * 3
+    sessions = (engine.text_det.infer, engine.text_cls.infer, engine.text_rec.session)
+    assert [ort.cfg_use_cuda for ort in sessions] == [True] * 3
     assert build_reader(OcrConfig(), 1, "cpu").device == "cpu"
     with pytest.raises(ValueError, match="cpu or cuda"):
         build_reader(OcrConfig(), 1, "auto")  # the plan decides auto; a reader is told cpu or cuda

@@ -246,4 +246,5 @@ def test_four_declared_gpus_with_onnxruntime_gpu_get_an_ocr_and_a_caption_actor_
         records = [json.loads(path.read_text()) for path in (four_gpu_ray / name).glob("*.json")]
         assert sorted(r["gpu_ids"] for r in records) == [["0"], ["1"], ["2"], ["3"]], name
         assert all(r["cuda_visible"] == r["gpu_ids"][0] for r in records)
-    assert {r["device"] for r in (json.loads(p.read_text()) for p in (four_gpu_ray / "ocr_devices").glob("*.json"))} == {"cuda"}
+    ocr_records = [json.loads(path.read_text()) for path in (four_gpu_ray / "ocr_devices").glob("*.json")]
+    assert {r["device"] for r in ocr_records} == {"cuda"}  # each told cuda by the plan
