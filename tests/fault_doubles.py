@@ -26,7 +26,9 @@ puts in the input on purpose:
 ``DeviceRecordingOcrReader`` (in place of engine ``rapidocr``, by ``register_with_ocr_recording``)
     the real RapidOCR reader that writes the device the plan gave its actor and
     the GPU Ray assigned it to ``$CAPTIONER_FAULT_DIR/ocr_devices/PID.json``,
-    then reads on the CPU (the declared GPUs and onnxruntime-gpu are not there).
+    then reads on the CPU (the declared GPUs and onnxruntime-gpu are not there);
+    while ``$CAPTIONER_FAULT_DIR/REAL_OCR_DEVICE`` exists it builds on the device
+    it was given, as a real worker would.
 
 Model stages build their backend on Ray workers, so the backends must be
 registered there too: the tests' Ray runs ``register`` as its
@@ -53,6 +55,7 @@ VICTIM_SIZE = (41, 23)
 OOM_SIZE = (43, 31)
 MEMORY_IMAGES = 3
 FAULT_DIR_ENV = "CAPTIONER_FAULT_DIR"
+REAL_OCR_DEVICE = "REAL_OCR_DEVICE"
 
 
 def register() -> None:
@@ -128,4 +131,5 @@ class DeviceRecordingCaptioner(Moondream2Captioner):
 class DeviceRecordingOcrReader(RapidOcrReader):
     def __init__(self, config, threads=1, device="cpu"):
         _record_device("ocr_devices", device=device)
-        super().__init__(config, threads, "cpu")  # the real model, on the CPU that is there
+        real = (Path(os.environ[FAULT_DIR_ENV]) / REAL_OCR_DEVICE).exists()
+        super().__init__(config, threads, device if real else "cpu")  # else the real model on the CPU that is there

@@ -248,3 +248,28 @@ def test_four_declared_gpus_with_onnxruntime_gpu_get_an_ocr_and_a_caption_actor_
         assert all(r["cuda_visible"] == r["gpu_ids"][0] for r in records)
     ocr_records = [json.loads(path.read_text()) for path in (four_gpu_ray / "ocr_devices").glob("*.json")]
     assert {r["device"] for r in ocr_records} == {"cuda"}  # each told cuda by the plan
+
+
+def test_a_worker_whose_onnxruntime_lacks_cuda_fails_the_run_at_its_ocr_actors_start_naming_the_fix(
+    four_gpu_ray, tmp_path, monkeypatch
+):
+    """The driver has onnxruntime-gpu, the workers of the cluster do not: no silent CPU OCR, no row of garbage."""
+    from pipeline.ocr import reader
+    from tests import fault_doubles
+    from tests.cli import run_cli
+    from tests.fixtures.images import make_jpegs
+
+    monkeypatch.setattr(reader, "cuda_provider_available", lambda: True)  # the driver's answer only
+    make_jpegs(tmp_path / "photos", 2, size=(64, 48))
+    real_device = four_gpu_ray / fault_doubles.REAL_OCR_DEVICE
+    real_device.touch()
+    try:
+        result = run_cli(tmp_path / "photos", "--out", tmp_path / "out.parquet", "--ocr", "--no-caption",
+                         "--no-probes", "--no-embed", expect_exit=1)  # fmt: skip
+    finally:
+        real_device.unlink()
+    # click's one-line error, unwrapped from Ray's (pipeline/cli.py); Ray's own log lines may come after it.
+    (error,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert error.startswith("Error: OCR on CUDA was asked for, but this worker's onnxruntime has no CUDAExecutionProvider")
+    assert "pip install onnxruntime-gpu" in error and "--ocr-device cpu" in error
+    assert not (tmp_path / "out.parquet").exists()
