@@ -6,7 +6,9 @@ fit the cluster it is given: values left at their defaults shrink to fit (a
 2-CPU head runs the job), values set in the config are taken as asked and a
 run that cannot fit is refused instead of waiting for ever. On CUDA there is
 one caption actor per GPU, each on a card of its own, holding enough Ray
-batches to keep its engine full (:func:`caption_flow`). ``build_dataset``
+batches to keep its engine full (:func:`caption_flow`); OCR runs on CPU
+actors, or one per GPU beside them when onnxruntime-gpu is there
+(:func:`ocr_device`, :func:`gpu_shares`). ``build_dataset``
 wires the stages: decode as CPU tasks, the OCR, caption and embed models as
 actor pools, then the conform step.
 """
@@ -39,6 +41,66 @@ CONFORM_CPUS = 0.25
 _MIN_SHARE = 0.05
 
 
+@dataclass(frozen=True)
+class GpuShares:
+    """The GPU share one actor of each model stage asks Ray for, on CUDA."""
+
+    caption: float
+    embed: float
+    ocr: float
+
+
+# The shares a config leaves unset (ray.caption_gpus, embed_gpus, ocr_gpus). They are Ray's scheduling
+# tokens, not memory limits (an engine uses the memory it needs), chosen for where Ray puts the actors:
+# it packs a fractional share onto the fullest card it fits (best fit), so a stage with one actor per
+# GPU stays one per card only where a second share of it cannot fit on a card that holds one.
+# Without GPU OCR: a caption share above a half never shares a card, in any order; embed takes the
+# rest of one card.
+SHARES_WITHOUT_GPU_OCR = GpuShares(caption=0.75, embed=0.25, ocr=0.0)
+# With OCR on the GPUs two stages are one per GPU, and two shares above a half cannot share a card, so
+# this one leans on the order Ray Data starts actors in, upstream first (ray.data's
+# build_streaming_topology): OCR, then caption, then embed. OCR 0.55, above a half: one per card.
+# Caption 0.3: beside an OCR actor a second one does not fit (0.55 + 2 x 0.3 > 1): one per card too.
+# Embed 0.15: the rest of one card (0.55 + 0.3 + 0.15 = 1). A restarted actor (Ray Data retries a dead
+# one) fits only where the dead one was. tests/test_resource_plan.py checks each actor's card on a Ray
+# with 4 declared GPUs.
+SHARES_WITH_GPU_OCR = GpuShares(caption=0.3, embed=0.15, ocr=0.55)
+
+
+def gpu_shares(config: RunConfig, ocr_on_gpu: bool) -> GpuShares:
+    """Each stage's share: the config's where it sets one, else the table's for this run."""
+    table = SHARES_WITH_GPU_OCR if ocr_on_gpu else SHARES_WITHOUT_GPU_OCR
+    ray_config = config.ray
+    return GpuShares(
+        caption=ray_config.caption_gpus or table.caption,
+        embed=ray_config.embed_gpus or table.embed,
+        ocr=(ray_config.ocr_gpus or table.ocr) if ocr_on_gpu else 0.0,
+    )
+
+
+def ocr_device(config: RunConfig, use_gpu: bool) -> str:
+    """Where the OCR actors run, "cuda" or "cpu": decided once, here, on the driver.
+
+    auto is CUDA when the run's models go on GPUs (``use_gpu``: --device and
+    the cluster) and onnxruntime has its CUDA provider (onnxruntime-gpu);
+    cuda without the provider was refused by preflight before Ray started.
+    The provider is asked of the driver's onnxruntime, before any actor
+    exists: an embedded Ray's workers run in the driver's environment, and a
+    cluster is expected to run the driver's environment on its nodes (a
+    driver without onnxruntime-gpu gets CPU OCR under auto, and is refused
+    cuda: install it on the driver too). A worker that still lacks it does
+    not fall back to CPU in silence: its OCR actor fails at start naming the
+    fix (pipeline/ocr/reader.py), as a caption actor without CUDA does.
+    """
+    if not config.ocr.enabled or config.ocr.device == "cpu":
+        return "cpu"
+    if config.ocr.device == "cuda":
+        return "cuda"
+    from pipeline.ocr import reader
+
+    return "cuda" if use_gpu and reader.cuda_provider_available() else "cpu"
+
+
 class RayUnavailable(RuntimeError):
     """Ray could not be started or reached, or the run cannot fit it; the message says how to fix it."""
 
@@ -63,7 +125,12 @@ class ResourcePlan:
     caption_actors: int  # 0 when the caption model has nothing to do
     embed_actors: int  # 0 without embeddings
     caption: CaptionFlow
-    ocr_actors: int = 0  # 0 without OCR; CPU actors (onnxruntime), model_actor_cpus each
+    ocr_actors: int = 0  # 0 without OCR; onnxruntime actors, model_actor_cpus each
+    ocr_gpus: float = 0.0  # GPU share per OCR actor; 0: OCR on CPU
+
+    @property
+    def ocr_device(self) -> str:
+        return "cuda" if self.ocr_gpus > 0 else "cpu"
 
     @property
     def torch_threads(self) -> int:
@@ -90,12 +157,17 @@ def caption_flow(config: RunConfig, use_gpu: bool) -> CaptionFlow:
     return CaptionFlow(batch, asked, max(batch, asked * batch // CALLS_IN_FLIGHT))
 
 
-def _actor_counts(config: RunConfig, cluster: dict[str, float], use_gpu: bool) -> tuple[int, int]:
-    """(caption, embed) actors; an unset caption count is one per whole GPU on CUDA, one on CPU."""
-    caption = config.ray.caption_actors
+def _actor_counts(
+    config: RunConfig, cluster: dict[str, float], use_gpu: bool, ocr_on_gpu: bool
+) -> tuple[int, int, int]:
+    """(caption, embed, ocr) actors; an unset caption or OCR count is one per whole GPU on CUDA, one on CPU."""
+    per_gpu = max(1, int(cluster.get("GPU", 0) + 1e-9))
+    caption, ocr = config.ray.caption_actors, config.ray.ocr_actors
     if caption is None:
-        caption = max(1, int(cluster.get("GPU", 0) + 1e-9)) if use_gpu else 1
-    return caption * config.caption.runs_model, config.ray.embed_actors * config.embed.enabled
+        caption = per_gpu if use_gpu else 1
+    if ocr is None:
+        ocr = per_gpu if ocr_on_gpu else 1
+    return caption * config.caption.runs_model, config.ray.embed_actors * config.embed.enabled, ocr * config.ocr.enabled
 
 
 def _cpus_needed(actors: int, actor_cpus: float, decode_cpus: float, conform_cpus: float) -> float:
@@ -106,8 +178,9 @@ def _cpus_needed(actors: int, actor_cpus: float, decode_cpus: float, conform_cpu
 def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) -> ResourcePlan:
     """Actors and CPU/GPU shares for this run on a cluster with ``cluster`` resources (ray.cluster_resources())."""
     ray_config = config.ray
-    caption_actors, embed_actors = _actor_counts(config, cluster, use_gpu)
-    ocr_actors = config.ray.ocr_actors * config.ocr.enabled
+    ocr_on_gpu = ocr_device(config, use_gpu) == "cuda"
+    shares = gpu_shares(config, ocr_on_gpu)
+    caption_actors, embed_actors, ocr_actors = _actor_counts(config, cluster, use_gpu, ocr_on_gpu)
     actors = caption_actors + embed_actors + ocr_actors
     actor_cpus = 1.0 if use_gpu else (ray_config.model_actor_cpus or DEFAULT_MODEL_ACTOR_CPUS)
     decode_cpus = ray_config.decode_cpus or DEFAULT_DECODE_CPUS
@@ -130,29 +203,35 @@ def plan_resources(config: RunConfig, cluster: dict[str, float], use_gpu: bool) 
                 decode_cpus = max(_MIN_SHARE, decode_cpus * scale)
             conform_cpus = max(_MIN_SHARE, conform_cpus * scale)
             needed = _cpus_needed(actors, actor_cpus, decode_cpus, conform_cpus)
-    gpus_needed = caption_actors * ray_config.caption_gpus + embed_actors * ray_config.embed_gpus
+    gpus_needed = (caption_actors * shares.caption + embed_actors * shares.embed) * use_gpu + ocr_actors * shares.ocr
     problems = []
     if available + 1e-9 < needed:
         problems.append(f"{needed:g} CPUs (the cluster has {available:g})")
-    if use_gpu and cluster.get("GPU", 0) + 1e-9 < gpus_needed:
+    if use_gpu and caption_actors and ocr_on_gpu and shares.caption + shares.ocr > 1 + 1e-9:
+        # Ray would place the OCR actors, then wait for ever for a card with room for a caption actor
+        # (a config saved before GPU OCR existed carries caption_gpus 0.75).
+        problems.append(f"a caption and an OCR actor on each GPU, {shares.caption:g} + {shares.ocr:g} of one card")
+    if gpus_needed and cluster.get("GPU", 0) + 1e-9 < gpus_needed:
         problems.append(f"{gpus_needed:g} GPUs (the cluster has {cluster.get('GPU', 0):g})")
     if problems:
         raise RayUnavailable(
             f"this run needs {' and '.join(problems)}: {actors} model actor(s) plus decode and "
-            "conform tasks. Lower ray.model_actor_cpus / ray.decode_cpus / ray.caption_gpus / ray.embed_gpus or the "
-            "actor counts in --config (or leave them unset to fit the cluster), or add nodes to the cluster."
+            "conform tasks. Lower ray.model_actor_cpus / ray.decode_cpus / ray.caption_gpus / ray.embed_gpus / "
+            "ray.ocr_gpus or the actor counts in --config (or leave them unset to fit the cluster), pass "
+            "--ocr-device cpu, or add nodes to the cluster."
         )
     return ResourcePlan(
         use_gpu=use_gpu,
         model_actor_cpus=actor_cpus,
         decode_cpus=decode_cpus,
         conform_cpus=conform_cpus,
-        caption_gpus=ray_config.caption_gpus,
-        embed_gpus=ray_config.embed_gpus,
+        caption_gpus=shares.caption,
+        embed_gpus=shares.embed,
         caption_actors=caption_actors,
         embed_actors=embed_actors,
         caption=caption_flow(config, use_gpu),
         ocr_actors=ocr_actors,
+        ocr_gpus=shares.ocr,
     )
 
 
@@ -188,20 +267,23 @@ def build_dataset(pending, stage: StageConfig, plan: ResourcePlan):
         num_cpus=plan.decode_cpus,
     )
     flow = plan.caption
+    model_gpus = plan.use_gpu  # caption and embed; OCR has its own device (plan.ocr_device)
     model_stages = [
-        # (enabled, class, constructor kwargs, batch size, actors, GPU share, batches in flight per actor)
-        # OCR first: an image it fails on is not captioned; it runs on CPU (GPU share 0).
-        (stage.runs_ocr, OcrStage, {}, config.ocr.batch_size, plan.ocr_actors, 0, 1),
+        # (enabled, class, constructor kwargs, batch size, actors, GPU share (0: CPU), batches in flight per actor)
+        # OCR first: an image it fails on is not captioned (and gpu_shares counts on its actors starting first).
+        (stage.runs_ocr, OcrStage, {"device": plan.ocr_device}, config.ocr.batch_size, plan.ocr_actors,
+         plan.ocr_gpus, 1),
         (stage.runs_captioner, CaptionStage, {"images_per_call": flow.images_per_call}, flow.batch_size,
-         plan.caption_actors, plan.caption_gpus, flow.batches_in_flight),
-        (stage.runs_embedder, EmbedStage, {}, config.embed.batch_size, plan.embed_actors, plan.embed_gpus, 1),
+         plan.caption_actors, plan.caption_gpus * model_gpus, flow.batches_in_flight),
+        (stage.runs_embedder, EmbedStage, {}, config.embed.batch_size, plan.embed_actors,
+         plan.embed_gpus * model_gpus, 1),
     ]  # fmt: skip
     for enabled, stage_class, kwargs, batch_size, actors, gpus, in_flight in model_stages:
         if enabled:
             # Fault tolerance is Ray Data's default for actor pools: an actor that
             # dies (OOM kill, lost node, segfault) is restarted and its in-flight
             # batch retried (tests/test_crash_resume.py kills one).
-            resources = {"num_gpus": gpus, "num_cpus": plan.model_actor_cpus} if plan.use_gpu and gpus else {
+            resources = {"num_gpus": gpus, "num_cpus": plan.model_actor_cpus} if gpus else {
                 "num_cpus": plan.model_actor_cpus
             }
             # Several batches in flight: Ray runs that many of the actor's calls in

@@ -16,6 +16,7 @@ from pipeline.config import (
     CAPTION_DTYPES,
     CAPTION_LENGTHS,
     CAPTION_LENGTH_PAIRS,
+    DEVICES,
     ConfigError,
     RunConfig,
     load_config_file,
@@ -102,7 +103,8 @@ def main() -> None:
 @click.option("--max-crops", type=click.IntRange(1, 12), help=f"Moondream: local crops per image, fewer is faster on large images. {_max_crops_default_note()}")
 @click.option("--dtype", type=click.Choice(CAPTION_DTYPES), help=f"Moondream weights dtype; auto is bfloat16 on a GPU, float32 on CPU. {default_note('caption.dtype')}")
 @click.option("--compile", "compile_model", is_flag=True, default=None, help="Moondream: torch.compile the decode step (fullgraph; CUDA graphs on a GPU), the vision encoder and the prefix prefill (slower start, faster on long GPU runs).")
-@click.option("--ocr/--no-ocr", "ocr", default=None, help=f"Read the text in each image (RapidOCR, PP-OCRv4 on CPU) into the text columns. {default_note('ocr.enabled')}")
+@click.option("--ocr/--no-ocr", "ocr", default=None, help=f"Read the text in each image (RapidOCR, PP-OCRv4) into the text columns. {default_note('ocr.enabled')}")
+@click.option("--ocr-device", type=click.Choice(DEVICES), default=None, help=f"Where OCR runs; auto picks CUDA when the models run on GPUs and onnxruntime-gpu is installed, else CPU. {default_note('ocr.device')}")
 @click.option("--embed-batch-size", type=int, help=f"Images per embedding batch. {default_note('embed.batch_size')}")
 @device_option("Where models run; auto picks CUDA when the cluster has GPUs.")
 @click.option("--address", help="Address of a running Ray cluster (ray start --head). [default: start an embedded local Ray]")
@@ -194,6 +196,7 @@ def _run_config(source, output, config_file, probes_file, storage_options, no_ca
             "embed.enabled": False if no_embed else None,
             "decode.max_pixels": flags["max_pixels"],
             "ocr.enabled": flags["ocr"],
+            "ocr.device": flags["ocr_device"],
             "ray.address": flags["address"],
         },
     )
@@ -210,10 +213,10 @@ def _cwd_path(text: str) -> str:
 def _raise_model_unavailable(exc: BaseException) -> None:
     """Weights that fail to load on a worker arrive wrapped in Ray errors; unwrap the fix."""
     text = str(exc)
-    marker = "ModelUnavailable"
-    if marker in text:
-        tail = text[text.rindex(marker) + len(marker):].lstrip(": ").strip().splitlines()
-        raise click.ClickException(tail[0] if tail else text) from exc
+    for marker in ("ModelUnavailable", "OcrUnavailable"):
+        if marker in text:
+            tail = text[text.rindex(marker) + len(marker):].lstrip(": ").strip().splitlines()
+            raise click.ClickException(tail[0] if tail else text) from exc
 
 
 @main.command()

@@ -174,6 +174,10 @@ class OcrConfig(_Section):
     # The most lines kept per image (a bound on the recogniser's work on a page of small print).
     max_lines: PositiveInt = 200
     batch_size: PositiveInt = 8
+    # Where the OCR actors run. auto: on the GPUs when the run's models are (--device) and the installed
+    # onnxruntime has the CUDA provider (onnxruntime-gpu); else on CPU. Decided once by the plan
+    # (jobs/ray_plan.py ocr_device); cuda without the provider is refused before Ray starts.
+    device: Annotated[StrictStr, _one_of(DEVICES)] = "auto"
 
 
 class RayConfig(_Section):
@@ -182,7 +186,8 @@ class RayConfig(_Section):
     # None: one caption actor per GPU of the cluster on CUDA, one on CPU.
     caption_actors: PositiveInt | None = None
     embed_actors: PositiveInt = 1
-    ocr_actors: PositiveInt = 1
+    # None: one OCR actor per GPU of the cluster when OCR runs on the GPUs, one on CPU.
+    ocr_actors: PositiveInt | None = None
     # Ray batches one caption actor holds at once; engine calls merge up to half
     # of the images they hold. None: the device's default (moondream/defaults.py):
     # on a GPU enough to fill the engine twice over, on CPU one.
@@ -192,11 +197,14 @@ class RayConfig(_Section):
     # taken as asked, and a run that cannot fit is refused.
     model_actor_cpus: PositiveFloat | None = None
     decode_cpus: PositiveFloat | None = None
-    # GPU share per model actor when running on CUDA (caption and embed share a
-    # card). Above 0.5, two caption actors never share one: Ray packs
-    # fractional shares onto the fullest card that fits.
-    caption_gpus: PositiveFloat = 0.75
-    embed_gpus: PositiveFloat = 0.25
+    # GPU share per model actor when it runs on CUDA. None (the default): the
+    # plan's shares (jobs/ray_plan.py gpu_shares: caption 0.75 + embed 0.25, or
+    # with OCR on the GPUs too 0.3 + 0.15 + OCR 0.55), chosen so that Ray, which
+    # packs fractional shares onto the fullest card that fits, puts one caption
+    # (and one OCR) actor on each card.
+    caption_gpus: PositiveFloat | None = None
+    embed_gpus: PositiveFloat | None = None
+    ocr_gpus: PositiveFloat | None = None
     decode_batch_size: PositiveInt = 16
 
 

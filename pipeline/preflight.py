@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PreflightFailed", "WeightsMissing", "check_weights", "check_caption_weights", "check_embed_weights",
-    "device_problem", "hub_offline", "preflight",
+    "device_problem", "hub_offline", "ocr_device_problem", "preflight",
 ]
 
 
@@ -49,7 +49,8 @@ def preflight(config: "RunConfig") -> None:
     reported at once: a user with a missing folder and two missing models
     learns all three from one try.
     """
-    problems = [p for p in (source_problem(config.source), device_problem(config.device, config.ray.address)) if p]
+    problems = [p for p in (source_problem(config.source), device_problem(config.device, config.ray.address),
+                            ocr_device_problem(config)) if p]
     for check, ref in (
         (check_caption_weights, config.caption.model if config.caption.runs_model else None),
         (check_embed_weights, config.embed.model if config.embed.enabled else None),
@@ -82,6 +83,24 @@ def check_ocr_engine(engine: str) -> None:
     ocr_identity(engine)
 
 
+def ocr_device_problem(config: "RunConfig") -> str | None:
+    """--ocr-device cuda where it cannot work: onnxruntime without CUDA here, or a local run without a GPU.
+
+    The provider is asked of the driver's onnxruntime (why that is enough:
+    jobs/ray_plan.py ocr_device); auto needs no check, it picks CPU then.
+    """
+    if not config.ocr.enabled or config.ocr.device != "cuda":
+        return None
+    from pipeline.ocr import reader
+
+    if not reader.cuda_provider_available():
+        return (
+            f"--ocr-device cuda: the installed onnxruntime has no {reader.CUDA_PROVIDER} (it is the CPU build): "
+            f"{reader.OCR_CUDA_FIX}, or --ocr-device auto to use a GPU only when it can"
+        )
+    return device_problem("cuda", config.ray.address, flag="--ocr-device")
+
+
 def source_problem(source: str) -> str | None:
     """A local SOURCE that does not exist (bucket URLs are listed later, by pipeline.sources)."""
     from pipeline.storage import is_local, local_path
@@ -91,8 +110,8 @@ def source_problem(source: str) -> str | None:
     return f"source {source} does not exist; check the path (relative paths are from {os.getcwd()})"
 
 
-def device_problem(device: str, address: str | None) -> str | None:
-    """--device cuda on a local run where this machine has no GPU; None when fine or not knowable here.
+def device_problem(device: str, address: str | None, flag: str = "--device") -> str | None:
+    """``flag`` (--device) cuda on a local run where this machine has no GPU; None when fine or not knowable here.
 
     A run on a cluster (--address, RAY_ADDRESS) uses the cluster's GPUs,
     which Ray counts once it connects, so only a local run is checked.
@@ -107,8 +126,8 @@ def device_problem(device: str, address: str | None) -> str | None:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     hidden = f" (CUDA_VISIBLE_DEVICES={visible!r} hides them)" if visible is not None else ""
     return (
-        f"--device cuda: no GPU was found on this machine{hidden}. Pass --device cpu to run on the CPU, "
-        "--device auto to use a GPU only when there is one, or --address HOST:PORT of a Ray cluster with GPUs"
+        f"{flag} cuda: no GPU was found on this machine{hidden}. Pass {flag} cpu to run on the CPU, "
+        f"{flag} auto to use a GPU only when there is one, or --address HOST:PORT of a Ray cluster with GPUs"
     )
 
 

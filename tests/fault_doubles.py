@@ -23,6 +23,13 @@ puts in the input on purpose:
     then runs on the CPU, so a Ray with declared but absent GPUs can plan for
     them; the image count of every engine call goes to ``$CAPTIONER_FAULT_DIR/calls``.
 
+``DeviceRecordingOcrReader`` (in place of engine ``rapidocr``, by ``register_with_ocr_recording``)
+    the real RapidOCR reader that writes the device the plan gave its actor and
+    the GPU Ray assigned it to ``$CAPTIONER_FAULT_DIR/ocr_devices/PID.json``,
+    then reads on the CPU (the declared GPUs and onnxruntime-gpu are not there);
+    while ``$CAPTIONER_FAULT_DIR/REAL_OCR_DEVICE`` exists it builds on the device
+    it was given, as a real worker would.
+
 Model stages build their backend on Ray workers, so the backends must be
 registered there too: the tests' Ray runs ``register`` as its
 ``worker_process_setup_hook``.
@@ -41,12 +48,14 @@ from pipeline.models.hf_vlm import TransformersCaptioner
 from pipeline.models.moondream import Moondream2Captioner
 from pipeline.models.openclip import OpenClipEmbedder
 from pipeline.models.registry import register_captioner, register_embedder
+from pipeline.ocr.reader import RapidOcrReader
 
 POISON_SIZE = (37, 29)
 VICTIM_SIZE = (41, 23)
 OOM_SIZE = (43, 31)
 MEMORY_IMAGES = 3
 FAULT_DIR_ENV = "CAPTIONER_FAULT_DIR"
+REAL_OCR_DEVICE = "REAL_OCR_DEVICE"
 
 
 def register() -> None:
@@ -54,6 +63,24 @@ def register() -> None:
     register_embedder("killable", "tests.fault_doubles:KillableEmbedder")
     register_captioner("memory_bound", "tests.fault_doubles:MemoryBoundCaptioner")
     register_captioner("device_recording", "tests.fault_doubles:DeviceRecordingCaptioner")
+
+
+def register_with_ocr_recording() -> None:
+    """``register``, and the OCR engine ``rapidocr`` replaced by DeviceRecordingOcrReader (this process only)."""
+    from pipeline.ocr import reader
+
+    register()
+    reader._ENGINES["rapidocr"] = "tests.fault_doubles:DeviceRecordingOcrReader"
+
+
+def _record_device(folder_name: str, **extra) -> None:
+    import ray
+
+    folder = Path(os.environ[FAULT_DIR_ENV]) / folder_name
+    folder.mkdir(exist_ok=True)
+    record = {"gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+              "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"), **extra}  # fmt: skip
+    (folder / f"{os.getpid()}.json").write_text(json.dumps(record))
 
 
 class PoisonedCaptioner(TransformersCaptioner):
@@ -92,16 +119,17 @@ class MemoryBoundCaptioner(Moondream2Captioner):
 
 class DeviceRecordingCaptioner(Moondream2Captioner):
     def __init__(self, ref, config, device, **kwargs):
-        import ray
-
-        folder = Path(os.environ[FAULT_DIR_ENV]) / "devices"
-        folder.mkdir(exist_ok=True)
-        record = {"gpu_ids": [str(i) for i in ray.get_gpu_ids()],
-                  "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
-        (folder / f"{os.getpid()}.json").write_text(json.dumps(record))
+        _record_device("devices")
         super().__init__(ref, config, "cpu", **kwargs)  # the declared GPUs are not there to allocate on
 
     def describe_prepared(self, inputs, questions, *, caption=True):
         with open(Path(os.environ[FAULT_DIR_ENV]) / "calls", "a") as log:
             log.write(f"{len(inputs)}\n")
         return super().describe_prepared(inputs, questions, caption=caption)
+
+
+class DeviceRecordingOcrReader(RapidOcrReader):
+    def __init__(self, config, threads=1, device="cpu"):
+        _record_device("ocr_devices", device=device)
+        real = (Path(os.environ[FAULT_DIR_ENV]) / REAL_OCR_DEVICE).exists()
+        super().__init__(config, threads, device if real else "cpu")  # else the real model on the CPU that is there

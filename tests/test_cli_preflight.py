@@ -51,6 +51,37 @@ def test_cuda_without_a_gpu_says_so_before_ray(hf_cache, no_ray, tmp_path, tiny_
     assert "share" not in out  # not the resource-plan advice about GPU shares
 
 
+def test_ocr_on_cuda_without_onnxruntime_gpu_names_the_fix_before_ray(hf_cache, no_ray, tmp_path, monkeypatch):
+    from pipeline.ocr import reader
+
+    pytest.importorskip("rapidocr_onnxruntime")
+    monkeypatch.setattr(reader, "cuda_provider_available", lambda: False)  # the CPU build, as installed here
+    make_jpegs(tmp_path / "photos", 1)
+    out = run_fails(tmp_path, tmp_path / "photos", "--ocr", "--ocr-device", "cuda", "--no-caption", "--no-probes",
+                    "--no-embed")
+    assert "--ocr-device cuda" in out and "CUDAExecutionProvider" in out
+    assert "pip install onnxruntime-gpu" in out and "--ocr-device cpu" in out
+
+
+def test_ocr_on_cuda_with_the_provider_but_no_local_gpu_says_so(monkeypatch):
+    import pipeline.preflight
+    from pipeline.config import RunConfig
+    from pipeline.ocr import reader
+    from pipeline.preflight import ocr_device_problem
+
+    monkeypatch.setattr(pipeline.preflight, "local_gpu_count", lambda: 0)
+    monkeypatch.setattr(reader, "cuda_provider_available", lambda: True)
+
+    def problem(ocr, address=None):
+        return ocr_device_problem(RunConfig.from_dict({"source": "/p", "output": "/o.parquet", "ocr": ocr,
+                                                       "ray": {"address": address}}))  # fmt: skip
+
+    assert "--ocr-device cuda: no GPU" in problem({"enabled": True, "device": "cuda"})
+    assert problem({"enabled": True, "device": "cuda"}, address="10.0.0.5:6379") is None  # the cluster's to count
+    assert problem({"enabled": True, "device": "auto"}) is None  # auto picks CPU there
+    assert problem({"enabled": False, "device": "cuda"}) is None
+
+
 def test_cuda_on_a_remote_cluster_is_left_to_the_cluster(monkeypatch):
     """Without a local Ray the driver cannot count a cluster's GPUs; --address skips the local check."""
     from pipeline.preflight import device_problem

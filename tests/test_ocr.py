@@ -74,6 +74,49 @@ def test_identity_names_the_package_version_and_each_model_file_hash():
         ocr_identity("nope")
 
 
+def test_on_cuda_the_reader_asks_rapidocr_for_cuda_in_all_three_models_and_never_falls_back(monkeypatch):
+    import rapidocr_onnxruntime
+
+    from pipeline.ocr import OcrUnavailable, reader as ocr_reader
+    from pipeline.ocr.reader import RapidOcrReader
+
+    cpu, cuda = (RapidOcrReader.engine_options(OcrConfig(), 2, device) for device in ("cpu", "cuda"))
+    assert cuda == {**cpu, "det_use_cuda": True, "cls_use_cuda": True, "rec_use_cuda": True}
+    assert not any("cuda" in key for key in cpu) and cpu["intra_op_num_threads"] == 2
+    # No onnxruntime-gpu: refused before the engine is built, naming the fix (an OCR actor's start error).
+    monkeypatch.setattr(ocr_reader, "cuda_provider_available", lambda: False)
+    with pytest.raises(OcrUnavailable, match="pip install onnxruntime-gpu.*--ocr-device cpu"):
+        build_reader(OcrConfig(), 1, "cuda")
+    # The provider claimed but not usable (here: the CPU build of onnxruntime): RapidOCR would fall back to
+    # CPU with a log line; the reader refuses instead. The installed package did take the three flags.
+    built = []
+
+    class Recording(rapidocr_onnxruntime.RapidOCR):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(rapidocr_onnxruntime, "RapidOCR", Recording)
+    monkeypatch.setattr(ocr_reader, "cuda_provider_available", lambda: True)
+    with pytest.raises(OcrUnavailable, match="Det/Cls/Rec model.s. on CPU.*pip install onnxruntime-gpu"):
+        build_reader(OcrConfig(), 1, "cuda")
+    (engine,) = built
+    sessions = (engine.text_det.infer, engine.text_cls.infer, engine.text_rec.session)
+    assert [ort.cfg_use_cuda for ort in sessions] == [True] * 3
+    assert build_reader(OcrConfig(), 1, "cpu").device == "cpu"
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        build_reader(OcrConfig(), 1, "auto")  # the plan decides auto; a reader is told cpu or cuda
+
+
+def test_an_ocr_actor_told_cuda_without_the_provider_fails_at_start_with_the_fix(tmp_path, monkeypatch):
+    from pipeline.ocr import OcrUnavailable, reader as ocr_reader
+
+    monkeypatch.setattr(ocr_reader, "cuda_provider_available", lambda: False)
+    with pytest.raises(OcrUnavailable, match="this worker's onnxruntime has no CUDAExecutionProvider"):
+        OcrStage(_ocr_stage(tmp_path), device="cuda")
+    assert OcrStage(_ocr_stage(tmp_path)).reader.device == "cpu"  # the default, as before
+
+
 def test_reading_order_is_rows_top_to_bottom_then_left_to_right():
     def line(text, x, y, h=20, w=60):
         return OcrLine(text, 0.9, (x, y, x + w, y, x + w, y + h, x, y + h))

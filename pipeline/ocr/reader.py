@@ -35,6 +35,11 @@ class OcrUnavailable(ConfigError):
     """The OCR engine is not installed or its model files are missing; the message names the fix."""
 
 
+#: What to do when CUDA was asked for OCR and onnxruntime cannot give it.
+OCR_CUDA_FIX = "pip install onnxruntime-gpu (in place of onnxruntime), or pass --ocr-device cpu"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
 class OcrTimeout(RuntimeError):
     """One image took longer than ocr.timeout_s."""
 
@@ -72,9 +77,18 @@ def ocr_identity(name: str) -> tuple[str, str]:
     return _engine_class(name).identity()
 
 
-def build_reader(config: OcrConfig, threads: int = 1):
-    """Load the engine (on a worker)."""
-    return _engine_class(config.engine)(config, threads)
+def build_reader(config: OcrConfig, threads: int = 1, device: str = "cpu"):
+    """Load the engine (on a worker) on ``device`` ("cpu" or "cuda", the plan's decision)."""
+    return _engine_class(config.engine)(config, threads, device)
+
+
+def cuda_provider_available() -> bool:
+    """Whether the installed onnxruntime offers CUDA (onnxruntime-gpu): the one place that asks it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return CUDA_PROVIDER in onnxruntime.get_available_providers()
 
 
 # ---- RapidOCR (PP-OCRv4 through onnxruntime) ---------------------------------------
@@ -107,7 +121,7 @@ def _sha256(path: Path) -> str:
 
 
 class RapidOcrReader:
-    """RapidOCR's PP-OCRv4 detector, angle classifier and recogniser (ONNX, shipped in its wheel), on CPU."""
+    """RapidOCR's PP-OCRv4 detector, angle classifier and recogniser (ONNX, shipped in its wheel), on CPU or CUDA."""
 
     @staticmethod
     def model_files() -> dict[str, Path]:
@@ -127,19 +141,51 @@ class RapidOcrReader:
         hashes = "; ".join(f"{path.name} sha256:{_sha256(path)}" for path in files.values())
         return RAPIDOCR_PACKAGE, f"{metadata.version(RAPIDOCR_PACKAGE)}; {hashes}"
 
-    def __init__(self, config: OcrConfig, threads: int = 1):
-        _rapidocr_package()
-        from rapidocr_onnxruntime import RapidOCR
-
-        self.config = config
-        threads = max(1, int(threads))
-        self.model, self.revision = self.identity()
+    @staticmethod
+    def engine_options(config: OcrConfig, threads: int, device: str) -> dict:
+        """RapidOCR's keyword arguments for this config on ``device``."""
         # Detection on the image as given (already at most max_side), never upscaled past it.
-        self.engine = RapidOCR(
-            intra_op_num_threads=threads, inter_op_num_threads=1, max_side_len=config.max_side,
+        options = dict(
+            intra_op_num_threads=max(1, int(threads)), inter_op_num_threads=1, max_side_len=config.max_side,
             det_limit_type="max", det_limit_side_len=config.max_side, det_max_candidates=config.max_lines,
             text_score=config.min_confidence,
         )  # fmt: skip
+        if device == "cuda":
+            # Each of the three models' sessions on CUDAExecutionProvider, device_id 0 (the package's
+            # fixed choice): Ray sets CUDA_VISIBLE_DEVICES to the actor's own card, which is then 0.
+            options.update(det_use_cuda=True, cls_use_cuda=True, rec_use_cuda=True)
+        return options
+
+    def __init__(self, config: OcrConfig, threads: int = 1, device: str = "cpu"):
+        _rapidocr_package()
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"OCR device must be cpu or cuda (the plan's decision), got {device!r}")
+        # The driver checked the provider (preflight, plan); a worker of a cluster whose own
+        # onnxruntime lacks it fails here, at actor start, as a caption actor without CUDA does.
+        if device == "cuda" and not cuda_provider_available():
+            raise OcrUnavailable(
+                f"OCR on CUDA was asked for, but this worker's onnxruntime has no {CUDA_PROVIDER}: {OCR_CUDA_FIX}"
+            )
+        from rapidocr_onnxruntime import RapidOCR
+
+        self.config = config
+        self.device = device
+        self.model, self.revision = self.identity()
+        self.engine = RapidOCR(**self.engine_options(config, threads, device))
+        if device == "cuda":
+            self._check_on_cuda()
+
+    def _check_on_cuda(self) -> None:
+        """RapidOCR falls back to CPU with only a log line (e.g. when onnxruntime's build is not the GPU one);
+        a run asked for CUDA fails instead, naming the fix."""
+        sessions = {"Det": self.engine.text_det.infer, "Cls": self.engine.text_cls.infer,
+                    "Rec": self.engine.text_rec.session}  # fmt: skip
+        on_cpu = [part for part, ort in sessions.items() if ort.session.get_providers()[0] != CUDA_PROVIDER]
+        if on_cpu:
+            raise OcrUnavailable(
+                f"OCR on CUDA was asked for, but onnxruntime put the {'/'.join(on_cpu)} model(s) on CPU "
+                f"(no usable GPU or CUDA libraries on this worker): {OCR_CUDA_FIX}"
+            )
 
     def read(self, image: "Image.Image") -> OcrResult:
         deadline = time.monotonic() + self.config.timeout_s

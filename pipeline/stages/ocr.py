@@ -1,6 +1,8 @@
-"""OCR stage (Ray actors, CPU): the text in each image, its lines and their boxes.
+"""OCR stage (Ray actors, CPU or CUDA): the text in each image, its lines and their boxes.
 
-The engine is built once per actor (pipeline/ocr). It reads the decoded pixels
+The engine is built once per actor (pipeline/ocr), on the device the plan
+chose (jobs/ray_plan.py ocr_device); a worker that cannot give it CUDA fails
+at actor start with the fix, as a caption actor does. It reads the decoded pixels
 (at most decode.model_max_side, shrunk further to ocr.max_side) one image at a
 time; boxes are scaled back to the image as decoded (the row's width x
 height). An image the engine fails on, or that runs past ocr.timeout_s,
@@ -24,11 +26,11 @@ log = logging.getLogger(__name__)
 class OcrStage:
     name = "ocr"
 
-    def __init__(self, stage: StageConfig):
+    def __init__(self, stage: StageConfig, device: str = "cpu"):
         from pipeline.ocr import build_reader
 
         self.stage = stage
-        self.reader = build_reader(stage.run.ocr, stage.torch_threads)
+        self.reader = build_reader(stage.run.ocr, stage.torch_threads, device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
