@@ -130,6 +130,26 @@ def test_index_reads_an_output_on_a_bucket(s3_bucket, tmp_path, monkeypatch):
     assert "indexed 2 files" in cli("index", "--db", db).output  # re-scanned: the new part is picked up
 
 
+
+def test_index_of_a_bucket_whose_endpoint_is_gone_exits_3(tmp_path, monkeypatch):
+    # README's exit codes: 3 when a store refuses connections, for `captioner index` as for a run
+    # (rerun once the storage is back), with the endpoint named.
+    import socket
+
+    from pipeline import exit_codes
+    from tests.fixtures.s3 import clear_s3fs_instances, set_fake_aws_env
+
+    with socket.socket() as probe:  # a loopback port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    set_fake_aws_env(monkeypatch)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    clear_s3fs_instances()
+    db = tmp_path / "i.duckdb"
+    result = cli("index", "s3://captioner-gone/captions/", "--db", db, exit_code=exit_codes.STORAGE_FAILED)
+    assert "did not answer" in result.output and endpoint in result.output
+    assert not db.exists()
+
 # -- first-contact defects ------------------------------------------------------------
 
 
