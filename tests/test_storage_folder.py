@@ -131,6 +131,18 @@ def test_index_reads_an_output_on_a_bucket(s3_bucket, tmp_path, monkeypatch):
 
 
 
+def test_index_takes_the_endpoint_its_error_names(s3_bucket, tmp_path):
+    # A store that does not answer is "Fix: ... --storage-option endpoint_url" (pipeline.storage), for
+    # `captioner index` too: the flag must exist there, as on run, search, serve and export.
+    local = tmp_path / "part.parquet"
+    write_rows(local, library_rows(s3_bucket.url("photos")), run_metadata(probes=PROBES))
+    s3_bucket.put("captions/part-00001.parquet", local.read_bytes())
+    db = tmp_path / "i.duckdb"
+    option = ("--storage-option", f"endpoint_url={s3_bucket.endpoint}")  # no AWS_ENDPOINT_URL in the environment
+    assert "indexed 1 files" in cli("index", s3_bucket.url("captions/"), "--db", db, *option).output
+    assert "up to date" in cli("index", "--db", db, *option).output  # recorded bucket sources re-scanned with it
+
+
 def test_index_of_a_bucket_whose_endpoint_is_gone_exits_3(tmp_path, monkeypatch):
     # README's exit codes: 3 when a store refuses connections, for `captioner index` as for a run
     # (rerun once the storage is back), with the endpoint named.
