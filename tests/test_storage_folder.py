@@ -141,6 +141,10 @@ def test_index_takes_the_endpoint_its_error_names(s3_bucket, tmp_path):
     option = ("--storage-option", f"endpoint_url={s3_bucket.endpoint}")  # no AWS_ENDPOINT_URL in the environment
     assert "indexed 1 files" in cli("index", s3_bucket.url("captions/"), "--db", db, *option).output
     assert "up to date" in cli("index", "--db", db, *option).output  # recorded bucket sources re-scanned with it
+    gone = "http://127.0.0.1:9"  # the discard port: nothing listens, connection refused
+    refused = cli("index", s3_bucket.url("captions/"), "--db", tmp_path / "j.duckdb",
+                  "--storage-option", f"endpoint_url={gone}", exit_code=3)
+    assert f"the storage endpoint {gone} did not answer" in refused.output
 
 
 def test_index_of_a_bucket_whose_endpoint_is_gone_exits_3(tmp_path, monkeypatch):

@@ -92,7 +92,7 @@ def scan_sources(sources, storage_options: dict | None = None) -> tuple[list[str
         except StorageError as exc:
             raise SearchError(str(exc)) from exc
         except Exception as exc:  # backends raise their own types (credentials, buckets, endpoints)
-            explained = explain(exc, source, doing="list")  # marks a store that did not answer (exit 3)
+            explained = explain(exc, source, doing="list", storage_options=storage_options)  # outage: exit 3
             raise SearchError(str(explained)) from explained
         if not found.files:
             extra = f" (only Parquet files captioner did not write: {', '.join(found.foreign[:3])})" if found.foreign else ""
