@@ -66,8 +66,9 @@ def test_every_command_with_device_takes_the_config_vocabulary():
         ["run", "photos", "--out", "out.parquet"],
         ["serve", "--index", "missing.duckdb"],
         ["export", "alt-text", "--out", "alt.csv"],
+        ["index", "s3://bucket/captions/"],
     ],
-    ids=["run", "serve", "export"],
+    ids=["run", "serve", "export", "index"],
 )
 def test_a_storage_option_without_equals_is_a_usage_error(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -130,6 +130,42 @@ def test_index_reads_an_output_on_a_bucket(s3_bucket, tmp_path, monkeypatch):
     assert "indexed 2 files" in cli("index", "--db", db).output  # re-scanned: the new part is picked up
 
 
+
+def test_index_takes_the_endpoint_its_error_names(s3_bucket, tmp_path):
+    # A store that does not answer is "Fix: ... --storage-option endpoint_url" (pipeline.storage), for
+    # `captioner index` too: the flag must exist there, as on run, search, serve and export.
+    local = tmp_path / "part.parquet"
+    write_rows(local, library_rows(s3_bucket.url("photos")), run_metadata(probes=PROBES))
+    s3_bucket.put("captions/part-00001.parquet", local.read_bytes())
+    db = tmp_path / "i.duckdb"
+    option = ("--storage-option", f"endpoint_url={s3_bucket.endpoint}")  # no AWS_ENDPOINT_URL in the environment
+    assert "indexed 1 files" in cli("index", s3_bucket.url("captions/"), "--db", db, *option).output
+    assert "up to date" in cli("index", "--db", db, *option).output  # recorded bucket sources re-scanned with it
+    gone = "http://127.0.0.1:9"  # the discard port: nothing listens, connection refused
+    refused = cli("index", s3_bucket.url("captions/"), "--db", tmp_path / "j.duckdb",
+                  "--storage-option", f"endpoint_url={gone}", exit_code=3)
+    assert f"the storage endpoint {gone} did not answer" in refused.output
+
+
+def test_index_of_a_bucket_whose_endpoint_is_gone_exits_3(tmp_path, monkeypatch):
+    # README's exit codes: 3 when a store refuses connections, for `captioner index` as for a run
+    # (rerun once the storage is back), with the endpoint named.
+    import socket
+
+    from pipeline import exit_codes
+    from tests.fixtures.s3 import clear_s3fs_instances, set_fake_aws_env
+
+    with socket.socket() as probe:  # a loopback port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    set_fake_aws_env(monkeypatch)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    clear_s3fs_instances()
+    db = tmp_path / "i.duckdb"
+    result = cli("index", "s3://captioner-gone/captions/", "--db", db, exit_code=exit_codes.STORAGE_FAILED)
+    assert "did not answer" in result.output and endpoint in result.output
+    assert not db.exists()
+
 # -- first-contact defects ------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from pipeline.options import (
     probe_option,
     query_device,
     storage_failure,
+    storage_option,
 )
 from pipeline.search.errors import SearchError
 from pipeline.search.index import DEFAULT_ANN_MIN_ROWS
@@ -84,8 +85,10 @@ def _echo_table(header: list[str], rows: list[list[str]], align_right=()) -> Non
 @click.option("--ann-min-rows", default=None, type=click.IntRange(min=0), help=f"Embedding count from which IVF lists are built automatically [default: {DEFAULT_ANN_MIN_ROWS}].")
 @click.option("--fresh", is_flag=True, help="Rebuild from scratch: forget the sources recorded in an existing --db, index only PARQUET, rewrite the vectors whole.")
 @click.option("--mixed-probes", is_flag=True, help="Index outputs captioned with different probe sets together (refused otherwise).")
+@storage_option("fsspec option for Parquet on a bucket (repeatable), e.g. endpoint_url=...; without it the endpoint and "
+                "credentials come from the environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...).")
 @_user_errors
-def index_command(parquet, db, ann, ann_min_rows, fresh, mixed_probes):
+def index_command(parquet, db, ann, ann_min_rows, fresh, mixed_probes, storage_options):
     """Build or update a DuckDB search index over captioner Parquet output.
 
     PARQUET are files or directories (searched recursively). Sources already
@@ -105,6 +108,7 @@ def index_command(parquet, db, ann, ann_min_rows, fresh, mixed_probes):
         ann_min_rows=ix.DEFAULT_ANN_MIN_ROWS if ann_min_rows is None else ann_min_rows,
         fresh=fresh,
         mixed_probes=mixed_probes,
+        storage_options=dict(storage_options or ()) or None,
     )
     info = report.info
     if report.ignored:

@@ -92,7 +92,8 @@ def scan_sources(sources, storage_options: dict | None = None) -> tuple[list[str
         except StorageError as exc:
             raise SearchError(str(exc)) from exc
         except Exception as exc:  # backends raise their own types (credentials, buckets, endpoints)
-            raise SearchError(str(explain(exc, source, doing="list"))) from exc
+            explained = explain(exc, source, doing="list", storage_options=storage_options)  # outage: exit 3
+            raise SearchError(str(explained)) from explained
         if not found.files:
             extra = f" (only Parquet files captioner did not write: {', '.join(found.foreign[:3])})" if found.foreign else ""
             raise SearchError(f"{source} is a directory with no captioner .parquet files in it{extra}")
