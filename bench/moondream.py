@@ -110,19 +110,25 @@ def _loop_probe(engine, probe: Probe):
     return lambda: [u() for u in undo]
 
 
+def _is_op(name: str) -> bool:
+    """An operator call: an aten op, an extern kernel called by inductor's C++ wrapper (aoti_torch_*), or a
+    fused kernel (cpp_fused_*, triton_*)."""
+    return name.startswith(("aten::", "aoti_torch_", "triton_")) or "cpp_fused" in name
+
+
 def _ops(prof) -> int:
-    """Top-level operators inside the decode loop: aten ops not called by another aten op, and fused kernels."""
+    """Top-level operators inside the decode loop: ops not called by another op. (The C++ wrapper's extern
+    calls, e.g. aoti_torch_cpu_addmm_out, run aten ops inside them, as aten::addmm does: one op each.)"""
     count = 0
     for event in prof.events():
-        name = event.name
-        if not (name.startswith("aten::") or "cpp_fused" in name or name.startswith("triton_")):
+        if not _is_op(event.name):
             continue
         parent, inside, nested = event.cpu_parent, False, False
         while parent is not None:
             if parent.name == "bench_decode":
                 inside = True
                 break
-            if parent.name.startswith("aten::"):
+            if _is_op(parent.name):
                 nested = True
             parent = parent.cpu_parent
         count += inside and not nested
