@@ -16,7 +16,7 @@ adds images as Ray batches arrive and takes finished ones out, so the engine dra
 does (pipeline/stages/feeder.py StreamFeeder).
 
 ``compile=True`` compiles the decode step with ``fullgraph=True`` (on CUDA ``mode="reduce-overhead"``:
-CUDA graphs), plus, as before, the vision encoder and the prefix prefill (dynamic shapes). The prompt
+CUDA graphs; on CPU inductor's C++ wrapper, see _compile_step), plus, as before, the vision encoder and the prefix prefill (dynamic shapes). The prompt
 prefill stays eager (once per admission, not per token).
 """
 
