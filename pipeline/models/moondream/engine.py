@@ -228,7 +228,9 @@ def _compile_step(device: torch.device):
     thing to a graph replay (bench/moondream.py measures it; compiling takes a few minutes longer)."""
     if device.type == "cuda":
         return torch.compile(step.decode_step, fullgraph=True, mode="reduce-overhead")
-    return torch.compile(step.decode_step, fullgraph=True, options={"cpp_wrapper": True})
+    # dynamic=False: a second slot count would otherwise recompile the step with symbolic sizes, which the C++
+    # wrapper passes through about a hundred host-side scalar ops per step (item, lift_fresh, ...).
+    return torch.compile(step.decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 class _Batch:
