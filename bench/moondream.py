@@ -5,13 +5,19 @@
 
 "Before" is the engine main had (bench/legacy_engine.py: growing pools, per-step index tensors, stopping
 decided in Python); "after" is pipeline/models/moondream/engine.py, eager and with ``compile=True`` (the
-decode step compiled with fullgraph=True; on CPU inductor's C++ instead of CUDA graphs). Same random
+decode step compiled with fullgraph=True; on CPU inductor's C++ kernels called from its C++ wrapper, instead
+of CUDA graphs). Same random
 weights, same images, same prompts (EOS suppressed: every sequence decodes its cap), in one run:
 
-- host time per decode step (this process's CPU time, one thread) at tiny widths (24 layers, dim 32,
-  vocabulary 1,024, an 82-token image prefix: little arithmetic, so the time is mostly Python, dispatch
-  and per-kernel overhead), 64 and 384 sequences live (8 prompts per image): the median step plus its
-  share of the bookkeeping (the legacy engine's retires, the static engine's harvests);
+- host time per decode step (this process's CPU time, one thread) at tiny widths (bench/moondream_setup.py
+  tiny_widths: the official 24 layers, one 32-dim head, vocabulary 256, a 10-token image prefix), 64 and 384
+  sequences live (8 prompts per image): the median step plus its share of the bookkeeping (the legacy
+  engine's retires, the static engine's harvests). The issue's proxy is host time "at tiny widths, where
+  arithmetic is negligible"; at the widths used before (dim 32 with ff 64, vocabulary 1,024, an 82-token
+  prefix) doubling the widths nearly doubled the 384-sequence step, i.e. it timed arithmetic more than the
+  host. So the widths are the smallest the architecture allows (a 32-dim head for its 32 rotary dims), and
+  the bench prints the check: the eager engines' step at twice the widths over the step at these (1.0x:
+  arithmetic negligible; 2.0x: all arithmetic). Both engines run the same config side by side;
 - operators per decode step from torch.profiler (top-level aten ops plus inductor's fused kernels: on a
   GPU, eager, each is a dispatch and most a kernel launch);
 - host syncs per 100 decode steps (reads of device values: tolist/item/int/float/bool/cpu);
@@ -104,19 +110,25 @@ def _loop_probe(engine, probe: Probe):
     return lambda: [u() for u in undo]
 
 
+def _is_op(name: str) -> bool:
+    """An operator call: an aten op, an extern kernel called by inductor's C++ wrapper (aoti_torch_*), or a
+    fused kernel (cpp_fused_*, triton_*)."""
+    return name.startswith(("aten::", "aoti_torch_", "triton_")) or "cpp_fused" in name
+
+
 def _ops(prof) -> int:
-    """Top-level operators inside the decode loop: aten ops not called by another aten op, and fused kernels."""
+    """Top-level operators inside the decode loop: ops not called by another op. (The C++ wrapper's extern
+    calls, e.g. aoti_torch_cpu_addmm_out, run aten ops inside them, as aten::addmm does: one op each.)"""
     count = 0
     for event in prof.events():
-        name = event.name
-        if not (name.startswith("aten::") or "cpp_fused" in name or name.startswith("triton_")):
+        if not _is_op(event.name):
             continue
         parent, inside, nested = event.cpu_parent, False, False
         while parent is not None:
             if parent.name == "bench_decode":
                 inside = True
                 break
-            if parent.name.startswith("aten::"):
+            if _is_op(parent.name):
                 nested = True
             parent = parent.cpu_parent
         count += inside and not nested
@@ -202,9 +214,11 @@ def main() -> None:
     torch.set_num_threads(1)
     config = tiny_widths(args.text_layers)
     model = random_model(config, "cpu", torch.float32)
-    print(f"tiny widths: text {config.text.n_layers} layers dim {config.text.dim}, fp32 CPU, torch threads "
+    print(f"tiny widths: text {config.text.n_layers} layers dim {config.text.dim} ff {config.text.ff_dim} vocabulary "
+          f"{config.text.vocab_size}, image prefix {config.prefix_len} tokens, fp32 CPU, torch threads "
           f"{torch.get_num_threads()} (the mid-size run: {threads}); 8 prompts per image, {args.tokens} tokens each")
-    small = prepare_image(rng.integers(0, 256, (126, 126, 3), dtype=np.uint8), config.vision.crop_geometry)
+    side = config.vision.crop_size  # one crop: the step's shapes do not depend on crop counts anyway
+    small = prepare_image(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), config.vision.crop_geometry)
     reqs = requests(args.tokens, args.tokens, vocab_size=config.text.vocab_size, probes=7)
     table: dict[str, dict] = {}
     for n in (int(v) for v in args.sequences.split(",")):
@@ -216,6 +230,16 @@ def main() -> None:
                 table.setdefault(f"{key}@{n}", {})[label] = value
             print(f"  {n} sequences, {label}: {found['ms']:.2f} ms/step, {found['ops']:.0f} ops/step, "
                   f"{found['syncs']:.0f} syncs/100 steps", flush=True)
+
+    # Is arithmetic negligible? The same steps at twice the widths (eager engines: no compile to wait for).
+    wide = random_model(tiny_widths(args.text_layers, width=2), "cpu", torch.float32)
+    for n in (int(v) for v in args.sequences.split(",")):
+        crops = [small] * (n // len(reqs))
+        for label, engine in _engines(wide, n, False):
+            legacy_reqs = [legacy.Request(r.prompt, r.max_tokens, r.yes_no) for r in reqs]
+            ms = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs)["ms"]
+            table.setdefault(f"wide@{n}", {})[label] = ms / table[f"ms@{n}"][label]
+            print(f"  {n} sequences, {label}, twice the widths: {ms:.2f} ms/step", flush=True)
 
     torch.set_num_threads(threads)
     if not args.skip_throughput:
@@ -251,6 +275,10 @@ def main() -> None:
         print(_row(f"host ms per decode step, {n} seqs", table[f"ms@{n}"], labels, ".2f"))
         print(_row(f"ops per decode step, {n} seqs", table[f"ops@{n}"], labels, ".0f"))
         print(_row(f"host syncs per 100 steps, {n} seqs", table[f"syncs@{n}"], labels, ".0f"))
+        wide = table[f"wide@{n}"]
+        print(f"{f'  step at 2x widths / 1x, {n} seqs':<34}" + "".join(
+            f"{wide[k]:>15.2f}x" if k in wide else f"{'-':>16}" for k in labels)
+            + "   (1.0x: arithmetic negligible, 2.0x: all arithmetic)")
     if not args.skip_throughput:
         values = dict(table["images/s"])
         print(_row(f"mid-size images/s ({args.images} x 1024x768)", values, labels, ".3f", better_lower=False)

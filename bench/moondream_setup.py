@@ -30,14 +30,18 @@ def mid_size(text_layers: int = 2, vision_layers: int = 2) -> MoondreamConfig:
     return MoondreamConfig(TextConfig(n_layers=text_layers), VisionConfig(enc_n_layers=vision_layers))
 
 
-def tiny_widths(text_layers: int = 24) -> MoondreamConfig:
-    """The official layer count at tiny widths (dim 32, one 32-dim head), a 1,024-token vocabulary and 126-pixel crops (an 82-token
-    image prefix instead of 730): arithmetic is negligible, so time per step is host time (Python,
-    dispatch, kernel launches: what a GPU would wait on). Crops: ``prepare_image(..., tiny.vision.crop_geometry)``."""
+def tiny_widths(text_layers: int = 24, width: int = 1) -> MoondreamConfig:
+    """The official layer count (what sets the kernels per step) at the smallest widths the architecture
+    allows: ``width`` 32-dim heads (32 rotary dims need a 32-dim head; dim = ff = 32 * width), a 256-token
+    vocabulary and 42-pixel crops (3x3 patches: a 10-token image prefix instead of 730), so that a step's
+    arithmetic is as small as it gets and time per step is mostly host time (Python, dispatch, kernel
+    launches: what a GPU would wait on). ``width=2`` doubles every width: bench/moondream.py times it to
+    show how much of a step is still arithmetic. Crops: ``prepare_image(..., tiny.vision.crop_geometry)``."""
+    dim = 32 * width
     return MoondreamConfig(
-        TextConfig(dim=32, ff_dim=64, n_layers=text_layers, vocab_size=1024, n_heads=1, n_kv_heads=1),
-        VisionConfig(enc_dim=32, enc_n_layers=1, enc_ff_dim=64, enc_n_heads=1, proj_out_dim=32, proj_inner_dim=64,
-                     crop_size=126, overlap_margin=1),
+        TextConfig(dim=dim, ff_dim=dim, n_layers=text_layers, vocab_size=256, n_heads=width, n_kv_heads=width),
+        VisionConfig(enc_dim=32, enc_n_layers=1, enc_ff_dim=64, enc_n_heads=1, proj_out_dim=dim, proj_inner_dim=64,
+                     crop_size=42, overlap_margin=1),
     )
 
 

@@ -109,7 +109,7 @@ class CaptionConfig(_Section):
     # (pipeline/models/moondream/defaults.py: 384 on a GPU, 64 on CPU).
     max_sequences: PositiveInt | None = None
     # Moondream: torch.compile the decode step (fullgraph=True; mode="reduce-overhead", i.e. CUDA graphs,
-    # on a GPU), plus the vision encoder and the image prefix prefill; the prompt prefill stays eager.
+    # on a GPU; inductor's C++ wrapper on CPU), plus the vision encoder and the image prefix prefill; the prompt prefill stays eager.
     # Slower start (a compile per suffix-length bucket), faster steady state on GPUs.
     compile: StrictBool = False
 

@@ -168,3 +168,11 @@ def test_the_fused_attention_merge_equals_one_softmax_over_prefix_and_suffix():
         got = step.attend(q, prefix_k, prefix_v, suffix_k, suffix_v, mask, lanes, kind)
         torch.testing.assert_close(got, expected, rtol=0, atol=2e-6, msg=kind)
     assert step.attention_kind(torch.float32, torch.device("cpu")) == "cpu_flash"
+
+
+def test_the_compiled_cpu_step_attends_by_hand_and_the_eager_one_with_the_fused_kernel():
+    """Under torch.compile on CPU the attention is the by-hand math (inductor fuses it with its neighbours);
+    the aten flash kernel stays for eager CPU (the prompt prefill, an eager engine)."""
+    cpu = torch.device("cpu")
+    assert step.attention_kind(torch.float32, cpu, compiled=True) == "math"
+    assert step.attention_kind(torch.float32, cpu) == "cpu_flash"

@@ -16,7 +16,7 @@ adds images as Ray batches arrive and takes finished ones out, so the engine dra
 does (pipeline/stages/feeder.py StreamFeeder).
 
 ``compile=True`` compiles the decode step with ``fullgraph=True`` (on CUDA ``mode="reduce-overhead"``:
-CUDA graphs), plus, as before, the vision encoder and the prefix prefill (dynamic shapes). The prompt
+CUDA graphs; on CPU inductor's C++ wrapper, see _compile_step), plus, as before, the vision encoder and the prefix prefill (dynamic shapes). The prompt
 prefill stays eager (once per admission, not per token).
 """
 
@@ -99,7 +99,8 @@ class MoondreamEngine:
         t = self.config.text
         self.prefix_len = self.config.prefix_len
         self.rope = step.RopeTables.build(model.text)
-        self.attention = step.attention_kind(self.dtype, self.device)
+        self.attention = step.attention_kind(self.dtype, self.device)  # the eager prompt prefill's
+        self.step_attention = step.attention_kind(self.dtype, self.device, compiled=compile)  # the decode step's
         self.pools = KVPools(t.n_layers, t.n_kv_heads, t.head_dim, self.prefix_len, self.dtype, self.device,
                              static=compile)
         self.state: step.SlotState | None = None
@@ -110,8 +111,7 @@ class MoondreamEngine:
         if compile:
             self._encode_crops = torch.compile(model.vision.encode, dynamic=True)
             self._prefill_prefix = torch.compile(model.text.prefill_prefix, dynamic=True)
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(step.decode_step, fullgraph=True, mode=mode)
+            self._step = _compile_step(self.device)
 
     # ------------------------------------------------------------------ vision
 
@@ -193,7 +193,7 @@ class MoondreamEngine:
         p = self.pools
         self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, self.rope,
                    slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
-                   kind=self.attention)
+                   kind=self.step_attention)
 
     def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,
                       yes_no: list[bool]) -> None:
@@ -219,6 +219,18 @@ class MoondreamEngine:
         # Whatever an interrupted call left behind: no slot is live, every position in range.
         self.state.active.zero_()
         self.state.pos.zero_()
+
+
+def _compile_step(device: torch.device):
+    """The decode step under torch.compile, fullgraph. On CUDA mode="reduce-overhead": one CUDA graph replays
+    the step's kernels. On CPU inductor's C++ wrapper (``cpp_wrapper``, for this compile only): the calls of
+    the step's fused kernels and matmuls from C++, not from a Python function per step, the CPU's nearest
+    thing to a graph replay (bench/moondream.py measures it; compiling takes a few minutes longer)."""
+    if device.type == "cuda":
+        return torch.compile(step.decode_step, fullgraph=True, mode="reduce-overhead")
+    # dynamic=False: a second slot count would otherwise recompile the step with symbolic sizes, which the C++
+    # wrapper passes through about a hundred host-side scalar ops per step (item, lift_fresh, ...).
+    return torch.compile(step.decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 class _Batch:

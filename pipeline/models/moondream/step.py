@@ -86,13 +86,19 @@ class RopeTables:
         return (x.index_select(-1, self.take_u) * cos + x.index_select(-1, self.take_w) * sin).to(x.dtype)
 
 
-def attention_kind(dtype: torch.dtype, device: torch.device) -> str:
+def attention_kind(dtype: torch.dtype, device: torch.device, compiled: bool = False) -> str:
     """How ``attend`` gets each part's output and log-sum-exp, decided once, eagerly, so that a compiled step
     holds no try/except. PyTorch's public SDPA does not return the log-sum-exp that merging two key sets
     needs; aten's fused kernels do:
     "cpu_flash": both parts through aten's CPU flash-attention kernel (fused; masks; any float dtype);
     "cuda_flash": the prefix (no mask) through aten's CUDA flash kernel (bf16/fp16), the short per-slot
-    suffix by hand in float32; "math": both by hand, in float32 (where neither kernel is there)."""
+    suffix by hand in float32; "math": both by hand, in float32 (where neither kernel is there).
+    ``compiled`` (the step under torch.compile): on CPU, "math", which inductor fuses with the merge and
+    its neighbours into a few C++ loops; the aten kernel is an opaque call inductor cannot fuse, and at
+    decode's one query per slot its per-call setup cost more than the whole fused math (measured by
+    bench/moondream.py). On CUDA the choice does not depend on compiling."""
+    if compiled and device.type == "cpu":
+        return "math"
     q = torch.zeros(1, 1, 1, 32, dtype=dtype, device=device)
     try:
         if device.type == "cpu":
