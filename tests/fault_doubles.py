@@ -65,6 +65,18 @@ def register() -> None:
     register_captioner("device_recording", "tests.fault_doubles:DeviceRecordingCaptioner")
 
 
+def register_in_this_process(patch, *, ocr_recording: bool = False) -> None:
+    """The doubles in this process's registries for one fixture: ``patch`` (a MonkeyPatch) puts every
+    registry it touches back afterwards, so no later test sees a double among the known backends."""
+    from pipeline.models import registry
+    from pipeline.ocr import reader
+
+    patch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
+    patch.setattr(registry, "_EMBEDDERS", dict(registry._EMBEDDERS))
+    patch.setattr(reader, "_ENGINES", dict(reader._ENGINES))
+    (register_with_ocr_recording if ocr_recording else register)()
+
+
 def register_with_ocr_recording() -> None:
     """``register``, and the OCR engine ``rapidocr`` replaced by DeviceRecordingOcrReader (this process only)."""
     from pipeline.ocr import reader

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import IMAGE_EXTENSIONS
-from pipeline.models import registry
 from pipeline.sources import list_images
 from pipeline.stages import call_with_bisection
 from tests.fixtures.ray import own_ray
@@ -41,9 +40,7 @@ def fault_ray(tmp_path_factory, starts_ray):
     fault_dir = tmp_path_factory.mktemp("faults")
     with pytest.MonkeyPatch.context() as patch:
         # The driver resolves model specs too; its registry gets the doubles for this module only.
-        patch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
-        patch.setattr(registry, "_EMBEDDERS", dict(registry._EMBEDDERS))
-        fault_doubles.register()
+        fault_doubles.register_in_this_process(patch)
         with own_ray(
             runtime_env={
                 "worker_process_setup_hook": "tests.fault_doubles.register",

@@ -158,16 +158,12 @@ def test_the_engine_sizes_come_from_the_one_table_of_device_defaults(tmp_path, m
 @pytest.fixture(scope="module")
 def four_gpu_ray(tmp_path_factory, starts_ray):
     """A Ray whose node declares 4 GPUs it does not have; its workers know the device-recording doubles."""
-    from pipeline.models import registry
-    from pipeline.ocr import reader
     from tests import fault_doubles
     from tests.fixtures.ray import own_ray
 
     fault_dir = tmp_path_factory.mktemp("devices")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
-        patch.setattr(reader, "_ENGINES", dict(reader._ENGINES))
-        fault_doubles.register_with_ocr_recording()
+        fault_doubles.register_in_this_process(patch, ocr_recording=True)
         with own_ray(num_gpus=4, runtime_env={
             "worker_process_setup_hook": "tests.fault_doubles.register_with_ocr_recording",
             "env_vars": {fault_doubles.FAULT_DIR_ENV: str(fault_dir), "PYTHONPATH": REPO},

@@ -25,7 +25,6 @@ from pipeline.config import RunConfig
 from pipeline.models.identity import identity_for_run
 from pipeline.models.moondream.preprocess import MoondreamPreprocessor
 from pipeline.models.openclip import OpenClipPreprocessor
-from pipeline.models import registry
 from pipeline.models.registry import resolve_captioner, resolve_embedder
 from pipeline.stages import CaptionStage, EmbedStage, StageConfig, conform_batch, decode_batch
 from pipeline.stages.contract import LISTED
@@ -309,8 +308,7 @@ def test_a_fault_of_the_caption_stream_retries_its_images_by_bisection_and_the_n
 @pytest.fixture
 def fault_backends(monkeypatch):
     """The fault doubles, registered through the real registry for this test only."""
-    monkeypatch.setattr(registry, "_CAPTIONERS", dict(registry._CAPTIONERS))
-    fault_doubles.register()
+    fault_doubles.register_in_this_process(monkeypatch)
 
 
 @pytest.mark.parametrize("fed", [False, True], ids=["batch-per-call", "feeder"])
