@@ -172,11 +172,9 @@ _FOLDER_CONTENTS = {
 
 def _check_out_is_a_folder(format: str, out: str) -> None:
     """Refuse an --out that names a file (an existing one, or a file name such as coco.json) for a folder format."""
-    import posixpath
+    from pipeline.storage import is_local, local_path, name_of
 
-    from pipeline.storage import is_local, local_path
-
-    name = posixpath.basename(str(out).rstrip("/"))
+    name = name_of(str(out))
     stem, dot, extension = name.rpartition(".")
     existing_file = is_local(out) and os.path.isfile(local_path(out))
     if not existing_file and not (dot and stem and extension.lower() in _FILE_EXTENSIONS and not str(out).endswith("/")):

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 
 from pipeline.labels.label_studio import Review
-from pipeline.storage import Folder, StorageError, is_local
+from pipeline.storage import Folder, StorageError
 
 KIND = "captioner-labels"
 VERSION = 1
@@ -50,10 +50,9 @@ def labels_location(*, sources: tuple[str, ...], labels: str | None, storage_opt
 
 
 def place_of(location: str, storage_options) -> tuple[Folder, str]:
-    """The folder holding ``location`` and the file's name in it (the exports' own split of a location)."""
+    """The folder holding ``location`` and the file's name in it (pipeline.storage's split of a location)."""
     from pipeline.storage import name_of, parent_of
 
-    location = location if is_local(location) else location.rstrip("/")
     return Folder(parent_of(location) or ".", storage_options), name_of(location)
 
 

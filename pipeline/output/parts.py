@@ -10,7 +10,6 @@ and the search index alike.
 from __future__ import annotations
 
 import fnmatch
-import posixpath
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -55,13 +54,13 @@ def find_output_files(uri: str, storage_options: dict | None = None) -> FoundOut
     output: it is returned in ``foreign``, not in ``files``. A missing
     location raises FileNotFoundError, for the caller to word.
     """
-    from pipeline.storage import Folder, parent_of
+    from pipeline.storage import Folder, name_of, parent_of
 
     root = Folder(uri, storage_options, role="source")
     is_file = root.isfile()
     if is_file or (not root.isdir() and uri.rstrip("/").lower().endswith(".parquet")):
         parent = Folder(parent_of(uri), storage_options, role="source")
-        parts = parts_folder_of(posixpath.basename(root.path.replace("\\", "/")))
+        parts = parts_folder_of(name_of(uri))
         pending = [parent.join(f"{parts}/{p}") for p in parent.folder(parts).list(PART_GLOB)]
         # Before its first run finishes, a single-file output is only the parts committed so far
         # (and the first merge may have published the file just now, taking its parts away).
