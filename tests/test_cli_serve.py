@@ -87,7 +87,7 @@ import sys
 from tests import search_doubles
 search_doubles.register()
 from pipeline.search import ImageIndex
-def slow(self, query, k, where, probes):
+def slow(self, query, k, *filters):
     return self._run("SELECT count(*), 0.0 FROM range(1000000000000) AS a(x) WHERE x % 7 = 3", [])
 ImageIndex._text_ranked = slow
 from pipeline.cli import main

@@ -126,6 +126,19 @@ def test_probe_filter_combines_with_every_mode(index, mode, expected):
     assert uris(hits) == expected
 
 
+def test_hybrid_evaluates_its_filter_once_for_both_lists(index, monkeypatch):
+    """The filter's ids are read once and both ranked lists use them: a filter costs as much as a list (issue 16)."""
+    from pipeline.search import image_index
+
+    calls = []
+    for name in ("filter_ids_sql", "filter_sql"):
+        real = getattr(image_index, name)
+        monkeypatch.setattr(image_index, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    hits = index.search_hybrid("beach", k=10, probes=[f"{PERSON}=yes"], where="width >= 1")
+    assert uris(hits) == ["people_beach.jpg", "red_car.jpg"]
+    assert calls == ["filter_ids_sql"]
+
+
 @pytest.mark.parametrize("mode", ["text", "semantic", "hybrid"])
 def test_where_filter_combines_with_every_mode(index, mode):
     hits = index.search("beach", mode=mode, k=10, where="uri LIKE '%dog%' AND width >= 640")

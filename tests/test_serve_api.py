@@ -587,7 +587,7 @@ def test_the_most_filters_allowed_still_answer(client):
 def _slow_text_search(index, monkeypatch):
     """Text search that runs a DuckDB query of minutes on the index's own connection (interruptible, as a real one)."""
 
-    def slow(self, query, k, where, probes):
+    def slow(self, query, k, *filters):
         return self._run("SELECT count(*), 0.0 FROM range(1000000000000) AS a(x) WHERE x % 7 = 3", [])
 
     monkeypatch.setattr(type(index), "_text_ranked", slow)
@@ -728,7 +728,7 @@ def test_a_query_started_after_the_deadline_passed_in_python_is_interrupted_too(
     """The deadline passing while no query runs (the embedder, say) still stops the request's next query."""
     import time
 
-    def embed_then_slow(self, query, k, where, probes):
+    def embed_then_slow(self, query, k, *filters):
         time.sleep(1.3)  # past quick's 1 s limit, outside DuckDB: that interrupt is a no-op
         return self._run("SELECT count(*), 0.0 FROM range(1000000000000) AS a(x) WHERE x % 7 = 3", [])
 

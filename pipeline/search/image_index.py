@@ -30,6 +30,8 @@ _READING_STATEMENTS = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "RELATION", "CAL
 _REFUSED_STATEMENTS = frozenset({"DROP", "ALTER"})
 # Hits fetched by one point lookup each (see ImageIndex._hits); more go through one IN scan.
 _POINT_LOOKUPS = 64
+# The Arrow table of a filter's ids that search_hybrid's BM25 list reads (registered for one query).
+_ALLOWED_IDS = "_allowed_ids"
 # How deep each list goes before fusion: RRF needs more than the top k of
 # each list, or an item ranked k+1 in both lists would be lost.
 DEFAULT_FUSION_DEPTH = 50
@@ -372,8 +374,10 @@ class ImageIndex:
         """
         depth = max(int(depth or DEFAULT_FUSION_DEPTH), int(k))
         vector = self._embed_image(image) if image is not None else self._embed_text(query_text)
-        text = self._text_ranked(query_text, depth, where, probes) if query_text.strip() else []
-        semantic = self._vector_ranked(vector, depth, where, probes)
+        # The filter is evaluated once, into ids both lists read: it costs as much as either list.
+        allowed = self._filter_ids(where, probes)
+        text = self._text_ranked(query_text, depth, where, probes, allowed) if query_text.strip() else []
+        semantic = self._vector_ranked(vector, depth, where, probes, allowed=allowed)
         fused = reciprocal_rank_fusion([[i for i, _ in text], [i for i, _ in semantic]], k_rrf=k_rrf)[: int(k)]
         hits = self._hits([(item, score) for item, score, _ in fused])
         return [
@@ -383,11 +387,16 @@ class ImageIndex:
 
     # -- the two ranked lists --------------------------------------------------
 
-    def _text_ranked(self, query: str, k: int, where, probes) -> list[tuple[int, float]]:
+    def _text_ranked(self, query: str, k: int, where, probes, allowed: np.ndarray | None = None
+                     ) -> list[tuple[int, float]]:
+        """(id, BM25) best first; ``allowed``: the filter's ids when the caller has evaluated it already."""
         if not isinstance(query, str) or not query.strip():
             raise SearchError("the text query is empty")
         self._require_search_tables()
-        cond, params = filter_sql(where, probes, self.info.probes)
+        if allowed is None:
+            cond, params = filter_sql(where, probes, self.info.probes)
+        else:
+            cond, params = f"id IN (SELECT id FROM {_ALLOWED_IDS})", []
         # The query is a bound parameter; fts tokenises it, so quotes and SQL
         # keywords in it are just words.
         sql = f"""
@@ -398,24 +407,39 @@ class ImageIndex:
             ORDER BY score DESC, id
             LIMIT {_positive(k)}
         """
-        return self._run(sql, [query, *params])
+        if allowed is None:
+            return self._run(sql, [query, *params])
+        # The ids as an Arrow table DuckDB reads in place (a bound list would be converted value by value).
+        import pyarrow as pa
+
+        self._con.register(_ALLOWED_IDS, pa.table({"id": pa.array(allowed, pa.int64())}))
+        try:
+            return self._run(sql, [query])
+        finally:
+            self._con.unregister(_ALLOWED_IDS)
 
     def _vector_ranked(self, vector: np.ndarray, k: int, where, probes, exact=False,
-                       min_score=None) -> list[tuple[int, float]]:
-        """(id, cosine) best first: DuckDB evaluates the filter into ids, the vector file is scanned."""
+                       min_score=None, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
+        """(id, cosine) best first: DuckDB evaluates the filter into ids (unless ``allowed`` holds them
+        already), the vector file is scanned."""
         k = _positive(k)
         self._require_dim()
         if self.vectors is None:
             return []
-        query = filter_ids_sql(where, probes, self.info.probes)
-        allowed = None
-        if query is not None:
-            try:
-                allowed = self._con.execute(*query).fetchnumpy()["id"]
-            except duckdb.Error as exc:
-                self._rollback()
-                raise SearchError(f"search failed: {_first_line(exc)}") from exc
+        if allowed is None:
+            allowed = self._filter_ids(where, probes)
         return self.vectors.top_k(vector, k, allowed, exact=exact, min_score=min_score)
+
+    def _filter_ids(self, where, probes) -> np.ndarray | None:
+        """The ids of the rows passing every filter (int64), None without a filter."""
+        query = filter_ids_sql(where, probes, self.info.probes)
+        if query is None:
+            return None
+        try:
+            return np.asarray(self._con.execute(*query).fetchnumpy()["id"], dtype=np.int64)
+        except duckdb.Error as exc:
+            self._rollback()
+            raise SearchError(f"search failed: {_first_line(exc)}") from exc
 
     def _run(self, sql: str, params: list) -> list[tuple[int, float]]:
         try:
