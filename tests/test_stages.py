@@ -248,7 +248,15 @@ def test_the_caption_stream_keeps_the_engine_full_across_batches_and_gives_each_
     def advanced(stream):
         out = advance(stream)
         events.append(("advance", len(stream)))
-        started.set()
+        first = not started.is_set()
+        started.set()  # the later batches are sent now
+        if first and len(stream):
+            # Under load a later call can take longer to arrive than the first image takes to decode: the
+            # engine holds here, that image still in it, until one waits in the feeder's queue (nothing takes
+            # it off while this thread is in advance).
+            deadline = time.monotonic() + 60
+            while not fed.feeder._queue and time.monotonic() < deadline:
+                time.sleep(0.01)
         return out
 
     def admitted(batch, rows, images):
@@ -266,7 +274,8 @@ def test_the_caption_stream_keeps_the_engine_full_across_batches_and_gives_each_
     with ThreadPoolExecutor(len(batches)) as threads:
         first = threads.submit(call, 0)  # the first batch starts the engine, the others arrive while it runs
         started.wait(60)
-        outs = [first.result()] + list(threads.map(call, range(1, len(batches))))
+        later = [threads.submit(call, k) for k in range(1, len(batches))]
+        outs = [first.result()] + [call.result() for call in later]
 
     for out, expected in zip(outs, alone):
         assert out.schema.equals(stage.columns_after("caption").schema)
