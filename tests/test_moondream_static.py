@@ -135,11 +135,22 @@ def test_decode_step_compiles_in_one_graph_and_recompiles_at_most_twice(eos_mode
     eager = EMBEDDINGS.install(MoondreamEngine(eos_model, max_sequences=8, yes_ids=yes, no_ids=no))
     # Only the decode step compiled here: the vision tower and prefix prefill compile as before.
     compiled = EMBEDDINGS.install(MoondreamEngine(eos_model, max_sequences=8, yes_ids=yes, no_ids=no, compile=True))
+    # Each run of harvest_every steps (4 on CPU): the first with TorchDynamo's guards in full, the repeats skip those
+    # that do not tell the cached graphs apart. The outputs below show that the repeats ran the right graph.
+    skipped, step_fn = [], compiled._step
+
+    def watched(*args, **kwargs):
+        skipped.append(torch._dynamo.eval_frame._is_skip_guard_eval_unsafe_stance())
+        return step_fn(*args, **kwargs)
+
+    compiled._step = watched
     started = time.perf_counter()
     got = compiled.generate(crops, [requests] * len(crops))
     took = time.perf_counter() - started
     _same(got, eager.generate(crops, [requests] * len(crops)))
     _same(compiled.generate(crops[::-1], [requests] * len(crops)), eager.generate(crops[::-1], [requests] * len(crops)))
+    assert skipped and skipped == [k % compiled.harvest_every != 0 for k in range(len(skipped))]
+    assert not torch._dynamo.eval_frame._is_skip_guard_eval_unsafe_stance()  # scoped to the decode loop
     variants = _cached_graphs(step.decode_step)
     assert 1 <= variants <= 3
     assert not torch._dynamo.utils.counters["graph_break"]
