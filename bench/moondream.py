@@ -6,8 +6,8 @@
 "Before" is the engine main had (bench/legacy_engine.py: growing pools, per-step index tensors, stopping
 decided in Python); "after" is pipeline/models/moondream/engine.py, eager and with ``compile=True`` (the
 decode step compiled with fullgraph=True; on CPU inductor's C++ kernels called from its C++ wrapper, instead
-of CUDA graphs). Same random
-weights, same images, same prompts (EOS suppressed: every sequence decodes its cap), in one run:
+of CUDA graphs). Same random weights, same images, same prompts (EOS suppressed: every sequence decodes its
+cap), in one run:
 
 - host time per decode step (this process's CPU time, one thread) at tiny widths (bench/moondream_setup.py
   tiny_widths: the official 24 layers, one 32-dim head, vocabulary 256, a 10-token image prefix), 64 and 384
@@ -18,6 +18,18 @@ weights, same images, same prompts (EOS suppressed: every sequence decodes its c
   host. So the widths are the smallest the architecture allows (a 32-dim head for its 32 rotary dims), and
   the bench prints the check: the eager engines' step at twice the widths over the step at these (1.0x:
   arithmetic negligible; 2.0x: all arithmetic). Both engines run the same config side by side;
+- the same with the arithmetic taken out ("host ms ... arithmetic taken out"), and the arithmetic itself:
+  even at these widths a step computes (384 slots x 24 layers read their fp32 suffix keys and values,
+  about 75 MB a step, on one core), which a GPU runs asynchronously while the host issues what follows,
+  so the first line times that too. From a torch.profiler run of the same calls: a fused kernel's time is
+  all arithmetic (its event is recorded inside the kernel), an aten op's (or an extern call's from the C++
+  wrapper) only beyond the fastest call of the same op in the run or in a one-image call (8 sequences, for
+  the eager engines), so an op's dispatch and setup, which a GPU host pays too, stay host time; the share
+  of each profiled step that is arithmetic is applied to the CPU time per step (the profiler's wall clock
+  stretches under a busy neighbour, and its own records are host time it adds). What remains is what the
+  host does to issue a step: Python, dispatch, TorchDynamo's guards, the compiled graph's wrapper, the
+  harvests. It counts each operator's fixed cost as host time, also in the compiled step, where one CUDA
+  graph replay would stand for them all on a GPU: if anything it is high for the compiled engine;
 - operators per decode step from torch.profiler (top-level aten ops plus inductor's fused kernels: on a
   GPU, eager, each is a dispatch and most a kernel launch);
 - host syncs per 100 decode steps (reads of device values: tolist/item/int/float/bool/cpu);
