@@ -23,13 +23,15 @@ cap), in one run:
   about 75 MB a step, on one core), which a GPU runs asynchronously while the host issues what follows,
   so the first line times that too. From a torch.profiler run of the same calls: a fused kernel's time is
   all arithmetic (its event is recorded inside the kernel), an aten op's (or an extern call's from the C++
-  wrapper) only beyond the fastest call of the same op in the run or in a one-image call (8 sequences, for
-  the eager engines), so an op's dispatch and setup, which a GPU host pays too, stay host time; the share
-  of each profiled step that is arithmetic is applied to the CPU time per step (the profiler's wall clock
-  stretches under a busy neighbour, and its own records are host time it adds). What remains is what the
-  host does to issue a step: Python, dispatch, TorchDynamo's guards, the compiled graph's wrapper, the
-  harvests. It counts each operator's fixed cost as host time, also in the compiled step, where one CUDA
-  graph replay would stand for them all on a GPU: if anything it is high for the compiled engine;
+  wrapper) only beyond the fastest call of the same op in that engine's profiles (its 64-sequence run
+  stands for the 384 one; the eager engines also profile a one-image call, 8 sequences, which a compiled
+  one would have to compile a graph for), so an op's dispatch and setup, which a GPU host pays too, stay
+  host time; the share of each profiled step that is arithmetic is applied to the CPU time per step (the
+  profiler's wall clock stretches under a busy neighbour, and its own records are host time it adds).
+  What remains is what the host does to issue a step: Python, dispatch, TorchDynamo's guards, the
+  compiled graph's wrapper, the harvests. It counts each operator's fixed cost as host time, also in the
+  compiled step, where one CUDA graph replay would stand for them all on a GPU: if anything it is high
+  for the compiled engine;
 - operators per decode step from torch.profiler (top-level aten ops plus inductor's fused kernels: on a
   GPU, eager, each is a dispatch and most a kernel launch);
 - host syncs per 100 decode steps (reads of device values: tolist/item/int/float/bool/cpu);
@@ -165,7 +167,7 @@ def _arithmetic_ms(ops: dict, probe: "Probe", fastest: dict[str, float]) -> floa
     asynchronously while the host issues the next operators. Which time is arithmetic: a fused kernel's
     event is recorded inside the kernel (nothing but its loops: all of it); an aten op's (or an extern
     call's) event also holds its dispatch and setup, which a GPU host pays too, so the fastest call of the
-    same operator (``fastest``: in this run or the engine's one-image run, where every operator's
+    same operator (``fastest``: in this engine's profiles, this one included, where the smallest calls'
     arithmetic is small) is kept as host time and only the rest counts. The profiler's clock is the
     wall's (a busy neighbour stretches it) and its records add host time, so what is taken is each step's
     arithmetic *share* of its profiled duration, applied to the profiled run's CPU time per step (``probe``,
@@ -181,9 +183,11 @@ def _arithmetic_ms(ops: dict, probe: "Probe", fastest: dict[str, float]) -> floa
     return 1e3 * (share * step_seconds + other_share * probe.other_seconds / len(probe.step_times))
 
 
-def decode_proxies(engine, crops, reqs, one_image: bool = False) -> dict:
-    """The proxies for one engine on one batch. ``one_image``: also profile a one-image call (8 sequences)
-    for the operators' fastest calls (an eager engine; a compiled one would compile a graph for it)."""
+def decode_proxies(engine, crops, reqs, fastest: dict[str, float], one_image: bool = False) -> dict:
+    """The proxies for one engine on one batch. ``fastest``: each operator's fastest call in this engine's
+    profiles so far (updated here: a smaller batch's calls stand for a larger one's host cost).
+    ``one_image``: also profile a one-image call (8 sequences) for them (an eager engine; a compiled one
+    would compile a graph for it)."""
     engine.generate(crops, [reqs] * len(crops))  # warm-up: allocation, compilation
     probe = Probe()
     undo = _loop_probe(engine, probe)
@@ -191,11 +195,11 @@ def decode_proxies(engine, crops, reqs, one_image: bool = False) -> dict:
         with probe.counting_reads():
             engine.generate(crops, [reqs] * len(crops))
         timing = (probe.host_seconds_per_step(), 100 * probe.reads / probe.steps)
-        fastest: dict[str, float] = {}
         if one_image:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 engine.generate(crops[:1], [reqs])
-            fastest = _fastest(_top_level_ops(prof))
+            for name, d in _fastest(_top_level_ops(prof)).items():
+                fastest[name] = min(d, fastest.get(name, d))
         probe.steps, probe.step_times, probe.other_seconds = 0, [], 0.0
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             engine.generate(crops, [reqs] * len(crops))
@@ -279,12 +283,13 @@ def main() -> None:
     small = prepare_image(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), config.vision.crop_geometry)
     reqs = requests(args.tokens, args.tokens, vocab_size=config.text.vocab_size, probes=7)
     table: dict[str, dict] = {}
-    for n in (int(v) for v in args.sequences.split(",")):
+    fastest: dict[str, dict] = {}  # by engine: each operator's fastest call, across the sequence counts
+    for n in sorted(int(v) for v in args.sequences.split(",")):
         crops = [small] * (n // len(reqs))
         for label, engine in _engines(model, n, compile_after):
             legacy_reqs = [legacy.Request(r.prompt, r.max_tokens, r.yes_no) for r in reqs]
             found = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs,
-                                   one_image=label != "after compiled")
+                                   fastest.setdefault(label, {}), one_image=label != "after compiled")
             for key, value in found.items():
                 table.setdefault(f"{key}@{n}", {})[label] = value
             print(f"  {n} sequences, {label}: {found['ms']:.2f} ms/step ({found['host']:.2f} with the arithmetic "
@@ -297,7 +302,7 @@ def main() -> None:
         crops = [small] * (n // len(reqs))
         for label, engine in _engines(wide, n, False):
             legacy_reqs = [legacy.Request(r.prompt, r.max_tokens, r.yes_no) for r in reqs]
-            ms = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs)["ms"]
+            ms = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs, {})["ms"]
             table.setdefault(f"wide@{n}", {})[label] = ms / table[f"ms@{n}"][label]
             print(f"  {n} sequences, {label}, twice the widths: {ms:.2f} ms/step", flush=True)
 
