@@ -26,8 +26,9 @@ cap), in one run:
   wrapper) only beyond the fastest call of the same op in that engine's profiles (its 64-sequence run
   stands for the 384 one; the eager engines also profile a one-image call, 8 sequences, which a compiled
   one would have to compile a graph for), so an op's dispatch and setup, which a GPU host pays too, stay
-  host time; the share of each profiled step that is arithmetic is applied to the CPU time per step (the
-  profiler's wall clock stretches under a busy neighbour, and its own records are host time it adds).
+  host time; the profiler's clock is the wall's, which a busy neighbour stretches, so each operator call
+  is timed by its fastest of 3 profiled runs of the same calls. The arithmetic per step is taken from the
+  CPU time per step of the first line.
   What remains is what the host does to issue a step: Python, dispatch, TorchDynamo's guards, the
   compiled graph's wrapper, the harvests. It counts each operator's fixed cost as host time, also in the
   compiled step, where one CUDA graph replay would stand for them all on a GPU: if anything it is high
@@ -162,32 +163,43 @@ def _fastest(ops: dict) -> dict[str, float]:
     return fastest
 
 
-def _arithmetic_ms(ops: dict, probe: "Probe", fastest: dict[str, float]) -> float:
-    """Per decode step, the host CPU time of the operators' arithmetic, i.e. what a GPU would run
-    asynchronously while the host issues the next operators. Which time is arithmetic: a fused kernel's
-    event is recorded inside the kernel (nothing but its loops: all of it); an aten op's (or an extern
-    call's) event also holds its dispatch and setup, which a GPU host pays too, so the fastest call of the
-    same operator (``fastest``: in this engine's profiles, this one included, where the smallest calls'
-    arithmetic is small) is kept as host time and only the rest counts. The profiler's clock is the
-    wall's (a busy neighbour stretches it) and its records add host time, so what is taken is each step's
-    arithmetic *share* of its profiled duration, applied to the profiled run's CPU time per step (``probe``,
-    recorded under the profiler), that is the median step's plus its share of the bookkeeping calls', as
-    host_seconds_per_step adds them up."""
-    def arithmetic(durations) -> float:
-        return sum(d - (0.0 if "cpp_fused" in name else fastest[name]) for name, d in durations)
-
-    share = float(np.median([arithmetic(d) / e.time_range.elapsed_us() for e, d in ops.items() if e.name == STEP]))
-    other = [(arithmetic(d), e.time_range.elapsed_us()) for e, d in ops.items() if e.name == BOOKKEEPING]
-    other_share = sum(a for a, _ in other) / max(1e-9, sum(t for _, t in other))
-    step_seconds = float(np.median(probe.step_times))
-    return 1e3 * (share * step_seconds + other_share * probe.other_seconds / len(probe.step_times))
+def _calls(prof) -> list[tuple[str, list]]:
+    """The probe's calls in a profile, in order: (STEP or BOOKKEEPING, [(operator, microseconds)])."""
+    return [(e.name, d) for e, d in sorted(_top_level_ops(prof).items(), key=lambda item: item[0].time_range.start)]
 
 
-def decode_proxies(engine, crops, reqs, fastest: dict[str, float], one_image: bool = False) -> dict:
+def _arithmetic_ms(runs: list[list[tuple[str, list]]], fastest: dict[str, float]) -> float:
+    """Per decode step, the time of the operators' arithmetic, i.e. what a GPU would run asynchronously
+    while the host issues the next operators, from profiles (``runs``, _calls) of identical calls. Which
+    time is arithmetic: a fused kernel's event is recorded inside the kernel (nothing but its loops: all of
+    it); an aten op's (or an extern call's) event also holds its dispatch and setup, which a GPU host pays
+    too, so the fastest call of the same operator (``fastest``: in this engine's profiles, where the
+    smallest calls' arithmetic is small) is kept as host time and only the rest counts. The profiler's clock
+    is the wall's, which a busy neighbour stretches: each operator call's duration is its fastest over the
+    runs (the same call in each: same step, same place). The median step's, plus its share of the
+    bookkeeping calls', as host_seconds_per_step adds them up."""
+    first = runs[0]
+    same = [r for r in runs if [(kind, [n for n, _ in ops]) for kind, ops in r]
+            == [(kind, [n for n, _ in ops]) for kind, ops in first]]
+    per_step, other = [], 0.0
+    for k, (kind, ops) in enumerate(first):
+        total = 0.0
+        for j, (name, _) in enumerate(ops):
+            duration = min(r[k][1][j][1] for r in same)
+            total += duration - (0.0 if "cpp_fused" in name else fastest[name])
+        if kind == STEP:
+            per_step.append(total)
+        else:
+            other += total
+    return (float(np.median(per_step)) + other / len(per_step)) / 1e3
+
+
+def decode_proxies(engine, crops, reqs, fastest: dict[str, float], one_image: bool = False,
+                   profiles: int = 3) -> dict:
     """The proxies for one engine on one batch. ``fastest``: each operator's fastest call in this engine's
     profiles so far (updated here: a smaller batch's calls stand for a larger one's host cost).
     ``one_image``: also profile a one-image call (8 sequences) for them (an eager engine; a compiled one
-    would compile a graph for it)."""
+    would compile a graph for it). ``profiles``: profiled calls, for the arithmetic."""
     engine.generate(crops, [reqs] * len(crops))  # warm-up: allocation, compilation
     probe = Probe()
     undo = _loop_probe(engine, probe)
@@ -200,14 +212,17 @@ def decode_proxies(engine, crops, reqs, fastest: dict[str, float], one_image: bo
                 engine.generate(crops[:1], [reqs])
             for name, d in _fastest(_top_level_ops(prof)).items():
                 fastest[name] = min(d, fastest.get(name, d))
-        probe.steps, probe.step_times, probe.other_seconds = 0, [], 0.0
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            engine.generate(crops, [reqs] * len(crops))
-        ops = _top_level_ops(prof)
-        for name, d in _fastest(ops).items():
-            fastest[name] = min(d, fastest.get(name, d))
-        arithmetic = _arithmetic_ms(ops, probe, fastest)
-        per_step_ops = sum(len(d) for d in ops.values()) / probe.steps
+        runs = []
+        for _ in range(profiles):
+            probe.steps = 0
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                engine.generate(crops, [reqs] * len(crops))
+            runs.append(_calls(prof))
+        for _, ops in (call for run in runs for call in run):
+            for name, d in ops:
+                fastest[name] = min(d, fastest.get(name, d))
+        arithmetic = _arithmetic_ms(runs, fastest)
+        per_step_ops = sum(len(ops) for _, ops in runs[0]) / probe.steps
     finally:
         undo()
     return {"ms": 1e3 * timing[0], "host": 1e3 * timing[0] - arithmetic, "arithmetic": arithmetic,
