@@ -6,8 +6,8 @@
 "Before" is the engine main had (bench/legacy_engine.py: growing pools, per-step index tensors, stopping
 decided in Python); "after" is pipeline/models/moondream/engine.py, eager and with ``compile=True`` (the
 decode step compiled with fullgraph=True; on CPU inductor's C++ kernels called from its C++ wrapper, instead
-of CUDA graphs). Same random
-weights, same images, same prompts (EOS suppressed: every sequence decodes its cap), in one run:
+of CUDA graphs). Same random weights, same images, same prompts (EOS suppressed: every sequence decodes its
+cap), in one run:
 
 - host time per decode step (this process's CPU time, one thread) at tiny widths (bench/moondream_setup.py
   tiny_widths: the official 24 layers, one 32-dim head, vocabulary 256, a 10-token image prefix), 64 and 384
@@ -18,6 +18,21 @@ weights, same images, same prompts (EOS suppressed: every sequence decodes its c
   host. So the widths are the smallest the architecture allows (a 32-dim head for its 32 rotary dims), and
   the bench prints the check: the eager engines' step at twice the widths over the step at these (1.0x:
   arithmetic negligible; 2.0x: all arithmetic). Both engines run the same config side by side;
+- the same with the arithmetic taken out ("host ms ... arithmetic taken out"), and the arithmetic itself:
+  even at these widths a step computes (384 slots x 24 layers read their fp32 suffix keys and values,
+  about 75 MB a step, on one core), which a GPU runs asynchronously while the host issues what follows,
+  so the first line times that too. From a torch.profiler run of the same calls: a fused kernel's time is
+  all arithmetic (its event is recorded inside the kernel), an aten op's (or an extern call's from the C++
+  wrapper) only beyond the fastest call of the same op in that engine's profiles (its 64-sequence run
+  stands for the 384 one; the eager engines also profile a one-image call, 8 sequences, which a compiled
+  one would have to compile a graph for), so an op's dispatch and setup, which a GPU host pays too, stay
+  host time; the profiler's clock is the wall's, which a busy neighbour stretches, so each operator call
+  is timed by its fastest of 3 profiled runs of the same calls. The arithmetic per step is taken from the
+  CPU time per step of the first line.
+  What remains is what the host does to issue a step: Python, dispatch, TorchDynamo's guards, the
+  compiled graph's wrapper, the harvests. It counts each operator's fixed cost as host time, also in the
+  compiled step, where one CUDA graph replay would stand for them all on a GPU: if anything it is high
+  for the compiled engine;
 - operators per decode step from torch.profiler (top-level aten ops plus inductor's fused kernels: on a
   GPU, eager, each is a dispatch and most a kernel launch);
 - host syncs per 100 decode steps (reads of device values: tolist/item/int/float/bool/cpu);
@@ -46,6 +61,8 @@ from pipeline.models.moondream.preprocess import prepare_image  # noqa: E402
 
 # Every read of a device value goes through one of these (numpy() needs a CPU tensor: cpu() came first).
 _HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "cpu")
+# The profiler events the probe puts around each decode step and each bookkeeping call.
+STEP, BOOKKEEPING = "bench_decode_step", "bench_decode_bookkeeping"
 
 
 class Probe:
@@ -86,7 +103,7 @@ class Probe:
             self.inside = True
             start = time.process_time()  # this process's CPU time: on a shared machine, not the neighbours'
             try:
-                with torch.profiler.record_function("bench_decode"):
+                with torch.profiler.record_function(STEP if is_step else BOOKKEEPING):
                     return fn(*args, **kwargs)
             finally:
                 spent = time.process_time() - start
@@ -116,26 +133,73 @@ def _is_op(name: str) -> bool:
     return name.startswith(("aten::", "aoti_torch_", "triton_")) or "cpp_fused" in name
 
 
-def _ops(prof) -> int:
-    """Top-level operators inside the decode loop: ops not called by another op. (The C++ wrapper's extern
-    calls, e.g. aoti_torch_cpu_addmm_out, run aten ops inside them, as aten::addmm does: one op each.)"""
-    count = 0
+def _top_level_ops(prof) -> dict:
+    """Top-level operators inside the decode loop, by the probe's event (a step or a bookkeeping call) they
+    ran in: {event: [(operator, duration in microseconds)]}. Top-level: not called by another op (the C++
+    wrapper's extern calls, e.g. aoti_torch_cpu_addmm_out, run aten ops inside them, as aten::addmm does:
+    one op each)."""
+    found: dict = {}
     for event in prof.events():
+        if event.name in (STEP, BOOKKEEPING):
+            found.setdefault(event, [])
+            continue
         if not _is_op(event.name):
             continue
-        parent, inside, nested = event.cpu_parent, False, False
-        while parent is not None:
-            if parent.name == "bench_decode":
-                inside = True
-                break
-            if _is_op(parent.name):
-                nested = True
+        parent, nested = event.cpu_parent, False
+        while parent is not None and parent.name not in (STEP, BOOKKEEPING):
+            nested |= _is_op(parent.name)
             parent = parent.cpu_parent
-        count += inside and not nested
-    return count
+        if parent is not None and not nested:
+            found.setdefault(parent, []).append((event.name, event.time_range.elapsed_us()))
+    return found
 
 
-def decode_proxies(engine, crops, reqs) -> dict:
+def _fastest(ops: dict) -> dict[str, float]:
+    """Each operator's fastest call (microseconds) in _top_level_ops's result."""
+    fastest: dict[str, float] = {}
+    for durations in ops.values():
+        for name, d in durations:
+            fastest[name] = min(d, fastest.get(name, d))
+    return fastest
+
+
+def _calls(prof) -> list[tuple[str, list]]:
+    """The probe's calls in a profile, in order: (STEP or BOOKKEEPING, [(operator, microseconds)])."""
+    return [(e.name, d) for e, d in sorted(_top_level_ops(prof).items(), key=lambda item: item[0].time_range.start)]
+
+
+def _arithmetic_ms(runs: list[list[tuple[str, list]]], fastest: dict[str, float]) -> float:
+    """Per decode step, the time of the operators' arithmetic, i.e. what a GPU would run asynchronously
+    while the host issues the next operators, from profiles (``runs``, _calls) of identical calls. Which
+    time is arithmetic: a fused kernel's event is recorded inside the kernel (nothing but its loops: all of
+    it); an aten op's (or an extern call's) event also holds its dispatch and setup, which a GPU host pays
+    too, so the fastest call of the same operator (``fastest``: in this engine's profiles, where the
+    smallest calls' arithmetic is small) is kept as host time and only the rest counts. The profiler's clock
+    is the wall's, which a busy neighbour stretches: each operator call's duration is its fastest over the
+    runs (the same call in each: same step, same place). The median step's, plus its share of the
+    bookkeeping calls', as host_seconds_per_step adds them up."""
+    first = runs[0]
+    same = [r for r in runs if [(kind, [n for n, _ in ops]) for kind, ops in r]
+            == [(kind, [n for n, _ in ops]) for kind, ops in first]]
+    per_step, other = [], 0.0
+    for k, (kind, ops) in enumerate(first):
+        total = 0.0
+        for j, (name, _) in enumerate(ops):
+            duration = min(r[k][1][j][1] for r in same)
+            total += duration - (0.0 if "cpp_fused" in name else fastest[name])
+        if kind == STEP:
+            per_step.append(total)
+        else:
+            other += total
+    return (float(np.median(per_step)) + other / len(per_step)) / 1e3
+
+
+def decode_proxies(engine, crops, reqs, fastest: dict[str, float], one_image: bool = False,
+                   profiles: int = 3) -> dict:
+    """The proxies for one engine on one batch. ``fastest``: each operator's fastest call in this engine's
+    profiles so far (updated here: a smaller batch's calls stand for a larger one's host cost).
+    ``one_image``: also profile a one-image call (8 sequences) for them (an eager engine; a compiled one
+    would compile a graph for it). ``profiles``: profiled calls, for the arithmetic."""
     engine.generate(crops, [reqs] * len(crops))  # warm-up: allocation, compilation
     probe = Probe()
     undo = _loop_probe(engine, probe)
@@ -143,13 +207,26 @@ def decode_proxies(engine, crops, reqs) -> dict:
         with probe.counting_reads():
             engine.generate(crops, [reqs] * len(crops))
         timing = (probe.host_seconds_per_step(), 100 * probe.reads / probe.steps)
-        probe.steps = 0
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            engine.generate(crops, [reqs] * len(crops))
-        ops = _ops(prof) / probe.steps
+        if one_image:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                engine.generate(crops[:1], [reqs])
+            for name, d in _fastest(_top_level_ops(prof)).items():
+                fastest[name] = min(d, fastest.get(name, d))
+        runs = []
+        for _ in range(profiles):
+            probe.steps = 0
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                engine.generate(crops, [reqs] * len(crops))
+            runs.append(_calls(prof))
+        for _, ops in (call for run in runs for call in run):
+            for name, d in ops:
+                fastest[name] = min(d, fastest.get(name, d))
+        arithmetic = _arithmetic_ms(runs, fastest)
+        per_step_ops = sum(len(ops) for _, ops in runs[0]) / probe.steps
     finally:
         undo()
-    return {"ms": 1e3 * timing[0], "syncs": timing[1], "ops": ops}
+    return {"ms": 1e3 * timing[0], "host": 1e3 * timing[0] - arithmetic, "arithmetic": arithmetic,
+            "syncs": timing[1], "ops": per_step_ops}
 
 
 def _engines(model, max_sequences: int, compile_after: bool):
@@ -221,14 +298,17 @@ def main() -> None:
     small = prepare_image(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), config.vision.crop_geometry)
     reqs = requests(args.tokens, args.tokens, vocab_size=config.text.vocab_size, probes=7)
     table: dict[str, dict] = {}
-    for n in (int(v) for v in args.sequences.split(",")):
+    fastest: dict[str, dict] = {}  # by engine: each operator's fastest call, across the sequence counts
+    for n in sorted(int(v) for v in args.sequences.split(",")):
         crops = [small] * (n // len(reqs))
         for label, engine in _engines(model, n, compile_after):
             legacy_reqs = [legacy.Request(r.prompt, r.max_tokens, r.yes_no) for r in reqs]
-            found = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs)
+            found = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs,
+                                   fastest.setdefault(label, {}), one_image=label != "after compiled")
             for key, value in found.items():
                 table.setdefault(f"{key}@{n}", {})[label] = value
-            print(f"  {n} sequences, {label}: {found['ms']:.2f} ms/step, {found['ops']:.0f} ops/step, "
+            print(f"  {n} sequences, {label}: {found['ms']:.2f} ms/step ({found['host']:.2f} with the arithmetic "
+                  f"taken out, {found['arithmetic']:.2f} arithmetic), {found['ops']:.0f} ops/step, "
                   f"{found['syncs']:.0f} syncs/100 steps", flush=True)
 
     # Is arithmetic negligible? The same steps at twice the widths (eager engines: no compile to wait for).
@@ -237,7 +317,7 @@ def main() -> None:
         crops = [small] * (n // len(reqs))
         for label, engine in _engines(wide, n, False):
             legacy_reqs = [legacy.Request(r.prompt, r.max_tokens, r.yes_no) for r in reqs]
-            ms = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs)["ms"]
+            ms = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs, {})["ms"]
             table.setdefault(f"wide@{n}", {})[label] = ms / table[f"ms@{n}"][label]
             print(f"  {n} sequences, {label}, twice the widths: {ms:.2f} ms/step", flush=True)
 
@@ -273,6 +353,8 @@ def main() -> None:
     print(f"{'':<34}" + "".join(f"{k:>16}" for k in labels) + f"{'before/after':>13}")
     for n in (int(v) for v in args.sequences.split(",")):
         print(_row(f"host ms per decode step, {n} seqs", table[f"ms@{n}"], labels, ".2f"))
+        print(_row("  the same, arithmetic taken out", table[f"host@{n}"], labels, ".2f"))
+        print(_row("  (the arithmetic taken out)", table[f"arithmetic@{n}"], labels, ".2f"))
         print(_row(f"ops per decode step, {n} seqs", table[f"ops@{n}"], labels, ".0f"))
         print(_row(f"host syncs per 100 steps, {n} seqs", table[f"syncs@{n}"], labels, ".0f"))
         wide = table[f"wide@{n}"]

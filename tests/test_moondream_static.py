@@ -135,11 +135,29 @@ def test_decode_step_compiles_in_one_graph_and_recompiles_at_most_twice(eos_mode
     eager = EMBEDDINGS.install(MoondreamEngine(eos_model, max_sequences=8, yes_ids=yes, no_ids=no))
     # Only the decode step compiled here: the vision tower and prefix prefill compile as before.
     compiled = EMBEDDINGS.install(MoondreamEngine(eos_model, max_sequences=8, yes_ids=yes, no_ids=no, compile=True))
+    # A step on new inputs (other pools or sizes) runs TorchDynamo's guards in full; a step on the inputs of the
+    # step before it skips those that do not tell the cached graphs apart. The outputs below show that those
+    # steps ran the right graph.
+    calls, step_fn = [], compiled._step  # (skipping guards, the step's pools, state and sizes)
+
+    def watched(*args, **kwargs):
+        calls.append((torch._dynamo.eval_frame._is_skip_guard_eval_unsafe_stance(),
+                      (*args[1:6], kwargs["slots"], kwargs["lanes"], kwargs["length"])))
+        return step_fn(*args, **kwargs)
+
+    def same(a, b):
+        return all(x is y if not isinstance(x, int) else x == y for x, y in zip(a, b))
+
+    compiled._step = watched
     started = time.perf_counter()
     got = compiled.generate(crops, [requests] * len(crops))
     took = time.perf_counter() - started
     _same(got, eager.generate(crops, [requests] * len(crops)))
     _same(compiled.generate(crops[::-1], [requests] * len(crops)), eager.generate(crops[::-1], [requests] * len(crops)))
+    skipped = [skip for skip, _ in calls]
+    assert skipped == [k > 0 and same(calls[k][1], calls[k - 1][1]) for k in range(len(calls))]
+    assert 0 < skipped.count(False) < len(calls) / compiled.harvest_every  # first steps of a harvest period too
+    assert not torch._dynamo.eval_frame._is_skip_guard_eval_unsafe_stance()  # scoped to the decode loop
     variants = _cached_graphs(step.decode_step)
     assert 1 <= variants <= 3
     assert not torch._dynamo.utils.counters["graph_break"]
