@@ -265,8 +265,11 @@ class MoondreamEngine:
 def _below_recompile_limit() -> bool:
     """Whether the compiled decode step has fewer graphs cached than TorchDynamo's recompile limit (beyond
     it Dynamo stops compiling and runs the step eagerly)."""
-    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(step.decode_step.__code__)
-    return len(entries) < torch._dynamo.config.recompile_limit
+    try:  # private API: a torch without it gets every step fully guarded, the safe side
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(step.decode_step.__code__)
+        return len(entries) < torch._dynamo.config.recompile_limit
+    except AttributeError:
+        return False
 
 
 def _held_weakly(inputs: tuple) -> tuple:
