@@ -7,7 +7,7 @@ that tells the truth (pipeline.exit_codes), no process left after 10 s.
 
 A full disk is a real, small tmpfs (tests/fixtures/faults.py ``small_disk``).
 A file of its own (not tests/test_fault_storage.py's store scenarios) so that
-the two halves of the storage faults run on both pytest workers.
+the two halves of the storage faults can run on the two pytest workers at once.
 """
 
 from __future__ import annotations
