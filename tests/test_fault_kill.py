@@ -88,14 +88,18 @@ def _killed(run: Captioner) -> None:
 
 # The GCS is Ray's first process; a worker still starting up sits in a process
 # group of its own and, before jobs/session_guard.py, outlived the kill by ~25 s.
-@pytest.mark.parametrize("moment", sorted(RAY_START_MOMENTS))
-def test_kill_during_ray_start(tmp_path, tiny_clip_dir, moment):
+def test_kill_during_ray_start(tmp_path, tiny_clip_dir):
+    """Killed at each moment of Ray's start in turn, over one collection: each kill leaves no process
+    and no row written; the next moment's run, then one rerun, starts from what that kill left, and
+    the rerun finishes the collection. (One collection for all moments: a rerun after each paid a
+    whole run for the same verdicts.)"""
     collection = Collection(tmp_path, images=12, rows_per_part=4, clip_dir=tiny_clip_dir)
-    with collection.start() as run:
-        run.wait_for(_ray_process_up(run, RAY_START_MOMENTS[moment]), 120, f"{moment} to start")
-        _killed(run)
-        assert_no_process_left(run.tag, within_s=10)
-    assert not collection.out.exists() and not collection.committed_parts()
+    for moment in sorted(RAY_START_MOMENTS):
+        with collection.start() as run:
+            run.wait_for(_ray_process_up(run, RAY_START_MOMENTS[moment]), 120, f"{moment} to start")
+            _killed(run)
+            assert_no_process_left(run.tag, within_s=10)
+        assert not collection.out.exists() and not collection.committed_parts(), f"killed at {moment}"
     collection.rerun_finishes_the_collection()
 
 
