@@ -333,3 +333,16 @@ def test_filtered_ann_probes_the_lists_and_falls_back_to_an_exact_scan_when_they
         for q in clustered(5, seed=10):
             hits = idx.search_vector(q, 10, where="id % 10 = 3")
             assert [h.id for h in hits] == [i for i in brute(x, q, 3000) if i % 10 == 3][:10]
+
+
+def test_a_filters_ids_become_sorted_live_slots_each_once_in_any_order():
+    """What a filtered scan reads: ids in any order, repeated, unknown or of dead slots give each live slot once, sorted."""
+    from pipeline.search.scan import VectorStore
+
+    matrix = np.eye(6, 4, dtype=np.float32)
+    slot_ids = np.array([10, -1, 12, 13, 14, 11])  # slot 1 dead (its row replaced by slot 5)
+    store = VectorStore(matrix, slot_ids, np.ones(6, np.float32), id_count=15)
+    assert store.slots_of([10, 11, 12]).tolist() == [0, 2, 5]
+    assert store.slots_of([11, 14, 10, 14, 99, -3, 7]).tolist() == [0, 4, 5]
+    assert store.slots_of([12, 13]).tolist() == [2, 3]
+    assert store.slots_of([]).tolist() == []
