@@ -245,7 +245,6 @@ def run(args, work: Path) -> int:
     x = np.load(work / "vectors.npy")
     queries = gen.draw(args.queries)
     truth, t_np = zip(*(timed(numpy_top10, x, q) for q in queries))
-    np_median = statistics.median(t_np)
     print(f"numpy brute force top-10       {ms(t_np)}")
 
     t0 = time.perf_counter()
