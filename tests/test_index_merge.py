@@ -205,12 +205,12 @@ def test_index_while_the_run_merges_reads_the_merged_file(tmp_path, monkeypatch,
     con = duckdb.connect(str(db), read_only=True)
     assert [r[0] for r in con.execute("SELECT uri FROM images ORDER BY uri").fetchall()] == uris
     con.close()
-    # index format 2: the catalogue and the one vector file it points at, nothing else
-    from pipeline.search import ImageIndex
+    # the catalogue and the vector files it points at (both halves), nothing else
+    from pipeline.search import ImageIndex, vectors
 
     with ImageIndex.open(db) as idx:
-        vector_file = idx.info.vector_file
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["captions.parquet", "index.duckdb", vector_file])
+        vector_files = vectors.file_names(idx.info.vector_file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["captions.parquet", "index.duckdb", *vector_files])
 
 
 def test_index_of_sources_that_keep_changing_says_so_in_one_line(tmp_path, monkeypatch):

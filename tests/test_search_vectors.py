@@ -142,9 +142,9 @@ def test_compaction_rewrites_the_file_when_a_quarter_is_dead(tmp_path):
     write_part(src / "part-1.parquet", 0, clustered(40, seed=2), at=later(5))  # 40 of 100 replaced
     report = build_index([], db)
     assert report.vectors_rewritten and report.info.vector_file != first and report.info.vector_slots == 100
-    assert sorted(p.name for p in tmp_path.iterdir() if vectors.is_vector_file_of(p.name, db.name)) == [
-        report.info.vector_file
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir() if vectors.is_vector_file_of(p.name, db.name)) == sorted(
+        vectors.file_names(report.info.vector_file)
+    )
 
 
 # -- faults -----------------------------------------------------------------------
@@ -339,10 +339,104 @@ def test_a_filters_ids_become_sorted_live_slots_each_once_in_any_order():
     """What a filtered scan reads: ids in any order, repeated, unknown or of dead slots give each live slot once, sorted."""
     from pipeline.search.scan import VectorStore
 
-    matrix = np.eye(6, 4, dtype=np.float32)
+    planes = vectors.VectorPlanes(*vectors.split(np.eye(6, 4, dtype=np.float32)))
     slot_ids = np.array([10, -1, 12, 13, 14, 11])  # slot 1 dead (its row replaced by slot 5)
-    store = VectorStore(matrix, slot_ids, np.ones(6, np.float32), id_count=15)
+    store = VectorStore(planes, slot_ids, np.ones(6, np.float32), id_count=15)
     assert store.slots_of([10, 11, 12]).tolist() == [0, 2, 5]
     assert store.slots_of([11, 14, 10, 14, 99, -3, 7]).tolist() == [0, 4, 5]
     assert store.slots_of([12, 13]).tolist() == [2, 3]
     assert store.slots_of([]).tolist() == []
+
+
+# -- the two planes and the two-pass scan --------------------------------------------
+
+
+def test_the_two_halves_give_back_every_float32_bit_for_bit():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 33)).astype(np.float32)
+    x[0, :4] = [0.0, -0.0, np.float32(1e-42), -np.finfo(np.float32).max]  # zeros, a subnormal, an extreme
+    high, low = vectors.split(x)
+    assert high.dtype == low.dtype == np.uint16
+    assert vectors.join(high, low).tobytes() == x.tobytes()
+    planes = vectors.VectorPlanes(high, low)
+    assert planes[np.array([3, 0])].tobytes() == x[[3, 0]].tobytes() and planes[2:5].tobytes() == x[2:5].tobytes()
+
+
+@pytest.mark.parametrize("dim", [16, 768])
+def test_the_first_pass_never_strays_beyond_its_error_bound(dim):
+    """The bound the exact scan relies on, against the true (float64) dot products, random and worst-case rows."""
+    import torch
+
+    from pipeline.search.scan import VectorStore, error_bound
+
+    rng = np.random.default_rng(dim)
+    random = rng.standard_normal((2000, dim))
+    # every term of the same sign, each value just under a power of two: truncation and rounding errors all add up
+    coherent = np.full((2000, dim), 2 - 2.0 ** -7 - 2.0 ** -20) * rng.choice([0.5, 1, 2], (2000, 1))
+    for x, q in [(random, rng.standard_normal(dim)), (coherent, np.full(dim, 1.0 + 2.0 ** -9 - 2.0 ** -20))]:
+        x = x.astype(np.float32)
+        q = (q / np.linalg.norm(q)).astype(np.float32)
+        norms = np.linalg.norm(x, axis=1).astype(np.float32)
+        store = VectorStore(vectors.VectorPlanes(*vectors.split(x)), np.arange(len(x)), (1 / norms).astype(np.float32),
+                            id_count=len(x))
+        approx = store._approx(torch.from_numpy(q).to(torch.bfloat16))
+        true = (x.astype(np.float64) @ q.astype(np.float64)) / norms.astype(np.float64)
+        worst = np.max(np.abs(approx - true))
+        assert worst <= error_bound(dim) * np.linalg.norm(q), (worst, error_bound(dim))
+        assert worst > error_bound(dim) / 1000  # the first pass does round: the bound is not vacuous here
+
+
+def test_exact_search_orders_rows_the_first_pass_cannot_tell_apart():
+    """Rows whose high halves are equal differ only in their low halves: the answer is still the exact order."""
+    from pipeline.search.scan import DIRECT_ROWS, VectorStore
+
+    rng = np.random.default_rng(3)
+    n = 3 * DIRECT_ROWS  # enough rows for the two-pass path, not the direct one
+    bits = np.tile(rng.standard_normal(DIM).astype(np.float32).view(np.uint32) & 0xFFFF0000, (n, 1))
+    bits |= rng.integers(0, 1 << 16, bits.shape, dtype=np.uint32)  # one bfloat16 row, n different float32 ones
+    x = bits.view(np.float32)
+    norms = np.linalg.norm(x, axis=1).astype(np.float32)
+    store = VectorStore(vectors.VectorPlanes(*vectors.split(x)), np.arange(n), (1 / norms).astype(np.float32), id_count=n)
+    q = rng.standard_normal(DIM).astype(np.float32)
+    q /= np.linalg.norm(q)
+    cosine = (x.astype(np.float64) @ q.astype(np.float64)) * (1 / norms).astype(np.float64)
+    for k in (1, 7, 40):
+        for allowed in (None, np.arange(0, n, 2)):
+            hits = store.top_k(q, k, allowed, exact=True)
+            pool = np.arange(n) if allowed is None else allowed
+            assert [i for i, _ in hits] == pool[np.argsort(-cosine[pool], kind="stable")[:k]].tolist()
+
+
+def test_sql_reads_back_the_stored_float32_values_unchanged(small_index, tmp_path):
+    import pyarrow.parquet as pq
+
+    db, _ = small_index
+    stored = pq.read_table(tmp_path / "part-0.parquet", columns=["uri", "embedding"]).sort_by("uri")
+    want = stored.column("embedding").combine_chunks().flatten().to_numpy()
+    with ImageIndex.open(db) as idx:
+        rows = idx.sql("SELECT embedding FROM images ORDER BY uri").rows
+        assert np.array([row[0] for row in rows], np.float32).ravel().tobytes() == want.tobytes()
+        by_id = idx.sql("SELECT e.embedding FROM embeddings AS e JOIN images USING (id) WHERE uri = '/img/000123.jpg'").rows
+        assert np.array(by_id[0][0], np.float32).tobytes() == want.reshape(-1, DIM)[123].tobytes()
+        with pytest.raises(Exception, match="no vector slot"):
+            idx.sql("SELECT captioner_embedding(1000000000)")
+
+
+def test_a_truncated_or_missing_low_half_file_names_the_fix(small_index):
+    db, path = small_index
+    low = vectors.low_path(path)
+    with open(low, "r+b") as handle:
+        handle.truncate(low.stat().st_size - 2)
+    _fails_opening_with(db, "truncated")
+    low.unlink()
+    _fails_opening_with(db, "lacks its vector file", low.name)
+
+
+def test_a_vector_file_of_the_float32_format_names_the_fix(small_index):
+    """An index whose vector file predates the two halves (format 1: one float32 matrix)."""
+    db, path = small_index
+    data = bytearray(path.read_bytes())
+    header = json.loads(bytes(data[len(vectors.MAGIC):vectors.HEADER_BYTES]).decode())
+    header["format"] = 1
+    path.write_bytes(vectors.VectorHeader(**header).encode() + bytes(data[vectors.HEADER_BYTES:]))
+    _fails_opening_with(db, "format 1")

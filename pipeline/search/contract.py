@@ -34,10 +34,11 @@ Layout of an index database (all names fixed, nothing derived from user text):
                (pipeline.search.catalogue_update) without reading old files.
   vector_slots (id, slot, norm, list) for status='ok' rows that have an
                embedding: the row ``slot`` of the vector file holds it (raw
-               float32), ``norm`` its L2 norm, ``list`` its IVF list (null
-               without ANN). The vector file itself (pipeline.search.vectors:
-               header, then the matrix) lies beside the database under the
-               name ``IndexInfo.vector_file``; ``IndexInfo.vector_slots`` is
+               float32, split in two halves), ``norm`` its L2 norm, ``list`` its
+               IVF list (null without ANN). The vector file itself
+               (pipeline.search.vectors: header, then the high halves; the low
+               halves in a second file named after it) lies beside the
+               database under the name ``IndexInfo.vector_file``; ``IndexInfo.vector_slots`` is
                how many of its rows this catalogue covers. DuckDB is the
                catalogue; the vectors are scanned by pipeline.search.scan.
   ann_centroids (list, centroid FLOAT[D]) when the index has IVF lists.
@@ -77,14 +78,16 @@ from pipeline.search.extensions import CONNECT_CONFIG, load_extensions
 
 # 2: vectors in a vector file beside the catalogue (vector_slots, ann_centroids); no HNSW.
 # 3: source_keys and image_rows.caption_source_file/_row, so an update re-derives only the rows that changed.
-INDEX_FORMAT = 3
+# 4: the vector file holds each float32 split in a high and a low half (pipeline.search.vectors format 2).
+INDEX_FORMAT = 4
 
 IMAGE_ROWS = "image_rows"
 SOURCE_KEYS = "source_keys"
 VECTOR_SLOTS = "vector_slots"
 ANN_CENTROIDS = "ann_centroids"
 EMBEDDINGS = "embeddings"  # the TEMP view (id, embedding) a reader adds over the vector file
-VECTOR_ARROW = "_vector_file"  # the Arrow table over the mapped vector file that view reads
+VECTOR_ARROW = "_vector_file"  # the Arrow table (id, slot) that view reads
+EMBEDDING_FUNCTION = "captioner_embedding"  # slot -> FLOAT[D], joined from the vector files (that view calls it)
 DOCS = "docs"
 FTS_SCHEMA = "fts_main_docs"
 IMAGES = "images"

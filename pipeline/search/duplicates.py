@@ -32,10 +32,13 @@ EXACT_ROWS = 20_000
 NEIGHBOUR_LISTS = 3
 
 
-def near_pairs(matrix: np.ndarray, inv_norms: np.ndarray, slots: np.ndarray, threshold: float, *,
+def near_pairs(matrix, inv_norms: np.ndarray, slots: np.ndarray, threshold: float, *,
                lists: np.ndarray | None = None, centroids: np.ndarray | None = None,
                neighbours: int = NEIGHBOUR_LISTS):
     """(slot a, slot b, cosine) arrays of the pairs among ``slots`` at or above ``threshold``, each once (a < b).
+
+    ``matrix``: float32 rows by slot, indexed with arrays of slots (a
+    pipeline.search.vectors.VectorPlanes, or an ndarray).
 
     ``lists``/``centroids``: the IVF lists (lists per slot); without them,
     above EXACT_ROWS vectors, temporary ones are trained.
@@ -94,10 +97,10 @@ def _pairs_in_blocks(matrix, inv_norms, left, right, threshold, *, same: bool):
     firsts, seconds, sims = [], [], []
     for i0 in range(0, len(left), BLOCK):
         a = left[i0:i0 + BLOCK]
-        xa = np.take(matrix, a, axis=0) * inv_norms[a][:, None]
+        xa = matrix[a] * inv_norms[a][:, None]
         for j0 in range(i0 if same else 0, len(right), BLOCK):
             b = right[j0:j0 + BLOCK]
-            xb = np.take(matrix, b, axis=0) * inv_norms[b][:, None]
+            xb = matrix[b] * inv_norms[b][:, None]
             s = xa @ xb.T
             if same and j0 < len(left):
                 # columns j0.. that are rows of ``left`` itself: keep only those after the row's own position
@@ -122,7 +125,7 @@ def _rows(matrix, slots):
 
     rng = np.random.default_rng(0)
     picked = np.sort(rng.choice(slots, size=min(len(slots), ann.TRAIN_ROWS), replace=False))
-    return np.take(matrix, picked, axis=0)
+    return matrix[picked]
 
 
 class _RowView:
@@ -135,7 +138,7 @@ class _RowView:
         return len(self.slots)
 
     def __getitem__(self, part):
-        return np.take(self.matrix, self.slots[part], axis=0)
+        return self.matrix[self.slots[part]]
 
 
 def groups_of(pairs_a: np.ndarray, pairs_b: np.ndarray, weights: np.ndarray):

@@ -527,7 +527,7 @@ class ImageIndex:
         near_s = np.zeros(0, np.float32)
         store = self.vectors
         if store is not None and store.live and self.info.embedding_dim:
-            a, b, near_s = near_pairs(store._array, store.inv_norms, np.flatnonzero(store.slot_ids >= 0), threshold,
+            a, b, near_s = near_pairs(store.planes, store.inv_norms, np.flatnonzero(store.slot_ids >= 0), threshold,
                                       lists=store.lists, centroids=store.centroids)
             near_a, near_b = store.slot_ids[a], store.slot_ids[b]
         groups = groups_of(np.concatenate([exact_a, near_a]), np.concatenate([exact_b, near_b]),
@@ -596,8 +596,6 @@ class ImageIndex:
 
 def _open_vectors(con, path: Path, info: IndexInfo, nprobe):
     """The VectorStore of an index (None without vectors), and the TEMP views ``images`` / ``embeddings`` over it."""
-    import mmap
-
     import pyarrow as pa
 
     from pipeline.search import vectors
@@ -606,12 +604,9 @@ def _open_vectors(con, path: Path, info: IndexInfo, nprobe):
     if info.rows_only or not info.embedding_dim or not info.vector_file:
         return None
     dim = int(info.embedding_dim)
-    matrix = vectors.open_matrix(contract.vector_path(path, info), path, dim=dim, slots=info.vector_slots,
+    planes = vectors.open_planes(contract.vector_path(path, info), path, dim=dim, slots=info.vector_slots,
                                  model=info.embed_model, revision=info.embed_revision)
-    try:  # the kernel starts reading the file in now: the first scan finds it in memory
-        matrix._mmap.madvise(mmap.MADV_WILLNEED)
-    except (AttributeError, OSError, ValueError):
-        pass
+    planes.will_need()
     table = con.execute(f"SELECT id, slot, norm, list FROM {contract.VECTOR_SLOTS}").fetchnumpy()
     slots = np.asarray(table["slot"], np.int64)
     if len(slots) and (slots.min() < 0 or slots.max() >= info.vector_slots):
@@ -627,21 +622,38 @@ def _open_vectors(con, path: Path, info: IndexInfo, nprobe):
         lists[slots] = np.asarray(table["list"], np.int32)
         cents = con.execute(f"SELECT centroid FROM {contract.ANN_CENTROIDS} ORDER BY list").fetch_arrow_table()
         centroids = cents.column(0).combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    store = VectorStore(matrix, slot_ids, inv, info.rows, lists=lists, centroids=centroids, nprobe=nprobe)
-    # SQL sees the vectors without a copy: an Arrow table over the mapped file.
-    flat = matrix.reshape(-1) if len(matrix) else np.zeros(0, np.float32)
-    con.register(contract.VECTOR_ARROW, pa.table({
-        "id": pa.array(slot_ids), "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim),
-    }))
+    store = VectorStore(planes, slot_ids, inv, info.rows, lists=lists, centroids=centroids, nprobe=nprobe)
+    # SQL reads the vectors from the files as it goes: a function joins each slot's two halves, chunk by chunk.
+    con.register(contract.VECTOR_ARROW, pa.table({"id": pa.array(slot_ids), "slot": pa.array(np.arange(len(slot_ids)))}))
+    con.create_function(contract.EMBEDDING_FUNCTION, _embedding_function(planes), [duckdb.sqltype("BIGINT")],
+                        duckdb.array_type(duckdb.sqltype("FLOAT"), dim), type="arrow")
     from schemas import COLUMN_NAMES
 
     columns = ", ".join("e.embedding" if c == "embedding" else f"r.{c}" for c in COLUMN_NAMES)
     extra = ", ".join(f"r.{c}" for c in contract.VIEW_COLUMNS)
-    con.execute(f"CREATE TEMP VIEW {contract.EMBEDDINGS} AS "
-                f"SELECT id, embedding::FLOAT[{dim}] AS embedding FROM {contract.VECTOR_ARROW} WHERE id >= 0")
+    con.execute(f"CREATE TEMP VIEW {contract.EMBEDDINGS} AS SELECT id, {contract.EMBEDDING_FUNCTION}(slot) AS embedding "
+                f"FROM {contract.VECTOR_ARROW} WHERE id >= 0")
     con.execute(f"CREATE TEMP VIEW {contract.IMAGES} AS SELECT {columns}, {extra} FROM {contract.ATTACHED}.{contract.IMAGE_ROWS} AS r "
                 f"LEFT JOIN {contract.EMBEDDINGS} AS e ON e.id = r.id")
     return store
+
+
+def _embedding_function(planes):
+    """The SQL function behind the ``embeddings`` view: slots in, their float32 vectors out (Arrow, per chunk)."""
+    import pyarrow as pa
+
+    dim, count = planes.dim, len(planes)
+
+    def embedding_of(slots):
+        slots = slots.to_numpy(zero_copy_only=False)
+        if len(slots) and (slots.min() < 0 or slots.max() >= count):
+            raise ValueError(f"no vector slot {int(slots.max())}: the index has {count}")
+        # The view scans slots in order: a run of consecutive slots is read as one slice of both planes.
+        whole = len(slots) and slots[-1] - slots[0] == len(slots) - 1 and np.all(np.diff(slots) == 1)
+        rows = planes[int(slots[0]):int(slots[-1]) + 1] if whole else planes[slots]
+        return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), dim)
+
+    return embedding_of
 
 
 def query_image(image):

@@ -131,7 +131,7 @@ def _reusable(previous: IndexInfo | None, db_path: Path, dim, model, revision) -
     ):
         return False
     try:
-        vectors.open_matrix(contract.vector_path(db_path, previous), db_path, dim=dim, slots=previous.vector_slots,
+        vectors.open_planes(contract.vector_path(db_path, previous), db_path, dim=dim, slots=previous.vector_slots,
                             model=model, revision=revision)
     except Exception:  # noqa: BLE001 - a damaged or missing vector file is rebuilt, not reused
         return False
@@ -239,8 +239,7 @@ def _rewrite(con, db_path: Path, *, dim, model, revision, ann_wanted, timings, s
         lists, trained = None, 0
         if len(ids) and ann_wanted(len(ids)):
             with _timed(timings, "ann"):
-                matrix = np.memmap(path, dtype=vectors.DTYPE, mode="r", offset=vectors.HEADER_BYTES,
-                                   shape=(len(ids), dim))
+                matrix = vectors.open_planes(path, db_path, dim=dim, slots=len(ids), model=model, revision=revision)
                 centroids = ann.train(matrix, ann.list_count(len(ids)))
                 lists = ann.assign(centroids, matrix)
                 trained = len(ids)
@@ -248,7 +247,8 @@ def _rewrite(con, db_path: Path, *, dim, model, revision, ann_wanted, timings, s
                 _insert_centroids(con, centroids)
         _insert_slots(con, ids, np.arange(len(ids)), norms, lists)
     except BaseException:
-        path.unlink(missing_ok=True)
+        for file in vectors.file_names(name):
+            db_path.with_name(file).unlink(missing_ok=True)
         raise
     return VectorBuild(name, len(ids), len(ids), len(centroids) if lists is not None else None, trained, len(ids),
                        rewritten=True)
@@ -288,7 +288,7 @@ def _insert_centroids(con, centroids: np.ndarray) -> None:
 
 
 def remove_stale_vector_files(db_path: Path, keep: str | None) -> None:
-    """Delete this index's vector files (and their temporaries) that its catalogue does not point at.
+    """Delete this index's vector files (both halves, and their temporaries) that its catalogue does not point at.
 
     Called under the index's lease, after the catalogue is published: a
     reader that opened an older generation has its file mapped already.
@@ -296,8 +296,9 @@ def remove_stale_vector_files(db_path: Path, keep: str | None) -> None:
     from pipeline.storage import Folder
 
     folder = Folder(str(db_path.parent))
+    kept = set(vectors.file_names(keep)) if keep else set()
     for name in folder.list(include_hidden=True):
-        if "/" in name or name == keep or not vectors.is_vector_file_of(name, db_path.name):
+        if "/" in name or name in kept or not vectors.is_vector_file_of(name, db_path.name):
             continue
         try:
             folder.delete(name)
