@@ -15,8 +15,8 @@ import duckdb
 import pytest
 
 from pipeline.exit_codes import BUSY
-from tests import search_data
 from tests.fixtures.faults import (
+    write_committed_output,
     Captioner,
     assert_each_image_once,
     assert_no_process_left,
@@ -83,17 +83,6 @@ def test_two_runs_into_one_output_the_second_refuses_naming_the_first(tmp_path, 
     assert not list(out.glob(".*lease*")), "the lease outlived the runs"
 
 
-def _write_output(folder: Path, prefix: str, n: int) -> list[str]:
-    """A folder output of ``n`` rows (the search fixtures' identity), as a run would commit it."""
-    folder.mkdir(parents=True)
-    run = search_data.run_metadata()
-    uris = [f"/img/{prefix}-{i:04d}.jpg" for i in range(n)]
-    for start in range(0, n, 50):
-        rows = [search_data.ok_row(u, f"photo {u}", ["yes", "no"], [1.0, 0.5, 0.25, 0.1], run=run) for u in uris[start:start + 50]]
-        search_data.write_rows(folder / f"part-20260101T000000-{prefix}-{start:05d}.parquet", rows, run)
-    return uris
-
-
 def _indexed(db: Path) -> tuple[list[str], list[str]]:
     con = duckdb.connect(str(db), read_only=True)
     try:
@@ -112,7 +101,7 @@ def _indexed(db: Path) -> tuple[list[str], list[str]]:
 
 def test_two_index_builds_into_one_db_the_second_refuses_and_no_source_is_lost(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    uris = _write_output(one, "one", 400) + _write_output(two, "two", 300)
+    uris = write_committed_output(one, "one", 400) + write_committed_output(two, "two", 300)
     before = {name: snapshot(tmp_path / name) for name in ("one", "two")}
     db = tmp_path / "index" / "index.duckdb"
     db.parent.mkdir()

@@ -28,6 +28,7 @@ from tests.fixtures.faults import (
     finish,
     small_disk,
     snapshot,
+    write_committed_output,
 )
 from tests.fixtures.images import make_jpegs
 
@@ -85,11 +86,10 @@ def test_a_full_disk_during_the_final_merge_leaves_the_old_file_and_the_parts(tm
         assert not (disk / "captions.parquet.parts").exists() or not list((disk / "captions.parquet.parts").iterdir())
 
 
-def test_a_full_disk_during_captioner_index_leaves_the_old_index(tmp_path, tiny_clip_dir):
-    _local_photos(tmp_path, 6)
-    out = tmp_path / "captions.parquet"
-    with captioner_run(tmp_path, "caption", tmp_path / "photos", "--out", out, "--embed-model", tiny_clip_dir, *EMBED_ONLY) as run:
-        assert finish(run)[0] == exit_codes.OK
+def test_a_full_disk_during_captioner_index_leaves_the_old_index(tmp_path):
+    # The index builds are the real processes here; what they index is committed rows, written directly.
+    out = tmp_path / "captions"
+    write_committed_output(out, "photo", 6)
     with small_disk(tmp_path / "disk", "16m") as disk:  # room for the old index and a new one beside it
         db = disk / "index.duckdb"
         with Captioner("index", out, "--db", db, log=tmp_path / "index1.log") as first:

@@ -103,18 +103,6 @@ def test_kill_during_ray_start(tmp_path, tiny_clip_dir):
     collection.rerun_finishes_the_collection()
 
 
-def test_kill_of_the_driver_alone_mid_run(tmp_path, tiny_clip_dir):
-    """``kill -9 PID``: only the driver dies at once; Ray's head, agents and workers must follow it."""
-    collection = Collection(tmp_path, images=60, rows_per_part=5, clip_dir=tiny_clip_dir)
-    with collection.start() as run:
-        run.wait_for(lambda: len(collection.committed_parts()) >= 2, 180, "two committed parts")
-        run.signal(signal.SIGKILL)
-        assert run.wait(30) == -signal.SIGKILL
-        assert_no_process_left(run.tag, within_s=10)
-    assert not collection.out.exists(), "the run finished before it was killed; the test proves nothing"
-    collection.rerun_finishes_the_collection()
-
-
 def _merge_temp_file(collection: Collection):
     return lambda: any(is_temp_name(p.name) and p.name.startswith(f".{collection.out.name}") for p in collection.root.iterdir())
 
@@ -131,8 +119,11 @@ def test_kill_during_the_final_merge(tmp_path, tiny_clip_dir):
     collection.rerun_finishes_the_collection()
 
 
-def test_sigterm_stops_the_run_keeping_its_committed_rows(tmp_path, tiny_clip_dir):
-    """A supervisor's stop: the run ends at the next batch, commits what reached it, says so in one line."""
+def test_sigterm_stops_the_run_keeping_its_committed_rows_then_a_kill_of_the_driver_alone(tmp_path, tiny_clip_dir):
+    """A supervisor's stop: the run ends at the next batch, commits what reached it, says so in one line.
+    Then ``kill -9 PID`` of the next run's driver mid-run: only the driver dies at once; Ray's head,
+    agents and workers must follow it. One rerun after both finishes the collection (a rerun after
+    each paid a whole run for the same verdicts)."""
     collection = Collection(tmp_path, images=100, rows_per_part=5, clip_dir=tiny_clip_dir)
     # Small batches: plenty of work still ahead when the stop comes.
     with collection.start("--embed-batch-size", 2) as run:
@@ -149,4 +140,12 @@ def test_sigterm_stops_the_run_keeping_its_committed_rows(tmp_path, tiny_clip_di
     assert f"{committed} processed rows were committed to {collection.parts}/" in stopped[0], stopped[0]
     assert "SIGTERM" in stopped[0] and "run the same command again" in stopped[0], stopped[0]
     assert 0 < committed < 100 and not collection.out.exists()
+
+    parts_before = len(collection.committed_parts())
+    with collection.start("--embed-batch-size", 2) as run:
+        run.wait_for(lambda: len(collection.committed_parts()) >= parts_before + 2, 180, "two more committed parts")
+        run.signal(signal.SIGKILL)
+        assert run.wait(30) == -signal.SIGKILL
+        assert_no_process_left(run.tag, within_s=10)
+    assert not collection.out.exists(), "the run finished before it was killed; the test proves nothing"
     collection.rerun_finishes_the_collection()

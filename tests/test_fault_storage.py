@@ -54,10 +54,11 @@ def _bucket_snapshot(bucket) -> dict[str, bytes]:
 # ---- storage stalled -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("moment", ["stalled", "refusing"])
-def test_a_store_that_stops_answering_mid_run_fails_it_in_bounded_time(moment, stoppable_s3, tmp_path, tiny_clip_dir):
-    """Frozen (SIGSTOP) or gone (killed) after the listing, while the workers read: the run ends
-    within the stated deadline with one line and exit 3; committed rows stay; the rerun completes."""
+def test_a_store_that_stops_answering_mid_run_fails_it_in_bounded_time(stoppable_s3, tmp_path, tiny_clip_dir):
+    """Frozen (SIGSTOP), then gone (killed), after the listing, while the workers read: each run ends
+    within the stated deadline with one line and exit 3; committed rows stay; the rerun completes.
+    (Both moments over one collection, the second starting from what the first left: a first run
+    and a rerun for each paid two more real runs for the same verdicts.)"""
     bucket = stoppable_s3.bucket()
     urls = _upload(bucket, tmp_path, 8)
     originals = _bucket_snapshot(bucket)
@@ -69,41 +70,43 @@ def test_a_store_that_stops_answering_mid_run_fails_it_in_bounded_time(moment, s
 
     with captioner_run(tmp_path, "first", *args, "--limit", 3) as first:
         assert finish(first)[0] == exit_codes.OK
-    before = snapshot(out_dir)
+    finished = snapshot(out_dir)
 
-    with captioner_run(tmp_path, "failing", *[a for a in args if a != "--no-progress"]) as failing:
-        failing.wait_for(lambda: "images listed" in failing.output(), 120, "the listing")
-        stopped = time.monotonic()
+    for moment in ("stalled", "refusing"):
+        before = snapshot(out_dir)
+        with captioner_run(tmp_path, f"failing-{moment}", *[a for a in args if a != "--no-progress"]) as failing:
+            failing.wait_for(lambda: "images listed" in failing.output(), 120, "the listing")
+            stopped = time.monotonic()
+            if moment == "stalled":
+                stoppable_s3.freeze()
+            else:
+                stoppable_s3.kill()
+            code, output = finish(failing)
+            waited = time.monotonic() - stopped
+        assert code == exit_codes.STORAGE_FAILED, (moment, output[-3000:])
+        line = assert_one_line_error(output, bucket.endpoint, "rerun")
+        assert "rows" in line and "kept" in line, (moment, line)
+        # The deadline is 7 s; the rest is Ray's start, the model's load and the shutdown, up to a minute or
+        # more on a loaded machine. Without a deadline the run hung for 541 s before it was killed.
+        assert waited < 150, f"{moment}: the run took {waited:.0f} s to give up"
         if moment == "stalled":
-            stoppable_s3.freeze()
-        else:
-            stoppable_s3.kill()
-        code, output = finish(failing)
-        waited = time.monotonic() - stopped
-    assert code == exit_codes.STORAGE_FAILED, output[-3000:]
-    line = assert_one_line_error(output, bucket.endpoint, "rerun")
-    assert "rows" in line and "kept" in line, line
-    # The deadline is 7 s; the rest is Ray's start, the model's load and the shutdown, up to a minute or
-    # more on a loaded machine. Without a deadline the run hung for 541 s before it was killed.
-    assert waited < 150, f"the run took {waited:.0f} s to give up"
-    if moment == "stalled":
-        assert "waiting for rows" in output, output[-3000:]
-    # The finished file of the first run is as it was (nothing was merged into it).
-    assert_untouched(before, out_dir, ours=("captions.parquet.parts/", "captions.config.json"))
+            assert "waiting for rows" in output, output[-3000:]
+        # The finished file of the first run is as it was (nothing was merged into it).
+        assert_untouched(before, out_dir, ours=("captions.parquet.parts/", "captions.config.json"))
 
-    if moment == "stalled":
-        stoppable_s3.thaw()
-    else:
-        stoppable_s3.start()  # the same endpoint back, with the same objects
-        bucket = stoppable_s3.bucket(bucket.name)
-        for key, data in originals.items():
-            bucket.put(key, data)
+        if moment == "stalled":
+            stoppable_s3.thaw()
+        else:
+            stoppable_s3.start()  # the same endpoint back, with the same objects
+            bucket = stoppable_s3.bucket(bucket.name)
+            for key, data in originals.items():
+                bucket.put(key, data)
     with captioner_run(tmp_path, "rerun", *args) as rerun:
         code, output = finish(rerun)
     assert code == exit_codes.OK, output[-3000:]
     assert_each_image_once(out, urls)
     assert _bucket_snapshot(bucket) == originals
-    assert_untouched({k: v for k, v in before.items() if k != "captions.parquet"}, out_dir,
+    assert_untouched({k: v for k, v in finished.items() if k != "captions.parquet"}, out_dir,
                      ours=("captions.parquet", "captions.config.json"))
 
 
