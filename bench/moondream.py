@@ -26,13 +26,13 @@ cap), in one run:
   wrapper) only beyond the fastest call of the same op in that engine's profiles (its 64-sequence run
   stands for the 384 one; the eager engines also profile a one-image call, 8 sequences, which a compiled
   one would have to compile a graph for), so an op's dispatch and setup, which a GPU host pays too, stay
-  host time; the profiler's clock is the wall's, which a busy neighbour stretches, so each operator call
-  is timed by its fastest of 3 profiled runs of the same calls, each scaled by its step's CPU time over
-  that step's wall time in the profiled run (the first line, which the arithmetic is taken from, is CPU
-  time: one clock on both sides. Unscaled, a step made of one long fused kernel, the compiled step at
-  small widths, measured more arithmetic on the wall's clock than its whole CPU time, and a negative
-  host time; the eager engines' many short operators were stretched less, but stretched too). The
-  arithmetic per step is taken from the CPU time per step of the first line.
+  host time; the profiler's clock is the wall's, which a busy neighbour stretches, so each call (step or
+  harvest) is read from the one of 3 profiled runs of the same calls where it was descheduled least, its
+  operators' durations scaled by its CPU time over its wall time there (the first line, which the
+  arithmetic is taken from, is CPU time: one clock on both sides. Unscaled, a step made of one long
+  fused kernel, the compiled step at small widths, measured more arithmetic on the wall's clock than its
+  whole CPU time, a negative host time; the eager engines' many short operators were stretched less,
+  but stretched too). The arithmetic per step is taken from the CPU time per step of the first line.
   What remains is what the host does to issue a step: Python, dispatch, TorchDynamo's guards, the
   compiled graph's wrapper, the harvests. It counts each operator's fixed cost as host time, also in the
   compiled step, where one CUDA graph replay would stand for them all on a GPU: if anything it is high
@@ -181,14 +181,16 @@ def _arithmetic_ms(runs: list[tuple[list[tuple[str, float, list]], list[float]]]
     too, so the fastest call of the same operator (``fastest``: in this engine's profiles, where the
     smallest calls' arithmetic is small) is kept as host time and only the rest counts. The profiler's clock
     is the wall's, which a busy neighbour stretches, while the step times it is taken from are this
-    process's CPU time: each call's operator durations are scaled by that call's CPU time over its wall time
-    in the profiled run (``runs`` pairs each profile with the probe's CPU seconds of its calls, in order;
-    at most 1: a call descheduled for a third of its wall time computed for two thirds of it), and each
-    operator call's duration is its smallest over the runs (the same call in each: same step, same
-    place). Without the scaling a step made of one long fused kernel (a compiled step, 384 sequences)
-    measured more arithmetic on the wall's clock than its whole CPU time. An operator's arithmetic is
-    never below 0. The median step's, plus its share of the bookkeeping calls', as host_seconds_per_step
-    adds them up."""
+    process's CPU time. So each call (the same call in each run: same step, same place) is read from the
+    run where it was descheduled least, i.e. where its CPU time over its wall time was highest (``runs``
+    pairs each profile with the probe's CPU seconds of its calls, in order), and its operators' durations
+    are scaled by that ratio (at most 1: a call descheduled for a third of its wall time computed for two
+    thirds of it): one clock on both sides. Unscaled (each operator's fastest wall time over the runs, as
+    before), a step made of one long fused kernel (the compiled step at small widths, 384 sequences)
+    measured more arithmetic than its whole CPU time; the minimum of scaled durations over the runs
+    would be biased low instead (an operator that ran undisturbed in a step that was not). An operator's
+    arithmetic is never below 0. The median step's, plus its share of the bookkeeping calls', as
+    host_seconds_per_step adds them up."""
     first = runs[0][0]
 
     def shape(calls):
@@ -197,11 +199,11 @@ def _arithmetic_ms(runs: list[tuple[list[tuple[str, float, list]], list[float]]]
     same = [(calls, cpu) for calls, cpu in runs if shape(calls) == shape(first) and len(cpu) == len(first)]
     per_step, other = [], 0.0
     for k, (kind, _, ops) in enumerate(first):
-        scales = [min(1.0, 1e6 * cpu[k] / max(calls[k][1], 1e-9)) for calls, cpu in same]
+        scale, least_descheduled = max(((min(1.0, 1e6 * cpu[k] / max(run[k][1], 1e-9)), run) for run, cpu in same),
+                                       key=lambda pair: pair[0])
         total = 0.0
-        for j, (name, _) in enumerate(ops):
-            duration = min(calls[k][2][j][1] * scale for (calls, _), scale in zip(same, scales))
-            total += max(0.0, duration - (0.0 if "cpp_fused" in name else fastest[name]))
+        for name, duration in least_descheduled[k][2]:
+            total += max(0.0, duration * scale - (0.0 if "cpp_fused" in name else fastest[name]))
         if kind == STEP:
             per_step.append(total)
         else:

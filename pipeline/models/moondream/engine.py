@@ -67,6 +67,8 @@ class Slot:
 
     image: int  # index of the image in the generate() call
     index: int  # index of the request among the image's requests
+    prompt_len: int
+    limit: int  # max_tokens, lowered where the context window would overflow
 
 
 class MoondreamEngine:
@@ -390,7 +392,7 @@ class _Batch:
                 if j < len(self.requests[image]):
                     r, limit = self.requests[image][j], self.limits(self.requests[image])[j]
                     k = j * self.rows + row
-                    self.slot[k] = Slot(image, j)
+                    self.slot[k] = Slot(image, j, len(r.prompt), limit)
                     self.live[k], self.bound[k], self.end[k] = True, len(r.prompt), len(r.prompt) + limit
                     prompt = list(r.prompt)
                 else:
