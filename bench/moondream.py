@@ -12,9 +12,7 @@ cap), in one run:
 - host time per decode step (this process's CPU time, one thread) at tiny widths (bench/moondream_setup.py
   tiny_widths: the official 24 layers, one 32-dim head, vocabulary 256, a 10-token image prefix), 64 and 384
   sequences live (8 prompts per image): the median step plus its share of the bookkeeping (the legacy
-  engine's retires, the static engine's harvests). The compiled static engine decodes a harvest period's
-  steps in one call (step.decode_steps): that call's time, its operators and their arithmetic are shared
-  out over its steps. The issue's proxy is host time "at tiny widths, where
+  engine's retires, the static engine's harvests). The issue's proxy is host time "at tiny widths, where
   arithmetic is negligible"; at the widths used before (dim 32 with ff 64, vocabulary 1,024, an 82-token
   prefix) doubling the widths nearly doubled the 384-sequence step, i.e. it timed arithmetic more than the
   host. So the widths are the smallest the architecture allows (a 32-dim head for its 32 rotary dims), and
@@ -78,7 +76,7 @@ class Probe:
         self.step_times: list[float] = []  # each decode step
         self.other_seconds = 0.0  # harvests / retires, shared out over the steps
         self.steps, self.reads, self.inside = 0, 0, False
-        self.calls: list[tuple[float, int]] = []  # every call (steps and bookkeeping) in order: CPU seconds, steps
+        self.call_seconds: list[float] = []  # every call (steps and bookkeeping) in order: CPU seconds
 
     def host_seconds_per_step(self) -> float:
         """The median step (robust to a neighbour's burst) plus its share of the bookkeeping calls."""
@@ -103,27 +101,24 @@ class Probe:
             for name, fn in originals.items():
                 setattr(torch.Tensor, name, fn)
 
-    def wrap(self, owner, name: str, is_step: bool, steps_of=lambda args, kwargs: 1):
-        """``steps_of(args, kwargs)``: the decode steps one call of a step method runs (the compiled static
-        engine runs a harvest period's steps in one call: its time is shared out over them)."""
+    def wrap(self, owner, name: str, is_step: bool):
         fn = getattr(owner, name)
 
         def timed(*args, **kwargs):
             self.inside = True
-            steps = steps_of(args, kwargs) if is_step else 0
             start = time.process_time()  # this process's CPU time: on a shared machine, not the neighbours'
             try:
                 with torch.profiler.record_function(STEP if is_step else BOOKKEEPING):
                     return fn(*args, **kwargs)
             finally:
                 spent = time.process_time() - start
-                self.calls.append((spent, steps))
+                self.call_seconds.append(spent)
                 if is_step:
-                    self.step_times.extend([spent / steps] * steps)
+                    self.step_times.append(spent)
                 else:
                     self.other_seconds += spent
                 self.inside = False
-                self.steps += steps
+                self.steps += is_step
 
         setattr(owner, name, timed)
         return lambda: setattr(owner, name, fn)
@@ -134,9 +129,7 @@ def _loop_probe(engine, probe: Probe):
     if isinstance(engine, legacy.MoondreamEngine):
         undo = [probe.wrap(legacy._Run, "decode_step", True), probe.wrap(legacy._Run, "retire", False)]
     else:
-        # _decode(batch, length, steps=1): eagerly a step per call, compiled a harvest period's steps
-        undo = [probe.wrap(engine, "_decode", True, lambda args, kwargs: args[2] if len(args) > 2 else kwargs.get("steps", 1)),
-                probe.wrap(static._Batch, "harvest", False)]
+        undo = [probe.wrap(engine, "_decode", True), probe.wrap(static._Batch, "harvest", False)]
     return lambda: [u() for u in undo]
 
 
@@ -206,14 +199,13 @@ def _arithmetic_ms(runs: list[tuple[list[tuple[str, float, list]], list[float]]]
     same = [(calls, cpu) for calls, cpu in runs if shape(calls) == shape(first) and len(cpu) == len(first)]
     per_step, other = [], 0.0
     for k, (kind, _, ops) in enumerate(first):
-        scale, least_descheduled = max(((min(1.0, 1e6 * cpu[k][0] / max(run[k][1], 1e-9)), run) for run, cpu in same),
+        scale, least_descheduled = max(((min(1.0, 1e6 * cpu[k] / max(run[k][1], 1e-9)), run) for run, cpu in same),
                                        key=lambda pair: pair[0])
         total = 0.0
         for name, duration in least_descheduled[k][2]:
             total += max(0.0, duration * scale - (0.0 if "cpp_fused" in name else fastest[name]))
         if kind == STEP:
-            steps = same[0][1][k][1]  # a call of several steps: shared out over them, as its time is
-            per_step.extend([total / steps] * steps)
+            per_step.append(total)
         else:
             other += total
     return (float(np.median(per_step)) + other / len(per_step)) / 1e3
@@ -238,10 +230,10 @@ def decode_proxies(engine, crops, reqs, fastest: dict[str, float], one_image: bo
             _keep_fastest(fastest, (call for calls in _top_level_ops(prof).values() for call in calls))
         runs = []
         for _ in range(profiles):
-            probe.steps, probe.calls = 0, []
+            probe.steps, probe.call_seconds = 0, []
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 engine.generate(crops, [reqs] * len(crops))
-            runs.append((_calls(prof), probe.calls))
+            runs.append((_calls(prof), probe.call_seconds))
         _keep_fastest(fastest, (op for calls, _ in runs for _, _, ops in calls for op in ops))
         arithmetic = _arithmetic_ms(runs, fastest)
         per_step_ops = sum(len(ops) for _, _, ops in runs[0][0]) / probe.steps

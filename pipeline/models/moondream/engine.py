@@ -112,7 +112,7 @@ class MoondreamEngine:
         self.compiled = compile
         self._encode_crops = model.vision.encode
         self._prefill_prefix = model.text.prefill_prefix
-        self._step = step.decode_steps
+        self._step = step.decode_step
         # The inputs of the last step that ran every guard (_decode_steps), tensors held weakly: a pool
         # replaced is freed as before.
         self._checked_inputs: tuple = ()
@@ -197,19 +197,17 @@ class MoondreamEngine:
     # ------------------------------------------------------------------ the step and the first token
     # (a test harness overrides these two to record logits and force tokens; production runs them as is)
 
-    def _decode(self, batch: "_Batch", length: int, steps: int = 1) -> None:
+    def _decode(self, batch: "_Batch", length: int) -> None:
         p = self.pools
         self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, self.rope,
-                   steps=steps, slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length,
-                   prefix_len=self.prefix_len, kind=self.step_attention, matmuls=self.step_matmuls)
+                   slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
+                   kind=self.step_attention, matmuls=self.step_matmuls)
 
     def _decode_steps(self, batch: "_Batch", length: int, count: int) -> None:
-        """``count`` decode steps (nothing is reallocated or resized between them): eagerly one call each;
-        compiled, one call of the compiled step.decode_steps for all of them (a harvest period: one graph,
-        one lookup, one prologue per period). A call whose
-        inputs differ from the last fully checked call's (``_step_inputs``: other tensors, e.g. a grown pool,
+        """``count`` decode steps (nothing is reallocated or resized between them). Compiled, a step whose
+        inputs differ from the last fully checked step's (``_step_inputs``: other tensors, e.g. a grown pool,
         or other sizes) runs TorchDynamo's guards in full: that picks (or compiles) the graph for them.
-        Every other call runs under ``skip_guard_eval_unsafe``, which still evaluates the guards that tell
+        Every other step runs under ``skip_guard_eval_unsafe``, which still evaluates the guards that tell
         the cached graphs apart (every non-parameter tensor's shape, and each guard that has ever failed,
         e.g. the slot count or suffix length that caused a recompile) and skips the rest (every
         parameter's, about 0.9 ms per step on CPU). That is safe because such a step gets the very objects,
@@ -220,22 +218,24 @@ class MoondreamEngine:
             for _ in range(count):
                 self._decode(batch, length)
             return
-        inputs = self._step_inputs(batch, length, count)
+        inputs = self._step_inputs(batch, length)
         if not _same_objects(inputs, self._checked_inputs):
-            self._decode(batch, length, count)
-            # Past Dynamo's recompile limit a call runs eagerly, with no graph of its own among the cached
-            # ones: then every call is fully guarded (no other graph may be taken for its inputs).
+            self._decode(batch, length)
+            count -= 1
+            # Past Dynamo's recompile limit a step runs eagerly, with no graph of its own among the cached
+            # ones: then every step is fully guarded (no other graph may be taken for its inputs).
             self._checked_inputs = _held_weakly(inputs) if _below_recompile_limit() else ()
-            return
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            self._decode(batch, length, count)
+        stance = torch.compiler.set_stance(skip_guard_eval_unsafe=True) if self._checked_inputs else None
+        with stance or contextlib.nullcontext():
+            for _ in range(count):
+                self._decode(batch, length)
 
-    def _step_inputs(self, batch: "_Batch", length: int, count: int) -> tuple:
+    def _step_inputs(self, batch: "_Batch", length: int) -> tuple:
         """What a decode step's guards look at that can change during the engine's life (the model, the rope
         tables, prefix_len and the attention kind cannot): the pool and state tensors and the sizes."""
         p = self.pools
         return (*p.prefix_k, *p.prefix_v, *p.suffix_k, *p.suffix_v, *self.state.tensors(), batch.lanes, batch.rows,
-                length, count)
+                length)
 
     def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,
                       yes_no: list[bool]) -> None:
@@ -267,7 +267,7 @@ def _below_recompile_limit() -> bool:
     """Whether the compiled decode step has fewer graphs cached than TorchDynamo's recompile limit (beyond
     it Dynamo stops compiling and runs the step eagerly)."""
     try:  # private API: a torch without it gets every step fully guarded, the safe side
-        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(step.decode_steps.__code__)
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(step.decode_step.__code__)
         return len(entries) < torch._dynamo.config.recompile_limit
     except AttributeError:
         return False
@@ -291,13 +291,13 @@ def _compile_step(device: torch.device):
     the step's fused kernels and matmuls from C++, not from a Python function per step, the CPU's nearest
     thing to a graph replay (bench/moondream.py measures it; compiling takes a few minutes longer)."""
     if device.type == "cuda":
-        return torch.compile(step.decode_steps, fullgraph=True, mode="reduce-overhead")
+        return torch.compile(step.decode_step, fullgraph=True, mode="reduce-overhead")
     # dynamic=False: a second slot count would otherwise recompile the step with symbolic sizes, which the C++
     # wrapper passes through about a hundred host-side scalar ops per step (item, lift_fresh, ...).
     # memory_planning: the step's intermediate buffers carved out of one allocation per call; without it the
     # wrapper allocated each (about 500 per step at 24 layers, ~0.5 us each: measured 0.50 -> 0.41 ms of host
     # time per step at 8 tiny layers, bench/moondream.py's definition).
-    return torch.compile(step.decode_steps, fullgraph=True, dynamic=False,
+    return torch.compile(step.decode_step, fullgraph=True, dynamic=False,
                          options={"cpp_wrapper": True, "memory_planning": True})
 
 

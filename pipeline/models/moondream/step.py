@@ -255,23 +255,10 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
 
 def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
                 slots: int, lanes: int, length: int, prefix_len: int, kind: str, matmuls: str = "aten") -> None:
-    """One fixed-shape step of every slot, state updated in place."""
+    """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
     logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots, lanes=lanes,
                            length=length, prefix_len=prefix_len, kind=kind, matmuls=matmuls)
     advance(state, logits, slots)
-
-
-def decode_steps(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
-                 steps: int, slots: int, lanes: int, length: int, prefix_len: int, kind: str,
-                 matmuls: str = "aten") -> None:
-    """What ``--compile`` compiles (fullgraph): ``steps`` decode steps in one call, the steps between two looks
-    of the host (a harvest period), so that what a call costs the host (TorchDynamo's lookup, the compiled
-    function's prologue and wrapper; on CUDA the graph replay's launch) is paid once per period, not once
-    per step. Nothing in a period needs the host: the stopping rule is applied on the device, and a
-    sequence that stops keeps stepping masked until the harvest, as it did one call per step."""
-    for _ in range(steps):
-        decode_step(text, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots, lanes=lanes, length=length,
-                    prefix_len=prefix_len, kind=kind, matmuls=matmuls)
 
 
 def accept_first(state: SlotState, where: torch.Tensor, logits: torch.Tensor, real: torch.Tensor,
