@@ -26,9 +26,13 @@ cap), in one run:
   wrapper) only beyond the fastest call of the same op in that engine's profiles (its 64-sequence run
   stands for the 384 one; the eager engines also profile a one-image call, 8 sequences, which a compiled
   one would have to compile a graph for), so an op's dispatch and setup, which a GPU host pays too, stay
-  host time; the profiler's clock is the wall's, which a busy neighbour stretches, so each operator call
-  is timed by its fastest of 3 profiled runs of the same calls. The arithmetic per step is taken from the
-  CPU time per step of the first line.
+  host time; the profiler's clock is the wall's, which a busy neighbour stretches, so each call (step or
+  harvest) is read from the one of 3 profiled runs of the same calls where it was descheduled least, its
+  operators' durations scaled by its CPU time over its wall time there (the first line, which the
+  arithmetic is taken from, is CPU time: one clock on both sides. Unscaled, a step made of one long
+  fused kernel, the compiled step at small widths, measured more arithmetic on the wall's clock than its
+  whole CPU time, a negative host time; the eager engines' many short operators were stretched less,
+  but stretched too). The arithmetic per step is taken from the CPU time per step of the first line.
   What remains is what the host does to issue a step: Python, dispatch, TorchDynamo's guards, the
   compiled graph's wrapper, the harvests. It counts each operator's fixed cost as host time, also in the
   compiled step, where one CUDA graph replay would stand for them all on a GPU: if anything it is high
@@ -72,6 +76,7 @@ class Probe:
         self.step_times: list[float] = []  # each decode step
         self.other_seconds = 0.0  # harvests / retires, shared out over the steps
         self.steps, self.reads, self.inside = 0, 0, False
+        self.call_seconds: list[float] = []  # every call (steps and bookkeeping) in order: CPU seconds
 
     def host_seconds_per_step(self) -> float:
         """The median step (robust to a neighbour's burst) plus its share of the bookkeeping calls."""
@@ -107,6 +112,7 @@ class Probe:
                     return fn(*args, **kwargs)
             finally:
                 spent = time.process_time() - start
+                self.call_seconds.append(spent)
                 if is_step:
                     self.step_times.append(spent)
                 else:
@@ -160,30 +166,44 @@ def _keep_fastest(fastest: dict[str, float], calls) -> None:
         fastest[name] = min(d, fastest.get(name, d))
 
 
-def _calls(prof) -> list[tuple[str, list]]:
-    """The probe's calls in a profile, in order: (STEP or BOOKKEEPING, [(operator, microseconds)])."""
-    return [(e.name, d) for e, d in sorted(_top_level_ops(prof).items(), key=lambda item: item[0].time_range.start)]
+def _calls(prof) -> list[tuple[str, float, list]]:
+    """The probe's calls in a profile, in order: (STEP or BOOKKEEPING, its wall microseconds, [(operator,
+    microseconds)])."""
+    return [(e.name, e.time_range.elapsed_us(), d)
+            for e, d in sorted(_top_level_ops(prof).items(), key=lambda item: item[0].time_range.start)]
 
 
-def _arithmetic_ms(runs: list[list[tuple[str, list]]], fastest: dict[str, float]) -> float:
+def _arithmetic_ms(runs: list[tuple[list[tuple[str, float, list]], list[float]]], fastest: dict[str, float]) -> float:
     """Per decode step, the time of the operators' arithmetic, i.e. what a GPU would run asynchronously
     while the host issues the next operators, from profiles (``runs``, _calls) of identical calls. Which
     time is arithmetic: a fused kernel's event is recorded inside the kernel (nothing but its loops: all of
     it); an aten op's (or an extern call's) event also holds its dispatch and setup, which a GPU host pays
     too, so the fastest call of the same operator (``fastest``: in this engine's profiles, where the
     smallest calls' arithmetic is small) is kept as host time and only the rest counts. The profiler's clock
-    is the wall's, which a busy neighbour stretches: each operator call's duration is its fastest over the
-    runs (the same call in each: same step, same place). The median step's, plus its share of the
-    bookkeeping calls', as host_seconds_per_step adds them up."""
-    first = runs[0]
-    same = [r for r in runs if [(kind, [n for n, _ in ops]) for kind, ops in r]
-            == [(kind, [n for n, _ in ops]) for kind, ops in first]]
+    is the wall's, which a busy neighbour stretches, while the step times it is taken from are this
+    process's CPU time. So each call (the same call in each run: same step, same place) is read from the
+    run where it was descheduled least, i.e. where its CPU time over its wall time was highest (``runs``
+    pairs each profile with the probe's CPU seconds of its calls, in order), and its operators' durations
+    are scaled by that ratio (at most 1: a call descheduled for a third of its wall time computed for two
+    thirds of it): one clock on both sides. Unscaled (each operator's fastest wall time over the runs, as
+    before), a step made of one long fused kernel (the compiled step at small widths, 384 sequences)
+    measured more arithmetic than its whole CPU time; the minimum of scaled durations over the runs
+    would be biased low instead (an operator that ran undisturbed in a step that was not). An operator's
+    arithmetic is never below 0. The median step's, plus its share of the bookkeeping calls', as
+    host_seconds_per_step adds them up."""
+    first = runs[0][0]
+
+    def shape(calls):
+        return [(kind, [n for n, _ in ops]) for kind, _, ops in calls]
+
+    same = [(calls, cpu) for calls, cpu in runs if shape(calls) == shape(first) and len(cpu) == len(first)]
     per_step, other = [], 0.0
-    for k, (kind, ops) in enumerate(first):
+    for k, (kind, _, ops) in enumerate(first):
+        scale, least_descheduled = max(((min(1.0, 1e6 * cpu[k] / max(run[k][1], 1e-9)), run) for run, cpu in same),
+                                       key=lambda pair: pair[0])
         total = 0.0
-        for j, (name, _) in enumerate(ops):
-            duration = min(r[k][1][j][1] for r in same)
-            total += duration - (0.0 if "cpp_fused" in name else fastest[name])
+        for name, duration in least_descheduled[k][2]:
+            total += max(0.0, duration * scale - (0.0 if "cpp_fused" in name else fastest[name]))
         if kind == STEP:
             per_step.append(total)
         else:
@@ -210,13 +230,13 @@ def decode_proxies(engine, crops, reqs, fastest: dict[str, float], one_image: bo
             _keep_fastest(fastest, (call for calls in _top_level_ops(prof).values() for call in calls))
         runs = []
         for _ in range(profiles):
-            probe.steps = 0
+            probe.steps, probe.call_seconds = 0, []
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 engine.generate(crops, [reqs] * len(crops))
-            runs.append(_calls(prof))
-        _keep_fastest(fastest, (op for run in runs for _, ops in run for op in ops))
+            runs.append((_calls(prof), probe.call_seconds))
+        _keep_fastest(fastest, (op for calls, _ in runs for _, _, ops in calls for op in ops))
         arithmetic = _arithmetic_ms(runs, fastest)
-        per_step_ops = sum(len(ops) for _, ops in runs[0]) / probe.steps
+        per_step_ops = sum(len(ops) for _, _, ops in runs[0][0]) / probe.steps
     finally:
         undo()
     return {"ms": 1e3 * timing[0], "host": 1e3 * timing[0] - arithmetic, "arithmetic": arithmetic,

@@ -62,13 +62,13 @@ class Generation:
 
 @dataclass
 class Slot:
-    """Host-side record of a suffix slot's sequence (its tensors live in SlotState)."""
+    """Host-side record of a suffix slot's sequence (its tensors live in SlotState; its position bounds in
+    _Batch's arrays)."""
 
     image: int  # index of the image in the generate() call
     index: int  # index of the request among the image's requests
     prompt_len: int
     limit: int  # max_tokens, lowered where the context window would overflow
-    bound: int  # an upper bound of the suffix positions it has written (host arithmetic, no sync)
 
 
 class MoondreamEngine:
@@ -105,6 +105,7 @@ class MoondreamEngine:
         self.rope = step.RopeTables.build(model.text)
         self.attention = step.attention_kind(self.dtype, self.device)  # the eager prompt prefill's
         self.step_attention = step.attention_kind(self.dtype, self.device, compiled=compile)  # the decode step's
+        self.step_matmuls = step.matmul_kind(model.text, self.device, compiled=compile)
         self.pools = KVPools(t.n_layers, t.n_kv_heads, t.head_dim, self.prefix_len, self.dtype, self.device,
                              static=compile)
         self.state: step.SlotState | None = None
@@ -200,7 +201,7 @@ class MoondreamEngine:
         p = self.pools
         self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, self.rope,
                    slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
-                   kind=self.step_attention)
+                   kind=self.step_attention, matmuls=self.step_matmuls)
 
     def _decode_steps(self, batch: "_Batch", length: int, count: int) -> None:
         """``count`` decode steps (nothing is reallocated or resized between them). Compiled, a step whose
@@ -293,7 +294,11 @@ def _compile_step(device: torch.device):
         return torch.compile(step.decode_step, fullgraph=True, mode="reduce-overhead")
     # dynamic=False: a second slot count would otherwise recompile the step with symbolic sizes, which the C++
     # wrapper passes through about a hundred host-side scalar ops per step (item, lift_fresh, ...).
-    return torch.compile(step.decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    # memory_planning: the step's intermediate buffers carved out of one allocation per call; without it the
+    # wrapper allocated each (about 500 per step at 24 layers, ~0.5 us each: measured 0.50 -> 0.41 ms of host
+    # time per step at 8 tiny layers, bench/moondream.py's definition).
+    return torch.compile(step.decode_step, fullgraph=True, dynamic=False,
+                         options={"cpp_wrapper": True, "memory_planning": True})
 
 
 class _Batch:
@@ -318,6 +323,12 @@ class _Batch:
         self.lanes = self.group  # lanes the next steps run: all, or only lane 0 once no other is live
         self.row_image: list[int | None] = [None] * self.rows
         self.slot: list[Slot | None] = [None] * self.slots
+        # The same facts as arrays, so that a harvest period's bookkeeping is a few numpy calls, not a Python
+        # pass over every slot: which slots hold a live sequence, an upper bound of the suffix positions each
+        # has written (host arithmetic, no sync) and where its cap ends (prompt length + token cap).
+        self.live = np.zeros(self.slots, dtype=bool)
+        self.bound = np.zeros(self.slots, dtype=np.int64)
+        self.end = np.zeros(self.slots, dtype=np.int64)
         room = engine.room()
         limits = [self.limits(per_image) for per_image in live]
         self.prompt_width = max(len(r.prompt) for per_image in live for r in per_image)
@@ -343,14 +354,11 @@ class _Batch:
         self.admit(pending)
         if all(image is None for image in self.row_image):
             return None
-        self.lanes = self.group if any(self.slot[self.rows :]) else 1
-        needed = max(min(s.bound + e.harvest_every, s.prompt_len + s.limit) for s in self.slot if s)
-        length = bucket(needed, self.length_cap)
+        self.lanes = self.group if self.live[self.rows :].any() else 1
+        self.bound = np.minimum(self.bound + e.harvest_every, self.end)  # after this period's steps
+        length = bucket(int(self.bound[self.live].max()), self.length_cap)
         e.pools.grow_suffix(length)
         e._decode_steps(self, length, e.harvest_every)
-        for s in self.slot:
-            if s:
-                s.bound = min(s.bound + e.harvest_every, s.prompt_len + s.limit)
         return self.harvest()
 
     def admit(self, pending: deque) -> None:
@@ -383,7 +391,9 @@ class _Batch:
                 where.append(j * self.rows + row)
                 if j < len(self.requests[image]):
                     r, limit = self.requests[image][j], self.limits(self.requests[image])[j]
-                    self.slot[j * self.rows + row] = Slot(image, j, len(r.prompt), limit, bound=len(r.prompt))
+                    k = j * self.rows + row
+                    self.slot[k] = Slot(image, j, len(r.prompt), limit)
+                    self.live[k], self.bound[k], self.end[k] = True, len(r.prompt), len(r.prompt) + limit
                     prompt = list(r.prompt)
                 else:
                     r, limit, prompt = None, 1, [EOS_ID]
@@ -422,17 +432,18 @@ class _Batch:
         active, produced, hit_cap = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
         yes_probs = flat[3 * n : 4 * n].astype(np.int32).view(np.float32)
         ids = flat[4 * n :].reshape(n, width)
-        for k, slot in enumerate(self.slot):
-            if slot is None or active[k]:
-                continue
-            yes_prob = float(yes_probs[k])
+        stopped = np.flatnonzero(self.live & (active == 0))  # only these are visited
+        for k in stopped.tolist():
+            slot, yes_prob = self.slot[k], float(yes_probs[k])
             self.results[slot.image][slot.index] = Generation(
-                tuple(int(t) for t in ids[k, : produced[k]]), bool(hit_cap[k]), None if np.isnan(yes_prob) else yes_prob
+                tuple(ids[k, : produced[k]].tolist()), bool(hit_cap[k]), None if np.isnan(yes_prob) else yes_prob
             )
             self.slot[k] = None
+        self.live[stopped] = False
+        idle_rows = ~self.live.reshape(self.group, self.rows).any(0)  # slot j*M + r is lane j of row r
         done = []
-        for row in range(self.rows):
-            if self.row_image[row] is not None and not any(self.slot[row :: self.rows]):
+        for row in np.flatnonzero(idle_rows).tolist():
+            if self.row_image[row] is not None:
                 done.append(self.row_image[row])
                 self.row_image[row] = None
         return done
