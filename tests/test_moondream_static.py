@@ -16,10 +16,9 @@ from PIL import Image
 
 from bench.legacy_engine import MoondreamEngine as LegacyEngine, Request as LegacyRequest
 from pipeline.models.moondream import step
-from pipeline.models.moondream.config import CAPTION_PROMPTS, QUERY_PREFIX, QUERY_SUFFIX, TextConfig
+from pipeline.models.moondream.config import CAPTION_PROMPTS, QUERY_PREFIX, QUERY_SUFFIX
 from pipeline.models.moondream.engine import MoondreamEngine, Request
 from pipeline.models.moondream.preprocess import prepare_image
-from pipeline.models.moondream.text import TextModel
 from pipeline.models.moondream.weights import load_model
 from tests.fixtures.moondream_cache import CHECKPOINT_DIR, PARITY_IMAGE
 from tests.test_moondream import _mixed_images, tokenizer  # noqa: F401 (a fixture)
@@ -196,34 +195,3 @@ def test_the_compiled_cpu_step_attends_by_hand_and_the_eager_one_with_the_fused_
     assert step.attention_kind(torch.float32, cpu, compiled=True) == "math"
     assert step.attention_kind(torch.float32, cpu) == "cpu_flash"
 
-
-def test_the_generated_matmuls_give_the_legacy_engines_output_and_are_chosen_only_where_small(eos_model, mixed, tokenizer):  # noqa: F811
-    """step.matmul_kind "generated" (each matmul a product and a sum, for inductor to fuse; what a compiled
-    CPU step at small widths runs) gives the legacy engine's ids, run eagerly here on the mixed batch, with
-    admission into freed rows; the kind is chosen for a compiled CPU step at small widths only."""
-    crops, requests = mixed
-    expected = _legacy(eos_model, crops, requests, tokenizer)
-    yes, no = _yes_no(tokenizer)
-    engine = EMBEDDINGS.install(MoondreamEngine(eos_model, max_sequences=8, yes_ids=yes, no_ids=no))
-    assert engine.step_matmuls == "aten"  # eager: nn.Linear / torch.matmul
-    engine.step_matmuls, engine.step_attention = "generated", "math"
-    _same(engine.generate(crops, [requests] * len(crops)), expected)
-
-    cpu, text = torch.device("cpu"), eos_model.text
-    assert step.matmul_kind(text, cpu, compiled=True) == "generated"  # the fixture: dim 64, ff 128
-    assert step.matmul_kind(text, cpu, compiled=False) == "aten"
-    assert step.matmul_kind(text, torch.device("cuda"), compiled=True) == "aten"
-    with torch.device("meta"):
-        official_widths = TextModel(TextConfig(n_layers=1))  # dim 2048, ff 8192: MKL's GEMMs win there
-    assert step.matmul_kind(official_widths, cpu, compiled=True) == "aten"
-
-
-def test_a_generated_linear_and_attention_equal_aten_s():
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(32, 96)
-    x = torch.randn(64, 32)
-    torch.testing.assert_close(step.linear(x, layer, "generated"), layer(x), rtol=0, atol=1e-5)
-    q, k, v = torch.randn(4, 1, 8, 32), torch.randn(4, 1, 10, 32), torch.randn(4, 1, 10, 32)
-    mask = step.additive(torch.rand(4, 1, 8, 10) > 0.3, torch.float32)
-    for got, want in zip(step._part("math", q, k, v, mask, "generated"), step._part("math", q, k, v, mask, "aten")):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -105,7 +105,6 @@ class MoondreamEngine:
         self.rope = step.RopeTables.build(model.text)
         self.attention = step.attention_kind(self.dtype, self.device)  # the eager prompt prefill's
         self.step_attention = step.attention_kind(self.dtype, self.device, compiled=compile)  # the decode step's
-        self.step_matmuls = step.matmul_kind(model.text, self.device, compiled=compile)
         self.pools = KVPools(t.n_layers, t.n_kv_heads, t.head_dim, self.prefix_len, self.dtype, self.device,
                              static=compile)
         self.state: step.SlotState | None = None
@@ -201,7 +200,7 @@ class MoondreamEngine:
         p = self.pools
         self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, self.rope,
                    slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
-                   kind=self.step_attention, matmuls=self.step_matmuls)
+                   kind=self.step_attention)
 
     def _decode_steps(self, batch: "_Batch", length: int, count: int) -> None:
         """``count`` decode steps (nothing is reallocated or resized between them). Compiled, a step whose

@@ -26,7 +26,6 @@ import torch
 
 from pipeline.models.moondream.config import ANSWER_ID, EOS_ID, ROTARY_DIMS
 from pipeline.models.moondream.text import TextModel
-from pipeline.models.moondream.vision import gelu
 
 
 @dataclass
@@ -113,33 +112,7 @@ def attention_kind(dtype: torch.dtype, device: torch.device, compiled: bool = Fa
     return "math"
 
 
-# The widest matmul (in or out features; the vocabulary aside) a compiled CPU step writes as a product and a
-# sum for inductor to generate (matmul_kind).
-GENERATED_MATMUL_MAX_WIDTH = 256
-
-
-def matmul_kind(text: TextModel, device: torch.device, compiled: bool) -> str:
-    """How the decode step multiplies matrices, decided once per engine: "aten" (nn.Linear, torch.matmul:
-    MKL on CPU, cuBLAS on CUDA) or "generated": each matmul written as a broadcast product and a sum, which
-    inductor turns into C++ loops fused with their neighbours (the layer norm before qkv, the GELU between
-    the MLP's two, the softmax around attention's), as its own decompose_mm_pass does for small matmuls.
-    Generated only in a compiled CPU step at small widths (at most GENERATED_MATMUL_MAX_WIDTH): there each
-    aten matmul is an extern call from the C++ wrapper whose dispatch and setup cost more than its
-    arithmetic (a 64 x 32 x 96 product), about 6 of them per layer; at real widths MKL's blocked GEMMs win,
-    and on CUDA the step is one CUDA graph replay whatever it holds."""
-    c = text.config
-    widest = max(c.dim, c.ff_dim, c.dim + 2 * c.n_kv_heads * c.head_dim)
-    return "generated" if compiled and device.type == "cpu" and widest <= GENERATED_MATMUL_MAX_WIDTH else "aten"
-
-
-def linear(x: torch.Tensor, layer: torch.nn.Linear, matmuls: str) -> torch.Tensor:
-    """layer(x) for x (N, in): under "generated" a product and a sum over in (matmul_kind)."""
-    if matmuls == "generated":
-        return (x.unsqueeze(-2) * layer.weight).sum(-1) + layer.bias
-    return layer(x)
-
-
-def _part(kind: str, q, k, v, mask, matmuls: str = "aten"):
+def _part(kind: str, q, k, v, mask):
     """Attention of q (B, H, Q, d) over k/v (B, H, K, d) under an additive mask (broadcast to B, H, Q, K, or
     None): (output (B, H, Q, d), log-sum-exp of the scaled scores (B, H, Q), float32)."""
     if kind == "cpu_flash":
@@ -147,22 +120,14 @@ def _part(kind: str, q, k, v, mask, matmuls: str = "aten"):
     if kind == "cuda_flash" and mask is None:
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
         return out[0], out[1][..., : q.shape[2]]
-    q, k, v = q.float(), k.float(), v.float()
-    if matmuls == "generated":  # (B, H, Q, 1, d) x (B, H, 1, K, d), summed over d
-        scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
-    else:
-        scores = torch.matmul(q, k.transpose(-1, -2))
-    scores = scores * (1.0 / math.sqrt(q.shape[-1]))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if mask is not None:
         scores = scores + mask
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    if matmuls == "generated":  # (B, H, Q, K, 1) x (B, H, 1, K, d), summed over K
-        return (probs.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2), lse
-    return torch.matmul(probs, v), lse
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float()), lse
 
 
-def attend(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes: int, kind: str, matmuls: str = "aten"):
+def attend(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes: int, kind: str):
     """Attention of N = lanes*M slots over their image's prefix plus their own suffix: two fused kernels,
     merged by log-sum-exp. Slots are request-major (slot j*M + r: request j of the image in prefix row r),
     so the lanes queries of an image meet its prefix row in one kernel call, the prefix read once per
@@ -171,10 +136,10 @@ def attend(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes: int, k
     n, heads, n_q, head_dim = q.shape
     m = n // lanes
     grouped = q.view(lanes, m, heads, n_q, head_dim).permute(1, 2, 0, 3, 4).reshape(m, heads, lanes * n_q, head_dim)
-    prefix_out, prefix_lse = _part(kind, grouped, prefix_k, prefix_v, None, matmuls)
+    prefix_out, prefix_lse = _part(kind, grouped, prefix_k, prefix_v, None)
     prefix_out = prefix_out.view(m, heads, lanes, n_q, head_dim).permute(2, 0, 1, 3, 4).reshape(n, heads, n_q, head_dim)
     prefix_lse = prefix_lse.view(m, heads, lanes, n_q).permute(2, 0, 1, 3).reshape(n, heads, n_q)
-    suffix_out, suffix_lse = _part(kind, q, suffix_k, suffix_v, suffix_mask, matmuls)
+    suffix_out, suffix_lse = _part(kind, q, suffix_k, suffix_v, suffix_mask)
     lse = torch.logaddexp(prefix_lse, suffix_lse)
     out = (prefix_out.float() * torch.exp(prefix_lse - lse).unsqueeze(-1)
            + suffix_out.float() * torch.exp(suffix_lse - lse).unsqueeze(-1))
@@ -205,8 +170,7 @@ def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Wr
 
 
 def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
-                  slots: int, lanes: int, length: int, prefix_len: int, kind: str,
-                  matmuls: str = "aten") -> torch.Tensor:
+                  slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
     (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` = lanes * M suffix
     slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part.
@@ -222,16 +186,15 @@ def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state
     x = text.embed(state.tokens[:slots])
     for i, block in enumerate(text.blocks):
         h = block.ln(x)
-        qkv = linear(h, block.attn.qkv, matmuls)
+        qkv = block.attn.qkv(h)
         qk = rope.apply(qkv[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
         keys, values = suffix_k[i], suffix_v[i]
         keys[rows, :, pos] = qk[:, heads:]
         values[rows, :, pos] = qkv[:, 2 * dim :].view(slots, heads, head_dim)
         out = attend(qk[:, :heads].unsqueeze(2), prefix_k[i][:m], prefix_v[i][:m], keys[:slots, :, :length],
-                     values[:slots, :, :length], mask, lanes, kind, matmuls)
-        mlp = linear(gelu(linear(h, block.mlp.fc1, matmuls)), block.mlp.fc2, matmuls)
-        x = x + linear(out.reshape(slots, dim), block.attn.proj, matmuls) + mlp
-    return linear(text.post_ln(x), text.lm_head, matmuls)
+                     values[:slots, :, :length], mask, lanes, kind)
+        x = x + block.attn.proj(out.reshape(slots, dim)) + block.mlp(h)
+    return text.logits(x)
 
 
 def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
@@ -254,10 +217,10 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
 
 
 def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
-                slots: int, lanes: int, length: int, prefix_len: int, kind: str, matmuls: str = "aten") -> None:
+                slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> None:
     """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
     logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots, lanes=lanes,
-                           length=length, prefix_len=prefix_len, kind=kind, matmuls=matmuls)
+                           length=length, prefix_len=prefix_len, kind=kind)
     advance(state, logits, slots)
 
 
