@@ -2,7 +2,7 @@
 
   contract                           what an index is: format, tables, macros, lockdown, feature checks
   vectors / vector_build             the vector file beside the catalogue; writing and updating it
-  scan / ann                         top-k over it: exact BLAS scans, filtered scans, IVF lists (faiss k-means)
+  scan / ann                         top-k over it: exact two-pass scans, filtered scans, IVF lists (faiss k-means)
   catalogue_update / bm25            an update re-derives only the changed rows; BM25 (fts tables) kept in place
   duplicates                         exact (same bytes) and near (nearest neighbours via the IVF lists) groups
   build_index(sources, db_path)      build side (index.py): Parquet files/dirs -> index.duckdb
