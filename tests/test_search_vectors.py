@@ -440,3 +440,17 @@ def test_a_vector_file_of_the_float32_format_names_the_fix(small_index):
     header["format"] = 1
     path.write_bytes(vectors.VectorHeader(**header).encode() + bytes(data[vectors.HEADER_BYTES:]))
     _fails_opening_with(db, "format 1")
+
+
+def test_an_index_whose_rows_have_no_vectors_answers_vector_queries_with_no_hits(tmp_path):
+    """Every row an error or without an embedding: the vector file has no rows, and a query finds nothing."""
+    from tests.search_data import error_row
+
+    rows = [error_row("/img/a.jpg", run=RUN), ok_row("/img/b.jpg", "a cat", ["yes", "no car"], None, run=RUN)]
+    write_rows(tmp_path / "part-0.parquet", rows, RUN)
+    db = tmp_path / "index.duckdb"
+    assert build_index([tmp_path / "part-0.parquet"], db).info.vector_slots == 0
+    q = clustered(1, seed=1)[0]
+    with ImageIndex.open(db) as idx:
+        for kwargs in ({}, {"exact": True}, {"where": "id >= 0"}, {"min_score": 0.5}):
+            assert idx.search_vector(q, 5, **kwargs) == []

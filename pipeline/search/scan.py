@@ -196,7 +196,7 @@ class VectorStore:
             mask[allowed] = True
         elif len(self.dead):
             mask = self._live_mask
-        keep_slots, keep_approx = [], []
+        keep_slots, keep_approx = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]  # a file with no rows: none
         for start in range(0, n, SCAN_CHUNK):
             stop = min(n, start + SCAN_CHUNK)
             approx = self._approx(query.q16(), start=start, stop=stop)
