@@ -194,4 +194,3 @@ def test_the_compiled_cpu_step_attends_by_hand_and_the_eager_one_with_the_fused_
     cpu = torch.device("cpu")
     assert step.attention_kind(torch.float32, cpu, compiled=True) == "math"
     assert step.attention_kind(torch.float32, cpu) == "cpu_flash"
-

@@ -648,10 +648,7 @@ def _embedding_function(planes):
         slots = slots.to_numpy(zero_copy_only=False)
         if len(slots) and (slots.min() < 0 or slots.max() >= count):
             raise ValueError(f"no vector slot {int(slots.max())}: the index has {count}")
-        # The view scans slots in order: a run of consecutive slots is read as one slice of both planes.
-        whole = len(slots) and slots[-1] - slots[0] == len(slots) - 1 and np.all(np.diff(slots) == 1)
-        rows = planes[int(slots[0]):int(slots[-1]) + 1] if whole else planes[slots]
-        return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), dim)
+        return pa.FixedSizeListArray.from_arrays(pa.array(planes[slots].reshape(-1)), dim)
 
     return embedding_of
 

@@ -148,10 +148,14 @@ class VectorPlanes:
         return self.shape[0]
 
     def __getitem__(self, slots) -> np.ndarray:
-        if isinstance(slots, slice):
-            return join(self.high[slots], self.low[slots])
-        slots = np.asarray(slots, np.int64)
-        return join(np.take(self.high, slots, axis=0), np.take(self.low, slots, axis=0))
+        if not isinstance(slots, slice):
+            slots = np.asarray(slots, np.int64)
+            # A run of consecutive slots (SQL's view scans them in order) is read as a slice: no gather copy.
+            if len(slots) and slots[-1] - slots[0] == len(slots) - 1 and np.all(np.diff(slots) == 1):
+                slots = slice(int(slots[0]), int(slots[-1]) + 1)
+            else:
+                return join(np.take(self.high, slots, axis=0), np.take(self.low, slots, axis=0))
+        return join(self.high[slots], self.low[slots])
 
     def high_tensor(self):
         """The high plane as a torch bfloat16 tensor over the same mapped pages (no copy)."""
@@ -236,9 +240,8 @@ class NewVectorFile:
         for handle in (self._low, self._high):
             handle.flush()
             os.fsync(handle.fileno())
-        low_ctx, high_ctx = self._contexts[1], self._contexts[0]
-        low_ctx.__exit__(None, None, None)
-        high_ctx.__exit__(None, None, None)
+        for ctx in reversed(self._contexts):
+            ctx.__exit__(None, None, None)
 
     def discard(self, exc: BaseException) -> None:
         for ctx in reversed(self._contexts):
