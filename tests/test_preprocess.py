@@ -124,6 +124,104 @@ def test_open_clip_prepared_inputs_give_the_same_embeddings(tiny_clip_dir):
     assert pickle.loads(pickle.dumps(prep)).prepare(images[0]) == inputs[0]
 
 
+# Configs the decode stage's own transform covers (shortest edge to a square, squash) and ones it
+# leaves to open_clip (longest edge, a non-square shortest-edge target): both must give open_clip's bytes.
+_OPEN_CLIP_CFGS = [
+    {},
+    {"size": (64, 64), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    {"size": (48, 48), "interpolation": "random"},
+    {"size": (384, 384), "resize_mode": "squash", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    {"size": (32, 48), "resize_mode": "squash", "interpolation": "bilinear"},
+    {"size": (40, 40), "resize_mode": "longest", "fill_color": 0},
+    {"size": (32, 48), "resize_mode": "shortest"},
+]
+
+
+def _awkward_images() -> list[Image.Image]:
+    return [
+        noise_image((90, 50), seed=3), noise_image((31, 77), seed=4), noise_image((224, 224), seed=5),
+        noise_image((600, 7), seed=6), noise_image((5, 5), seed=7), noise_image((383, 384), seed=8),
+        Image.new("L", (40, 41), 128), noise_image((50, 60), seed=9).convert("RGBA"),
+        noise_image((70, 30), seed=10).convert("P"), noise_image((33, 33), seed=11).convert("1"),
+    ]
+
+
+@pytest.mark.parametrize("overrides", _OPEN_CLIP_CFGS, ids=lambda cfg: "-".join(f"{k}={v}" for k, v in cfg.items()) or "defaults")
+def test_open_clip_prepared_inputs_are_open_clips_own_eval_transform_bit_for_bit(overrides):
+    """The decode stage prepares images without open_clip (and torch) where it can; the bytes must be
+    exactly those of open_clip's own eval transform, for every image shape and mode."""
+    import dataclasses
+
+    from pipeline.models.compat import ensure_torchvision_importable
+    from pipeline.models.openclip import OpenClipPreprocessor, _normalised
+
+    ensure_torchvision_importable()
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = _normalised({**dataclasses.asdict(PreprocessCfg()), **overrides})
+    reference = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    prep = OpenClipPreprocessor(cfg)
+    for image in _awkward_images():
+        try:
+            expected = reference(image.convert("RGB")).numpy().astype(np.float16)
+        except ValueError:  # open_clip cannot take it (a side scaled to 0 pixels): neither can the stage
+            with pytest.raises(ValueError):
+                prep.prepare(image)
+            continue
+        got, _ = unpack_array(prep.prepare(image))
+        assert got.dtype == expected.dtype and got.shape == expected.shape, (image.size, image.mode)
+        assert got.tobytes() == expected.tobytes(), (image.size, image.mode, float(np.abs(got - expected).max()))
+
+
+def test_open_clip_preprocess_defaults_are_open_clips():
+    """A directory model's preprocessing is derived without importing open_clip, from these defaults."""
+    import dataclasses
+
+    from pipeline.models.compat import ensure_torchvision_importable
+    from pipeline.models.openclip import PREPROCESS_DEFAULTS
+
+    ensure_torchvision_importable()
+    from open_clip.transform import PreprocessCfg
+
+    assert PREPROCESS_DEFAULTS == dataclasses.asdict(PreprocessCfg())
+
+
+@pytest.mark.subprocess
+def test_the_decode_stage_prepares_an_open_clip_directory_model_without_torch(tiny_clip_dir, tmp_path):
+    """A decode worker imports neither torch nor open_clip to prepare a directory model's inputs: in a
+    Ray worker process that import is about 3 s of CPU (and some 400 MB) per run, paid beside the
+    embed actor that needs them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.fixtures.images import make_jpegs
+
+    make_jpegs(tmp_path / "photos", 2)
+    script = f"""
+import json, sys
+import pyarrow as pa
+from pipeline.config import RunConfig
+from pipeline.stages import StageConfig, decode_batch
+from pipeline.stages.contract import LISTED
+paths = sorted(str(p) for p in __import__("pathlib").Path({str(tmp_path / "photos")!r}).iterdir())
+config = RunConfig.from_dict({{"source": {str(tmp_path / "photos")!r}, "output": {str(tmp_path / "o.parquet")!r},
+                              "caption": {{"enabled": False, "probes": []}}, "embed": {{"model": {str(tiny_clip_dir)!r}}}}})
+batch = LISTED.table({{"uri": paths, "location": [p.encode() for p in paths], "size": [1, 1], "source_mtime": [None, None]}})
+out = decode_batch(batch, stage=StageConfig(run=config, identity=None))
+print(json.dumps({{"status": out.column("status").to_pylist(), "prepared": out.column("embed_input").is_valid().to_pylist(),
+                  "imported": sorted(m for m in ("torch", "torchvision", "open_clip", "transformers") if m in sys.modules)}}))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["status"] == ["ok", "ok"] and result["prepared"] == [True, True]
+    assert result["imported"] == []
+
+
 def test_open_clip_preprocess_config_of_builtin_names_matches_the_pretrained_cfg(offline):
     from pipeline.models.identity import model_identity
     from pipeline.models.openclip import preprocess_config

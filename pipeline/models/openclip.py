@@ -159,8 +159,37 @@ def _open_clip_source(identity: ModelIdentity) -> tuple[str, str | None]:
 # ---- the decode stage's side: open_clip's eval transform without the weights ------------
 
 
+# open_clip's PreprocessCfg defaults (open_clip/transform.py). A directory model's preprocessing is
+# derived from them without importing open_clip, which would bring torch, torchvision and transformers
+# into every decode worker (about 3 s of CPU each); tests/test_preprocess.py checks they are still
+# open_clip's, and each embed actor checks the derived config against its model's (OpenClipEmbedder).
+PREPROCESS_DEFAULTS = {
+    "size": 224,
+    "mode": "RGB",
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+    "fill_color": 0,
+}
+
+
+def _merge_preprocess(base: dict, overlay: dict | None) -> dict:
+    """open_clip's merge_preprocess_dict: the overlay's known, non-null keys over the base."""
+    merged = {k: v for k, v in base.items() if k in PREPROCESS_DEFAULTS}
+    merged.update({k: v for k, v in (overlay or {}).items() if k in PREPROCESS_DEFAULTS and v is not None})
+    return merged
+
+
 class OpenClipPreprocessor(Preprocessor):
-    """Image -> the normalised (3, H, W) float16 tensor the model's own eval transform makes."""
+    """Image -> the normalised (3, H, W) float16 tensor the model's own eval transform makes.
+
+    The two eval transforms open_clip's models use, the shortest edge resized to a square then
+    centre-cropped, and squash (resized to the size), are done here with Pillow and numpy, with the
+    same Pillow resize torchvision calls and the same float32 arithmetic, so the bytes are the same
+    (tests/test_preprocess.py compares them) and a decode worker never imports torch. Any other
+    (longest edge, a non-square shortest-edge target) goes through open_clip's own transform.
+    """
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -170,13 +199,46 @@ class OpenClipPreprocessor(Preprocessor):
         return {"cfg": self.cfg, "_transform": None}
 
     def prepare(self, image: Image.Image) -> bytes:
+        image = image.convert("RGB")
+        pixels = self._prepare_here(image)
+        if pixels is None:
+            pixels = self._open_clip_transform()(image).numpy()
+        return pack_array(pixels.astype(np.float16))
+
+    def _open_clip_transform(self):
         if self._transform is None:
             ensure_torchvision_importable()
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
             self._transform = image_transform_v2(PreprocessCfg(**self.cfg), is_train=False)
-        tensor = self._transform(image.convert("RGB"))
-        return pack_array(tensor.numpy().astype(np.float16))
+        return self._transform
+
+    def _prepare_here(self, image: Image.Image) -> np.ndarray | None:
+        """open_clip's eval transform (torchvision's Resize, CenterCrop, ToTensor, Normalize on a PIL
+        image) as float32 (3, H, W), or None for a transform left to open_clip."""
+        height, width = self.cfg["size"]
+        mode = self.cfg.get("resize_mode") or "shortest"
+        # open_clip: bilinear when asked, else bicubic ("random" is bicubic at eval).
+        resample = Image.Resampling.BILINEAR if self.cfg.get("interpolation") == "bilinear" else Image.Resampling.BICUBIC
+        if mode == "squash":
+            new_height, new_width = height, width
+        elif mode == "shortest" and height == width:
+            # torchvision's _compute_resized_output_size for a one-number size.
+            w, h = image.size
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = height, int(height * long / short)
+            new_width, new_height = (new_short, new_long) if w <= h else (new_long, new_short)
+        else:
+            return None
+        if (new_height, new_width) != (image.height, image.width):
+            image = image.resize((new_width, new_height), resample)
+        if mode == "shortest":
+            top, left = int(round((new_height - height) / 2.0)), int(round((new_width - width) / 2.0))
+            image = image.crop((left, top, left + width, top + height))
+        pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+        mean = np.asarray(self.cfg["mean"], dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.cfg["std"], dtype=np.float32).reshape(-1, 1, 1)
+        return (pixels - mean) / std
 
 
 def _normalised(cfg: dict) -> dict:
@@ -198,11 +260,7 @@ def preprocess_config(identity: ModelIdentity) -> dict | None:
     pretrained tag's cfg, then the size of the vision tower. None when the config cannot be read
     here (an hf-hub repo not in the cache): the actor then transforms PIL images itself.
     """
-    ensure_torchvision_importable()
-    import open_clip
-    from open_clip.transform import merge_preprocess_dict
-
-    base = dataclasses.asdict(open_clip.transform.PreprocessCfg())
+    base = dict(PREPROCESS_DEFAULTS)
     name = identity.open_clip_name or ""
     if name.startswith(("local-dir:", "hf-hub:")):
         if name.startswith("local-dir:"):
@@ -215,13 +273,16 @@ def preprocess_config(identity: ModelIdentity) -> dict | None:
         if config_file is None or not config_file.is_file():
             return None
         data = json.loads(config_file.read_text())
-        model_cfg, cfg = data.get("model_cfg") or {}, merge_preprocess_dict(base, data.get("preprocess_cfg") or {})
+        model_cfg, cfg = data.get("model_cfg") or {}, _merge_preprocess(base, data.get("preprocess_cfg"))
     else:
+        ensure_torchvision_importable()
+        import open_clip
+
         model_cfg = open_clip.get_model_config(name.replace("/", "-"))
         if model_cfg is None:
             return None
         tag_cfg = open_clip.get_pretrained_cfg(name, identity.pretrained) if identity.pretrained else {}
-        cfg = merge_preprocess_dict(base, tag_cfg or {})
+        cfg = _merge_preprocess(base, tag_cfg)
     vision = model_cfg.get("vision_cfg") or {}
     # The factory sets size from the built tower's image_size, which comes from vision_cfg.
     cfg["size"] = vision.get("image_size", cfg["size"])
