@@ -345,6 +345,17 @@ def _quiet_ray_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# What an embedded Ray is started with beyond Ray's defaults; a joined cluster keeps its own settings.
+EMBEDDED_SYSTEM_CONFIG = {
+    # Ray kills a worker idle for 1 s once the node has more workers than CPUs, which a small machine
+    # always has during a run (each model actor, and each of Ray Data's own actors, is a worker): on
+    # 2 cores the decode worker went while the models ran, and the conform task then waited for a new
+    # worker to start, import and connect (about 1 s, and 1 s of CPU). The embedded Ray ends with the
+    # run, so its idle workers may as well wait for the run's next task.
+    "idle_worker_killing_time_threshold_ms": 60_000,
+}
+
+
 class ray_session:
     """Connect to ``--address`` or start an embedded local Ray; shut down only what we started."""
 
@@ -382,7 +393,7 @@ class ray_session:
                 self._guard = SessionGuard().start()
                 # "local" always starts a fresh instance, never joins a cluster
                 # that happens to run on this machine.
-                ray.init(address="local", **kwargs)
+                ray.init(address="local", _system_config=EMBEDDED_SYSTEM_CONFIG, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same fault
             self._stop_guard()
             raise RayUnavailable(_explain_init_failure(exc, address)) from exc
