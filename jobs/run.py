@@ -32,6 +32,7 @@ from pipeline.models.identity import identity_for_run
 from pipeline.preflight import preflight
 from pipeline.sources import is_local, list_images, listing_covers, read_bytes, stored_uri
 from pipeline.stages import StageConfig
+from pipeline.stages.decode import with_preprocessors
 from schemas import STATUS_OK, RunMetadata
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
                 ctrl_c.reclaim()
                 ctrl_c.check()
                 plan = current_plan(config)
-                stage = StageConfig(run=config, identity=identity, torch_threads=plan.torch_threads)
+                stage = with_preprocessors(StageConfig(run=config, identity=identity, torch_threads=plan.torch_threads))
                 schema = _process(build_dataset(pending, stage, plan), store, summary, config, progress, ctrl_c) or schema
         finally:
             # _process committed every row that reached the driver, interrupted or not.

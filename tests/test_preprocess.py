@@ -186,12 +186,26 @@ def test_open_clip_preprocess_defaults_are_open_clips():
     assert PREPROCESS_DEFAULTS == dataclasses.asdict(PreprocessCfg())
 
 
-@pytest.mark.subprocess
-def test_the_decode_stage_prepares_an_open_clip_directory_model_without_torch(tiny_clip_dir, tmp_path):
-    """A decode worker imports neither torch nor open_clip to prepare a directory model's inputs: in a
-    Ray worker process that import is about 3 s of CPU (and some 400 MB) per run, paid beside the
-    embed actor that needs them."""
+# A decode worker: unpickles the stage it is given, decodes the photos, says what it imported.
+_DECODE_WORKER = """
+import json, pickle, sys
+from pathlib import Path
+from pipeline.stages import decode_batch
+from pipeline.stages.contract import LISTED
+stage = pickle.loads(Path(sys.argv[1]).read_bytes())
+paths = sorted(str(p) for p in Path(sys.argv[2]).iterdir())
+batch = LISTED.table({"uri": paths, "location": [p.encode() for p in paths], "size": [1] * len(paths),
+                      "source_mtime": [None] * len(paths)})
+out = decode_batch(batch, stage=stage)
+print(json.dumps({"status": out.column("status").to_pylist(), "prepared": out.column("embed_input").is_valid().to_pylist(),
+                  "imported": sorted(m for m in ("torch", "torchvision", "open_clip", "transformers") if m in sys.modules)}))
+"""
+
+
+def _decode_in_a_fresh_process(stage, tmp_path) -> dict:
     import json
+    import os
+    import pickle
     import subprocess
     import sys
     from pathlib import Path
@@ -199,27 +213,42 @@ def test_the_decode_stage_prepares_an_open_clip_directory_model_without_torch(ti
     from tests.fixtures.images import make_jpegs
 
     make_jpegs(tmp_path / "photos", 2)
-    script = f"""
-import json, sys
-import pyarrow as pa
-from pipeline.config import RunConfig
-from pipeline.stages import StageConfig, decode_batch
-from pipeline.stages.contract import LISTED
-paths = sorted(str(p) for p in __import__("pathlib").Path({str(tmp_path / "photos")!r}).iterdir())
-config = RunConfig.from_dict({{"source": {str(tmp_path / "photos")!r}, "output": {str(tmp_path / "o.parquet")!r},
-                              "caption": {{"enabled": False, "probes": []}}, "embed": {{"model": {str(tiny_clip_dir)!r}}}}})
-batch = LISTED.table({{"uri": paths, "location": [p.encode() for p in paths], "size": [1, 1], "source_mtime": [None, None]}})
-out = decode_batch(batch, stage=StageConfig(run=config, identity=None))
-print(json.dumps({{"status": out.column("status").to_pylist(), "prepared": out.column("embed_input").is_valid().to_pylist(),
-                  "imported": sorted(m for m in ("torch", "torchvision", "open_clip", "transformers") if m in sys.modules)}}))
-"""
+    (tmp_path / "stage.pickle").write_bytes(pickle.dumps(stage))
     repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo,
-                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    done = subprocess.run([sys.executable, "-c", _DECODE_WORKER, str(tmp_path / "stage.pickle"), str(tmp_path / "photos")],
+                          capture_output=True, text=True, timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["status"] == ["ok", "ok"] and result["prepared"] == [True, True]
-    assert result["imported"] == []
+    return result
+
+
+def _embed_only_stage(tmp_path, embed_model: str):
+    from pipeline.config import RunConfig
+    from pipeline.stages import StageConfig
+
+    config = RunConfig.from_dict({"source": str(tmp_path / "photos"), "output": str(tmp_path / "o.parquet"),
+                                  "caption": {"enabled": False, "probes": []}, "embed": {"model": embed_model}})
+    return StageConfig(run=config, identity=None)
+
+
+@pytest.mark.subprocess
+def test_a_decode_worker_prepares_an_open_clip_directory_model_without_torch(tiny_clip_dir, tmp_path):
+    """A decode worker imports neither torch nor open_clip to prepare a directory model's inputs: in a
+    Ray worker process that import is about 3 s of CPU (and some 400 MB) per run, paid beside the
+    embed actor that needs them."""
+    assert _decode_in_a_fresh_process(_embed_only_stage(tmp_path, str(tiny_clip_dir)), tmp_path)["imported"] == []
+
+
+@pytest.mark.subprocess
+def test_a_decode_worker_prepares_a_named_open_clip_model_without_torch(offline, tmp_path):
+    """A named model's preprocessing comes from open_clip's own tables: the driver, which imported
+    open_clip to identify the model, builds the preprocessors once and the stage carries them."""
+    from pipeline.stages.decode import with_preprocessors
+
+    stage = with_preprocessors(_embed_only_stage(tmp_path, "open_clip:ViT-SO400M-14-SigLIP-384@webli"))
+    assert stage.preprocessors[1] is not None and stage.preprocessors[1].cfg["size"] == (384, 384)
+    assert _decode_in_a_fresh_process(stage, tmp_path)["imported"] == []
 
 
 def test_open_clip_preprocess_config_of_builtin_names_matches_the_pretrained_cfg(offline):

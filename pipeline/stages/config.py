@@ -17,6 +17,9 @@ class StageConfig:
     identity: RunMetadata  # models, revisions and probe set; embedding_dim is filled from the data
     # torch threads per model actor: its CPU share in the resource plan, at least one.
     torch_threads: int = 1
+    # (caption, embed) CPU preprocessors of the decode stage, built once on the driver
+    # (pipeline.stages.decode.with_preprocessors); None: each decode worker builds its own.
+    preprocessors: tuple | None = None
 
     @property
     def runs_captioner(self) -> bool:

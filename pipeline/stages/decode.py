@@ -9,6 +9,7 @@ every model of the run has one, the pixels are not carried at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pyarrow as pa
@@ -20,16 +21,31 @@ from schemas.errors import STORAGE_ERROR_KINDS, error_text, exception_text
 
 log = logging.getLogger(__name__)
 
-# Built once per worker process and run config: building open_clip's transform imports torch.
+# Built once per worker process and run config, when the driver sent none.
 _PREPROCESSORS: dict[str, tuple] = {}
 
 
 def preprocessors(stage: StageConfig) -> tuple:
-    """(caption preprocessor | None, embed preprocessor | None) for this run, cached per process."""
+    """(caption preprocessor | None, embed preprocessor | None) for this run: the driver's, else built
+    here once per process."""
+    if stage.preprocessors is not None:
+        return stage.preprocessors
     key = stage.run.model_dump_json()
     if key not in _PREPROCESSORS:
         _PREPROCESSORS[key] = (_build(stage, "caption"), _build(stage, "embed"))
     return _PREPROCESSORS[key]
+
+
+def with_preprocessors(stage: StageConfig) -> StageConfig:
+    """The stage carrying its CPU preprocessors, built here, once (on the driver), for every decode task.
+
+    Building one reads the model's configuration, never its weights. For a named open_clip model
+    (the default SigLIP) that is open_clip's own tables, and importing open_clip brings torch,
+    torchvision and transformers: the driver has them already (it identified the model), where each
+    decode worker process would pay about 3 s of CPU for them. The preprocessors travel by pickle
+    without anything built from torch (OpenClipPreprocessor rebuilds what it needs where it runs).
+    """
+    return dataclasses.replace(stage, preprocessors=(_build(stage, "caption"), _build(stage, "embed")))
 
 
 def _build(stage: StageConfig, which: str):
