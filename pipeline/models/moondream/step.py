@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from pipeline.models.moondream.config import ANSWER_ID, EOS_ID, ROTARY_DIMS
+from pipeline.models.moondream.config import ANSWER_ID, EOS_ID, LAYER_NORM_EPS, ROTARY_DIMS
+from pipeline.models.moondream.layers import StackedLayers
 from pipeline.models.moondream.text import TextModel
+from pipeline.models.moondream.vision import gelu
 
 
 @dataclass
@@ -169,31 +172,34 @@ def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Wr
     return x
 
 
-def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
-                  slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> torch.Tensor:
+def decode_logits(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState,
+                  rope: RopeTables, *, slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
     (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` = lanes * M suffix
     slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part.
-    Per layer: layer norm, qkv, rotary of q and k together, two in-place writes, the two attention
-    kernels and their merge, the output projection, the MLP and the residual sum."""
+    The blocks' weights come stacked (layers.py: qkv with fc1 and proj with fc2 as one GEMM each). Per
+    layer: layer norm, the input GEMM, rotary of q and k together, two in-place writes, the two attention
+    kernels and their merge, the output GEMM and the residual sum."""
     m, dim = slots // lanes, text.config.dim
     heads, head_dim = text.config.n_heads, text.config.head_dim
+    qkv_out = 3 * dim  # n_kv_heads == n_heads (config.py refuses other checkpoints)
     pos = state.pos[:slots]
     rows = torch.arange(slots, device=pos.device)
     visible = torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)
     mask = additive(visible, suffix_k[0].dtype).view(slots, 1, 1, length)  # built once per step
     cos, sin = rope.cos[prefix_len + pos].unsqueeze(1), rope.sin[prefix_len + pos].unsqueeze(1)
     x = text.embed(state.tokens[:slots])
-    for i, block in enumerate(text.blocks):
-        h = block.ln(x)
-        qkv = block.attn.qkv(h)
-        qk = rope.apply(qkv[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
+    for i in range(text.config.n_layers):
+        h = F.layer_norm(x, (dim,), layers.ln_w[i], layers.ln_b[i], LAYER_NORM_EPS)
+        hidden = torch.addmm(layers.b_in[i], h, layers.w_in[i].t())  # [q, k, v, fc1 out]
+        qk = rope.apply(hidden[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
         keys, values = suffix_k[i], suffix_v[i]
         keys[rows, :, pos] = qk[:, heads:]
-        values[rows, :, pos] = qkv[:, 2 * dim :].view(slots, heads, head_dim)
+        values[rows, :, pos] = hidden[:, 2 * dim : qkv_out].view(slots, heads, head_dim)
         out = attend(qk[:, :heads].unsqueeze(2), prefix_k[i][:m], prefix_v[i][:m], keys[:slots, :, :length],
                      values[:slots, :, :length], mask, lanes, kind)
-        x = x + block.attn.proj(out.reshape(slots, dim)) + block.mlp(h)
+        both = torch.cat([out.reshape(slots, dim), gelu(hidden[:, qkv_out:])], dim=1)
+        x = x + torch.addmm(layers.b_proj[i], both, layers.w_out[i].t()) + layers.b_fc2[i]
     return text.logits(x)
 
 
@@ -216,11 +222,11 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
     active.copy_(emit)
 
 
-def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
-                slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> None:
+def decode_step(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState,
+                rope: RopeTables, *, slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> None:
     """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
-    logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots, lanes=lanes,
-                           length=length, prefix_len=prefix_len, kind=kind)
+    logits = decode_logits(text, layers, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots,
+                           lanes=lanes, length=length, prefix_len=prefix_len, kind=kind)
     advance(state, logits, slots)
 
 
