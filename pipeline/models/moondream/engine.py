@@ -204,9 +204,9 @@ class MoondreamEngine:
 
     def _decode(self, batch: "_Batch", length: int) -> None:
         p = self.pools
-        self._step(self.model.text, self.layers, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, self.rope,
-                   slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
-                   kind=self.step_attention)
+        self._step(self.model.text, self.layers, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, p.layer_index,
+                   self.state, self.rope, slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length,
+                   prefix_len=self.prefix_len, kind=self.step_attention)
 
     def _decode_steps(self, batch: "_Batch", length: int, count: int) -> None:
         """``count`` decode steps (nothing is reallocated or resized between them). Compiled, a step whose
@@ -239,7 +239,7 @@ class MoondreamEngine:
         """What a decode step's guards look at that can change during the engine's life (the model, the rope
         tables, prefix_len and the attention kind cannot): the pool and state tensors and the sizes."""
         p = self.pools
-        return (*p.prefix_k, *p.prefix_v, *p.suffix_k, *p.suffix_v, *self.state.tensors(), batch.lanes, batch.rows,
+        return (p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, *self.state.tensors(), batch.lanes, batch.rows,
                 length)
 
     def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,

@@ -172,10 +172,11 @@ def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Wr
     return x
 
 
-def decode_logits(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState,
-                  rope: RopeTables, *, slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> torch.Tensor:
+def decode_logits(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, suffix_k, suffix_v, layer_index,
+                  state: SlotState, rope: RopeTables, *, slots: int, lanes: int, length: int, prefix_len: int,
+                  kind: str) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
-    (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` = lanes * M suffix
+    (slots, vocab) logits. Pools (kv.py): (layers, rows, H, positions, d), ``layer_index`` (layers, 1); the first ``slots`` = lanes * M suffix
     slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part.
     The blocks' weights come stacked (layers.py: qkv with fc1 and proj with fc2 as one GEMM each). Per
     layer: layer norm, the input GEMM, rotary of q and k together, two in-place writes, the two attention
@@ -186,18 +187,18 @@ def decode_logits(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, su
     pos = state.pos[:slots]
     rows = torch.arange(slots, device=pos.device)
     visible = torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)
-    mask = additive(visible, suffix_k[0].dtype).view(slots, 1, 1, length)  # built once per step
+    mask = additive(visible, suffix_k.dtype).view(slots, 1, 1, length)  # built once per step
     cos, sin = rope.cos[prefix_len + pos].unsqueeze(1), rope.sin[prefix_len + pos].unsqueeze(1)
     x = text.embed(state.tokens[:slots])
     for i in range(text.config.n_layers):
         h = F.layer_norm(x, (dim,), layers.ln_w[i], layers.ln_b[i], LAYER_NORM_EPS)
         hidden = torch.addmm(layers.b_in[i], h, layers.w_in[i].t())  # [q, k, v, fc1 out]
         qk = rope.apply(hidden[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
-        keys, values = suffix_k[i], suffix_v[i]
-        keys[rows, :, pos] = qk[:, heads:]
-        values[rows, :, pos] = hidden[:, 2 * dim : qkv_out].view(slots, heads, head_dim)
-        out = attend(qk[:, :heads].unsqueeze(2), prefix_k[i][:m], prefix_v[i][:m], keys[:slots, :, :length],
-                     values[:slots, :, :length], mask, lanes, kind)
+        layer = layer_index[i]  # a (1,) tensor: one index_put on the whole pool, in place (kv.py)
+        suffix_k[layer, rows, :, pos] = qk[:, heads:]
+        suffix_v[layer, rows, :, pos] = hidden[:, 2 * dim : qkv_out].view(slots, heads, head_dim)
+        out = attend(qk[:, :heads].unsqueeze(2), prefix_k[i, :m], prefix_v[i, :m], suffix_k[i, :slots, :, :length],
+                     suffix_v[i, :slots, :, :length], mask, lanes, kind)
         both = torch.cat([out.reshape(slots, dim), gelu(hidden[:, qkv_out:])], dim=1)
         x = x + torch.addmm(layers.b_proj[i], both, layers.w_out[i].t()) + layers.b_fc2[i]
     return text.logits(x)
@@ -222,11 +223,12 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
     active.copy_(emit)
 
 
-def decode_step(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState,
-                rope: RopeTables, *, slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> None:
+def decode_step(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, suffix_k, suffix_v, layer_index,
+                state: SlotState, rope: RopeTables, *, slots: int, lanes: int, length: int, prefix_len: int,
+                kind: str) -> None:
     """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
-    logits = decode_logits(text, layers, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots,
-                           lanes=lanes, length=length, prefix_len=prefix_len, kind=kind)
+    logits = decode_logits(text, layers, prefix_k, prefix_v, suffix_k, suffix_v, layer_index, state, rope,
+                           slots=slots, lanes=lanes, length=length, prefix_len=prefix_len, kind=kind)
     advance(state, logits, slots)
 
 
