@@ -142,7 +142,7 @@ def test_decode_step_compiles_in_one_graph_and_recompiles_at_most_twice(eos_mode
 
     def watched(*args, **kwargs):
         calls.append((torch._dynamo.eval_frame._is_skip_guard_eval_unsafe_stance(),
-                      (*args[1:6], kwargs["slots"], kwargs["lanes"], kwargs["length"])))
+                      (*args[1:8], kwargs["slots"], kwargs["lanes"], kwargs["length"])))
         return step_fn(*args, **kwargs)
 
     def same(a, b):
