@@ -441,11 +441,13 @@ class _Batch:
         yes_probs = flat[3 * n : 4 * n].astype(np.int32).view(np.float32)
         ids = flat[4 * n :].reshape(n, width)
         stopped = np.flatnonzero(self.live & (active == 0))  # only these are visited
-        for k in stopped.tolist():
-            slot, yes_prob = self.slot[k], float(yes_probs[k])
-            self.results[slot.image][slot.index] = Generation(
-                tuple(ids[k, : produced[k]].tolist()), bool(hit_cap[k]), None if np.isnan(yes_prob) else yes_prob
-            )
+        # Read out as Python lists in one call per field: the loop then touches no numpy scalar.
+        unasked = np.isnan(yes_probs[stopped]).tolist()
+        for k, row, n_ids, cap, p, nan in zip(stopped.tolist(), ids[stopped].tolist(), produced[stopped].tolist(),
+                                              hit_cap[stopped].astype(bool).tolist(), yes_probs[stopped].tolist(),
+                                              unasked):
+            slot = self.slot[k]
+            self.results[slot.image][slot.index] = Generation(tuple(row[:n_ids]), cap, None if nan else p)
             self.slot[k] = None
         self.live[stopped] = False
         idle_rows = ~self.live.reshape(self.group, self.rows).any(0)  # slot j*M + r is lane j of row r

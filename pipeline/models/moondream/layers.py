@@ -34,9 +34,13 @@ class StackedLayers:
     w_out: torch.Tensor  # (L, dim, dim + ff): columns [proj | fc2]
     b_proj: torch.Tensor  # (L, dim)
     b_fc2: torch.Tensor  # (L, dim)
+    # The two weight stacks transposed (views), as the GEMMs take them: one select per layer, not two.
+    w_in_t: torch.Tensor  # (L, dim, qkv_out + ff)
+    w_out_t: torch.Tensor  # (L, dim + ff, dim)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.ln_w, self.ln_b, self.w_in, self.b_in, self.w_out, self.b_proj, self.b_fc2]
+        """What the decode step reads."""
+        return [self.ln_w, self.ln_b, self.w_in_t, self.b_in, self.w_out_t, self.b_proj, self.b_fc2]
 
 
 # Each stack: its field, the block parameters it holds (indices into _block_parameters' lists) and the
@@ -93,6 +97,6 @@ def stacked_layers(text: TextModel) -> StackedLayers:
             for layer, layer_params in enumerate(params):
                 for k, view in zip(indices, _parts(built[field], layer, sizes, cat_dim)):
                     layer_params[k].data = view
-    stack = StackedLayers(**built)
+    stack = StackedLayers(**built, w_in_t=built["w_in"].transpose(1, 2), w_out_t=built["w_out"].transpose(1, 2))
     object.__setattr__(text, "_stacked_layers", stack)  # a plain attribute: not in state_dict()
     return stack

@@ -190,17 +190,20 @@ def decode_logits(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, su
     mask = additive(visible, suffix_k.dtype).view(slots, 1, 1, length)  # built once per step
     cos, sin = rope.cos[prefix_len + pos].unsqueeze(1), rope.sin[prefix_len + pos].unsqueeze(1)
     x = text.embed(state.tokens[:slots])
+    # The parts of the pools this step reads, sliced once (a layer's is then one select).
+    prefix_keys, prefix_values = prefix_k[:, :m], prefix_v[:, :m]
+    suffix_keys, suffix_values = suffix_k[:, :slots, :, :length], suffix_v[:, :slots, :, :length]
     for i in range(text.config.n_layers):
         h = F.layer_norm(x, (dim,), layers.ln_w[i], layers.ln_b[i], LAYER_NORM_EPS)
-        hidden = torch.addmm(layers.b_in[i], h, layers.w_in[i].t())  # [q, k, v, fc1 out]
+        hidden = torch.addmm(layers.b_in[i], h, layers.w_in_t[i])  # [q, k, v, fc1 out]
         qk = rope.apply(hidden[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
         layer = layer_index[i]  # a (1,) tensor: one index_put on the whole pool, in place (kv.py)
         suffix_k[layer, rows, :, pos] = qk[:, heads:]
         suffix_v[layer, rows, :, pos] = hidden[:, 2 * dim : qkv_out].view(slots, heads, head_dim)
-        out = attend(qk[:, :heads].unsqueeze(2), prefix_k[i, :m], prefix_v[i, :m], suffix_k[i, :slots, :, :length],
-                     suffix_v[i, :slots, :, :length], mask, lanes, kind)
+        out = attend(qk[:, :heads].unsqueeze(2), prefix_keys[i], prefix_values[i], suffix_keys[i], suffix_values[i],
+                     mask, lanes, kind)
         both = torch.cat([out.reshape(slots, dim), gelu(hidden[:, qkv_out:])], dim=1)
-        x = x + torch.addmm(layers.b_proj[i], both, layers.w_out[i].t()) + layers.b_fc2[i]
+        x = x + torch.addmm(layers.b_proj[i], both, layers.w_out_t[i]) + layers.b_fc2[i]
     return text.logits(x)
 
 
