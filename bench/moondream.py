@@ -24,9 +24,10 @@ cap), in one run:
   so the first line times that too. From a torch.profiler run of the same calls: a fused kernel's time is
   all arithmetic (its event is recorded inside the kernel), an aten op's (or an extern call's from the C++
   wrapper) only beyond the fastest call of the same op in that engine's profiles (its 64-sequence run
-  stands for the 384 one; the eager engines also profile a one-image call, 8 sequences, which a compiled
-  one would have to compile a graph for), so an op's dispatch and setup, which a GPU host pays too, stay
-  host time; the profiler's clock is the wall's, which a busy neighbour stretches, so each call (step or
+  stands for the 384 one; every engine also profiles a one-image call, 8 sequences, the compiled one
+  after compiling a graph for it: the same rule for all three, where the compiled engine used to be
+  charged its smallest GEMMs' arithmetic at 64 rows as host time), so an op's dispatch and setup, which
+  a GPU host pays too, stay host time; the profiler's clock is the wall's, which a busy neighbour stretches, so each call (step or
   harvest) is read from the one of 3 profiled runs of the same calls where it was descheduled least, its
   operators' durations scaled by its CPU time over its wall time there (the first line, which the
   arithmetic is taken from, is CPU time: one clock on both sides. Unscaled, a step made of one long
@@ -67,6 +68,7 @@ from pipeline.models.moondream.preprocess import prepare_image  # noqa: E402
 _HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "cpu")
 # The profiler events the probe puts around each decode step and each bookkeeping call.
 STEP, BOOKKEEPING = "bench_decode_step", "bench_decode_bookkeeping"
+TIMED_CALLS = 3  # unprofiled generate calls whose steps are timed
 
 
 class Probe:
@@ -215,16 +217,18 @@ def decode_proxies(engine, crops, reqs, fastest: dict[str, float], one_image: bo
                    profiles: int = 3) -> dict:
     """The proxies for one engine on one batch. ``fastest``: each operator's fastest call in this engine's
     profiles so far (updated here: a smaller batch's calls stand for a larger one's host cost).
-    ``one_image``: also profile a one-image call (8 sequences) for them (an eager engine; a compiled one
-    would compile a graph for it). ``profiles``: profiled calls, for the arithmetic."""
+    ``one_image``: also profile a one-image call (8 sequences) for them, after one unprofiled (a compiled
+    engine compiles a graph for it there). ``profiles``: profiled calls, for the arithmetic."""
     engine.generate(crops, [reqs] * len(crops))  # warm-up: allocation, compilation
     probe = Probe()
     undo = _loop_probe(engine, probe)
     try:
         with probe.counting_reads():
-            engine.generate(crops, [reqs] * len(crops))
+            for _ in range(TIMED_CALLS):  # more steps for the median: a 384-sequence call is only ~12 steps
+                engine.generate(crops, [reqs] * len(crops))
         timing = (probe.host_seconds_per_step(), 100 * probe.reads / probe.steps)
         if one_image:
+            engine.generate(crops[:1], [reqs])  # warm-up (a compiled engine: a graph for one image row)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 engine.generate(crops[:1], [reqs])
             _keep_fastest(fastest, (call for calls in _top_level_ops(prof).values() for call in calls))
@@ -318,7 +322,7 @@ def main() -> None:
         for label, engine in _engines(model, n, compile_after):
             legacy_reqs = [legacy.Request(r.prompt, r.max_tokens, r.yes_no) for r in reqs]
             found = decode_proxies(engine, crops, legacy_reqs if label == "before" else reqs,
-                                   fastest.setdefault(label, {}), one_image=label != "after compiled")
+                                   fastest.setdefault(label, {}), one_image=True)
             for key, value in found.items():
                 table.setdefault(f"{key}@{n}", {})[label] = value
             print(f"  {n} sequences, {label}: {found['ms']:.2f} ms/step ({found['host']:.2f} with the arithmetic "

@@ -57,7 +57,8 @@ class TracingEngine(MoondreamEngine):
 
     def _decode(self, batch, length):
         s, p, n = self.state, self.pools, batch.lanes * batch.rows
-        logits = step.decode_logits(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, s, self.rope,
+        logits = step.decode_logits(self.model.text, self.layers, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v,
+                                    p.layer_index, s, self.rope,
                                     slots=n, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
                                     kind=self.attention)
         raw = logits.float().cpu()

@@ -142,7 +142,7 @@ def test_decode_step_compiles_in_one_graph_and_recompiles_at_most_twice(eos_mode
 
     def watched(*args, **kwargs):
         calls.append((torch._dynamo.eval_frame._is_skip_guard_eval_unsafe_stance(),
-                      (*args[1:6], kwargs["slots"], kwargs["lanes"], kwargs["length"])))
+                      (*args[1:8], kwargs["slots"], kwargs["lanes"], kwargs["length"])))
         return step_fn(*args, **kwargs)
 
     def same(a, b):
@@ -194,3 +194,57 @@ def test_the_compiled_cpu_step_attends_by_hand_and_the_eager_one_with_the_fused_
     cpu = torch.device("cpu")
     assert step.attention_kind(torch.float32, cpu, compiled=True) == "math"
     assert step.attention_kind(torch.float32, cpu) == "cpu_flash"
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def test_the_step_reads_the_blocks_weights_stacked_over_the_layers_without_a_second_copy():
+    """layers.stacked_layers: the blocks' parameters become views of the stacks (same values and names, no
+    weight held twice), the stacks are built once per model, and a parameter replaced afterwards (a
+    model.to(...)) is seen: the stacks are built again from the new values."""
+    from pipeline.models.moondream.layers import stacked_layers
+
+    model = load_model(CHECKPOINT_DIR / "model.safetensors", CHECKPOINT_DIR / "config.json", "cpu", torch.float32)
+    text = model.text
+    before = {name: p.detach().clone() for name, p in text.named_parameters()}
+    stack = stacked_layers(text)
+    after = dict(text.named_parameters())
+    assert list(after) == list(before)
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    assert _storage_bytes(after.values()) == sum(v.nbytes for v in before.values())  # nothing doubled
+    assert stacked_layers(text) is stack
+    block, qkv_out = text.blocks[1], text.blocks[1].attn.qkv.out_features
+    assert torch.equal(stack.w_in[1, :qkv_out], block.attn.qkv.weight)
+    assert torch.equal(stack.w_out[1, :, text.config.dim :], block.mlp.fc2.weight)
+    with torch.no_grad():
+        block.mlp.fc1.weight.data = block.mlp.fc1.weight + 1.0  # replaced, not written in place
+    again = stacked_layers(text)
+    assert again is not stack and torch.equal(again.w_in[1, qkv_out:], block.mlp.fc1.weight)
+
+
+def test_the_decode_step_takes_as_many_tensors_for_24_layers_as_for_2():
+    """The step's fixed cost per call grows with the tensors it is handed (TorchDynamo's guards, the compiled
+    wrapper's inputs): weights and pools come stacked over the layers, so the count does not grow with them.
+    Counted by a TorchDynamo backend that only records the graph's inputs (nothing is compiled)."""
+    from bench.moondream_setup import random_model, requests, tiny_widths
+
+    inputs = {}
+    for n_layers in (2, 24):
+        config = tiny_widths(n_layers)
+        model = random_model(config, "cpu", torch.float32)
+        engine = MoondreamEngine(model, max_sequences=8)
+        side = config.vision.crop_size
+        crops = prepare_image(Image.new("RGB", (side, side), "gray"), config.vision.crop_geometry)
+
+        def recording(graph, example_inputs, n_layers=n_layers):
+            inputs.setdefault(n_layers, len(example_inputs))
+            return graph.forward
+
+        torch._dynamo.reset()
+        engine._step = torch.compile(step.decode_step, backend=recording, fullgraph=True, dynamic=False)
+        engine.generate([crops], [requests(3, 3, vocab_size=config.text.vocab_size, probes=2)])
+    torch._dynamo.reset()
+    assert inputs[2] == inputs[24] <= 40, inputs

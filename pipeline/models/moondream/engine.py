@@ -37,6 +37,7 @@ from pipeline.models.moondream import step
 from pipeline.models.moondream.config import BOS_ID, EOS_ID
 from pipeline.models.moondream.defaults import for_device
 from pipeline.models.moondream.kv import KVPools, bucket
+from pipeline.models.moondream.layers import stacked_layers
 from pipeline.models.moondream.model import MoondreamModel
 from pipeline.models.moondream.preprocess import MoondreamCrops
 from pipeline.models.moondream.vision import normalise_crops
@@ -103,6 +104,9 @@ class MoondreamEngine:
         t = self.config.text
         self.prefix_len = self.config.prefix_len
         self.rope = step.RopeTables.build(model.text)
+        # The decode step's weights, stacked once (the blocks' parameters become views of them); a parameter
+        # replaced after this (model.to(...)) is not seen by this engine.
+        self.layers = stacked_layers(model.text)
         self.attention = step.attention_kind(self.dtype, self.device)  # the eager prompt prefill's
         self.step_attention = step.attention_kind(self.dtype, self.device, compiled=compile)  # the decode step's
         self.pools = KVPools(t.n_layers, t.n_kv_heads, t.head_dim, self.prefix_len, self.dtype, self.device,
@@ -119,6 +123,8 @@ class MoondreamEngine:
             self._encode_crops = torch.compile(model.vision.encode, dynamic=True)
             self._prefill_prefix = torch.compile(model.text.prefill_prefix, dynamic=True)
             self._step = _compile_step(self.device)
+            for t in self.layers.tensors():  # inputs, not parameters: CUDA graphs must not copy them per replay
+                torch._dynamo.mark_static_address(t)
 
     # ------------------------------------------------------------------ vision
 
@@ -198,9 +204,9 @@ class MoondreamEngine:
 
     def _decode(self, batch: "_Batch", length: int) -> None:
         p = self.pools
-        self._step(self.model.text, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, self.state, self.rope,
-                   slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length, prefix_len=self.prefix_len,
-                   kind=self.step_attention)
+        self._step(self.model.text, self.layers, p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, p.layer_index,
+                   self.state, self.rope, slots=batch.lanes * batch.rows, lanes=batch.lanes, length=length,
+                   prefix_len=self.prefix_len, kind=self.step_attention)
 
     def _decode_steps(self, batch: "_Batch", length: int, count: int) -> None:
         """``count`` decode steps (nothing is reallocated or resized between them). Compiled, a step whose
@@ -233,7 +239,7 @@ class MoondreamEngine:
         """What a decode step's guards look at that can change during the engine's life (the model, the rope
         tables, prefix_len and the attention kind cannot): the pool and state tensors and the sizes."""
         p = self.pools
-        return (*p.prefix_k, *p.prefix_v, *p.suffix_k, *p.suffix_v, *self.state.tensors(), batch.lanes, batch.rows,
+        return (p.prefix_k, p.prefix_v, p.suffix_k, p.suffix_v, *self.state.tensors(), batch.lanes, batch.rows,
                 length)
 
     def _first_tokens(self, batch: "_Batch", where: torch.Tensor, logits: torch.Tensor, real, limits, lengths,
@@ -296,8 +302,11 @@ def _compile_step(device: torch.device):
     # memory_planning: the step's intermediate buffers carved out of one allocation per call; without it the
     # wrapper allocated each (about 500 per step at 24 layers, ~0.5 us each: measured 0.50 -> 0.41 ms of host
     # time per step at 8 tiny layers, bench/moondream.py's definition).
+    # size_asserts off: the wrapper re-checked every input's sizes and strides on every call (13% of its own
+    # time at 8 tiny layers), which the graph's guards already decided when it was picked: a step gets the
+    # tensors a fully guarded step passed with (_decode_steps), whose shapes the skipped guards still check.
     return torch.compile(step.decode_step, fullgraph=True, dynamic=False,
-                         options={"cpp_wrapper": True, "memory_planning": True})
+                         options={"cpp_wrapper": True, "memory_planning": True, "size_asserts": False})
 
 
 class _Batch:
@@ -432,11 +441,13 @@ class _Batch:
         yes_probs = flat[3 * n : 4 * n].astype(np.int32).view(np.float32)
         ids = flat[4 * n :].reshape(n, width)
         stopped = np.flatnonzero(self.live & (active == 0))  # only these are visited
-        for k in stopped.tolist():
-            slot, yes_prob = self.slot[k], float(yes_probs[k])
-            self.results[slot.image][slot.index] = Generation(
-                tuple(ids[k, : produced[k]].tolist()), bool(hit_cap[k]), None if np.isnan(yes_prob) else yes_prob
-            )
+        # Read out as Python lists in one call per field: the loop then touches no numpy scalar.
+        unasked = np.isnan(yes_probs[stopped]).tolist()
+        for k, row, n_ids, cap, p, nan in zip(stopped.tolist(), ids[stopped].tolist(), produced[stopped].tolist(),
+                                              hit_cap[stopped].astype(bool).tolist(), yes_probs[stopped].tolist(),
+                                              unasked):
+            slot = self.slot[k]
+            self.results[slot.image][slot.index] = Generation(tuple(row[:n_ids]), cap, None if nan else p)
             self.slot[k] = None
         self.live[stopped] = False
         idle_rows = ~self.live.reshape(self.group, self.rows).any(0)  # slot j*M + r is lane j of row r

@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from pipeline.models.moondream.config import ANSWER_ID, EOS_ID, ROTARY_DIMS
+from pipeline.models.moondream.config import ANSWER_ID, EOS_ID, LAYER_NORM_EPS, ROTARY_DIMS
+from pipeline.models.moondream.layers import StackedLayers
 from pipeline.models.moondream.text import TextModel
+from pipeline.models.moondream.vision import gelu
 
 
 @dataclass
@@ -92,7 +95,8 @@ def attention_kind(dtype: torch.dtype, device: torch.device, compiled: bool = Fa
     needs; aten's fused kernels do:
     "cpu_flash": both parts through aten's CPU flash-attention kernel (fused; masks; any float dtype);
     "cuda_flash": the prefix (no mask) through aten's CUDA flash kernel (bf16/fp16), the short per-slot
-    suffix by hand in float32; "math": both by hand, in float32 (where neither kernel is there).
+    suffix by hand in float32; "math": both by hand, in float32, as one softmax (where neither kernel is
+    there).
     ``compiled`` (the step under torch.compile): on CPU, "math", which inductor fuses with the merge and
     its neighbours into a few C++ loops; the aten kernel is an opaque call inductor cannot fuse, and at
     decode's one query per slot its per-call setup cost more than the whole fused math (measured by
@@ -129,10 +133,12 @@ def _part(kind: str, q, k, v, mask):
 
 def attend(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes: int, kind: str):
     """Attention of N = lanes*M slots over their image's prefix plus their own suffix: two fused kernels,
-    merged by log-sum-exp. Slots are request-major (slot j*M + r: request j of the image in prefix row r),
+    merged by log-sum-exp (by hand, kind "math": one softmax over both, _one_softmax). Slots are request-major (slot j*M + r: request j of the image in prefix row r),
     so the lanes queries of an image meet its prefix row in one kernel call, the prefix read once per
     step and never copied per prompt. q (N, H, Q, d); prefix_k/v (M, H, P, d); suffix_k/v (N, H, T, d);
     suffix_mask additive, (N or 1, 1, Q, T). Returns (N, H, Q, d) in q's dtype."""
+    if kind == "math":
+        return _one_softmax(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes)
     n, heads, n_q, head_dim = q.shape
     m = n // lanes
     grouped = q.view(lanes, m, heads, n_q, head_dim).permute(1, 2, 0, 3, 4).reshape(m, heads, lanes * n_q, head_dim)
@@ -144,6 +150,32 @@ def attend(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes: int, k
     out = (prefix_out.float() * torch.exp(prefix_lse - lse).unsqueeze(-1)
            + suffix_out.float() * torch.exp(suffix_lse - lse).unsqueeze(-1))
     return out.to(q.dtype)
+
+
+def _one_softmax(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_mask, lanes: int):
+    """``attend`` by hand (kind "math"), in float32: one softmax over each slot's prefix row and its own
+    suffix together (their scores share one max and one sum), so no second normalisation and no
+    log-sum-exp merge. The same lanes grouping for the prefix products. Measured at 8 tiny layers, 64
+    sequences, compiled on CPU: 0.79 -> 0.73 ms per step against the two-part merge (fewer passes and
+    buffers; the host-bound step at 8 sequences unchanged)."""
+    n, heads, n_q, head_dim = q.shape
+    m, prefix = n // lanes, prefix_k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim)
+    qf = q.float()
+
+    def ungroup(t, last):  # (M, H, lanes * Q, last) -> (N, H, Q, last), slot j*M + r
+        return t.view(m, heads, lanes, n_q, last).permute(2, 0, 1, 3, 4).reshape(n, heads, n_q, last)
+
+    def group(t, last):  # the inverse
+        return t.view(lanes, m, heads, n_q, last).permute(1, 2, 0, 3, 4).reshape(m, heads, lanes * n_q, last)
+
+    prefix_scores = ungroup(torch.matmul(group(qf, head_dim), prefix_k.float().transpose(-1, -2)), prefix) * scale
+    suffix_scores = torch.matmul(qf, suffix_k.float().transpose(-1, -2)) * scale + suffix_mask
+    top = torch.maximum(prefix_scores.amax(-1), suffix_scores.amax(-1)).unsqueeze(-1)
+    prefix_p, suffix_p = torch.exp(prefix_scores - top), torch.exp(suffix_scores - top)
+    total = (prefix_p.sum(-1) + suffix_p.sum(-1)).unsqueeze(-1)
+    out = ungroup(torch.matmul(group(prefix_p, prefix), prefix_v.float()), head_dim) + torch.matmul(suffix_p, suffix_v.float())
+    return (out / total).to(q.dtype)
 
 
 def additive(visible: torch.Tensor, dtype) -> torch.Tensor:
@@ -169,31 +201,38 @@ def run_suffix(text: TextModel, tokens, positions, prefix_k, prefix_v, write: Wr
     return x
 
 
-def decode_logits(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
-                  slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> torch.Tensor:
+def decode_logits(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, suffix_k, suffix_v, layer_index,
+                  state: SlotState, rope: RopeTables, *, slots: int, lanes: int, length: int, prefix_len: int,
+                  kind: str) -> torch.Tensor:
     """One token per slot: writes each pending token's key/value at its slot's ``pos`` and returns the raw
-    (slots, vocab) logits. Pools: per layer (rows, H, positions, d); the first ``slots`` = lanes * M suffix
+    (slots, vocab) logits. Pools (kv.py): (layers, rows, H, positions, d), ``layer_index`` (layers, 1); the first ``slots`` = lanes * M suffix
     slots, the first M = ``slots // lanes`` prefix rows and the first ``length`` suffix positions take part.
-    Per layer: layer norm, qkv, rotary of q and k together, two in-place writes, the two attention
-    kernels and their merge, the output projection, the MLP and the residual sum."""
+    The blocks' weights come stacked (layers.py: qkv with fc1 and proj with fc2 as one GEMM each). Per
+    layer: layer norm, the input GEMM, rotary of q and k together, two in-place writes, the two attention
+    kernels and their merge, the output GEMM and the residual sum."""
     m, dim = slots // lanes, text.config.dim
     heads, head_dim = text.config.n_heads, text.config.head_dim
+    qkv_out = 3 * dim  # n_kv_heads == n_heads (config.py refuses other checkpoints)
     pos = state.pos[:slots]
     rows = torch.arange(slots, device=pos.device)
     visible = torch.arange(length, device=pos.device).view(1, length) <= pos.view(slots, 1)
-    mask = additive(visible, suffix_k[0].dtype).view(slots, 1, 1, length)  # built once per step
+    mask = additive(visible, suffix_k.dtype).view(slots, 1, 1, length)  # built once per step
     cos, sin = rope.cos[prefix_len + pos].unsqueeze(1), rope.sin[prefix_len + pos].unsqueeze(1)
     x = text.embed(state.tokens[:slots])
-    for i, block in enumerate(text.blocks):
-        h = block.ln(x)
-        qkv = block.attn.qkv(h)
-        qk = rope.apply(qkv[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
-        keys, values = suffix_k[i], suffix_v[i]
-        keys[rows, :, pos] = qk[:, heads:]
-        values[rows, :, pos] = qkv[:, 2 * dim :].view(slots, heads, head_dim)
-        out = attend(qk[:, :heads].unsqueeze(2), prefix_k[i][:m], prefix_v[i][:m], keys[:slots, :, :length],
-                     values[:slots, :, :length], mask, lanes, kind)
-        x = x + block.attn.proj(out.reshape(slots, dim)) + block.mlp(h)
+    # The parts of the pools this step reads, sliced once (a layer's is then one select).
+    prefix_keys, prefix_values = prefix_k[:, :m], prefix_v[:, :m]
+    suffix_keys, suffix_values = suffix_k[:, :slots, :, :length], suffix_v[:, :slots, :, :length]
+    for i in range(text.config.n_layers):
+        h = F.layer_norm(x, (dim,), layers.ln_w[i], layers.ln_b[i], LAYER_NORM_EPS)
+        hidden = torch.addmm(layers.b_in[i], h, layers.w_in_t[i])  # [q, k, v, fc1 out]
+        qk = rope.apply(hidden[:, : 2 * dim].view(slots, 2 * heads, head_dim), cos, sin)
+        layer = layer_index[i]  # a (1,) tensor: one index_put on the whole pool, in place (kv.py)
+        suffix_k[layer, rows, :, pos] = qk[:, heads:]
+        suffix_v[layer, rows, :, pos] = hidden[:, 2 * dim : qkv_out].view(slots, heads, head_dim)
+        out = attend(qk[:, :heads].unsqueeze(2), prefix_keys[i], prefix_values[i], suffix_keys[i], suffix_values[i],
+                     mask, lanes, kind)
+        both = torch.cat([out.reshape(slots, dim), gelu(hidden[:, qkv_out:])], dim=1)
+        x = x + torch.addmm(layers.b_proj[i], both, layers.w_out_t[i]) + layers.b_fc2[i]
     return text.logits(x)
 
 
@@ -216,11 +255,12 @@ def advance(state: SlotState, logits: torch.Tensor, slots: int) -> None:
     active.copy_(emit)
 
 
-def decode_step(text: TextModel, prefix_k, prefix_v, suffix_k, suffix_v, state: SlotState, rope: RopeTables, *,
-                slots: int, lanes: int, length: int, prefix_len: int, kind: str) -> None:
+def decode_step(text: TextModel, layers: StackedLayers, prefix_k, prefix_v, suffix_k, suffix_v, layer_index,
+                state: SlotState, rope: RopeTables, *, slots: int, lanes: int, length: int, prefix_len: int,
+                kind: str) -> None:
     """What ``--compile`` compiles (fullgraph): one fixed-shape step of every slot, state updated in place."""
-    logits = decode_logits(text, prefix_k, prefix_v, suffix_k, suffix_v, state, rope, slots=slots, lanes=lanes,
-                           length=length, prefix_len=prefix_len, kind=kind)
+    logits = decode_logits(text, layers, prefix_k, prefix_v, suffix_k, suffix_v, layer_index, state, rope,
+                           slots=slots, lanes=lanes, length=length, prefix_len=prefix_len, kind=kind)
     advance(state, logits, slots)
 
 
