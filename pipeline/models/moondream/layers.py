@@ -1,9 +1,9 @@
 """The text blocks' weights stacked over the layers, for the decode step: a handful of tensors, not ~10 per layer.
 
 A decode step's fixed cost grows with the tensors it is handed: TorchDynamo checks and the compiled
-graph's wrapper takes in, size-checks and releases each one per call (measured on CPU at 8 tiny layers:
-about 40% of the compiled wrapper's own time went to its 128 inputs). Stacked, the 24 layers' ~240
-parameters are 6 tensors, and the step indexes them by layer inside the graph, where a view is free.
+graph's wrapper takes in, size-checks and releases each one per call (sampled on CPU at 8 tiny layers:
+over a third of the compiled wrapper's time went to its 128 inputs). Stacked, the 24 layers' 240
+parameters are 7 tensors, and the step indexes them by layer inside the graph, where a view is free.
 
 Each block is ``x + proj(attn(ln(x))) + fc2(gelu(fc1(ln(x))))``: qkv and fc1 read the same ln(x), so
 they are one GEMM over ``w_in`` ((qkv + ff) x dim), and proj and fc2 add into the same residual, so they
@@ -86,16 +86,18 @@ def stacked_layers(text: TextModel) -> StackedLayers:
     params = _block_parameters(text)
     built = {}
     with torch.no_grad():
-        # One kind at a time, its parameters re-pointed at once: the transient extra memory is one stack.
+        # One kind at a time, each layer copied into its slice and its parameters re-pointed at once, so
+        # the originals can go as the stack fills: the transient extra memory is about one stack.
         for field, indices, cat_dim in _KINDS:
-            if cat_dim is None:
-                built[field] = torch.stack([p[indices[0]].detach() for p in params])
-                sizes = []
-            else:
-                sizes = [params[0][k].shape[cat_dim] for k in indices]
-                built[field] = torch.stack([torch.cat([p[k].detach() for k in indices], dim=cat_dim) for p in params])
+            first = [params[0][k] for k in indices]
+            sizes = [t.shape[cat_dim] for t in first] if cat_dim is not None else []
+            shape = list(first[0].shape)
+            if cat_dim is not None:
+                shape[cat_dim] = sum(sizes)
+            built[field] = torch.empty(len(params), *shape, dtype=first[0].dtype, device=first[0].device)
             for layer, layer_params in enumerate(params):
                 for k, view in zip(indices, _parts(built[field], layer, sizes, cat_dim)):
+                    view.copy_(layer_params[k])
                     layer_params[k].data = view
     stack = StackedLayers(**built, w_in_t=built["w_in"].transpose(1, 2), w_out_t=built["w_out"].transpose(1, 2))
     object.__setattr__(text, "_stacked_layers", stack)  # a plain attribute: not in state_dict()
