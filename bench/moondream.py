@@ -260,6 +260,10 @@ def _row(label: str, values: dict, labels: list[str], fmt: str, better_lower: bo
     cells = "".join(f"{values[k]:>16{fmt}}" if k in values else f"{'-':>16}" for k in labels)
     best = min(v for k, v in values.items() if k != "before") if better_lower else max(
         v for k, v in values.items() if k != "before")
+    if min(values.values()) <= 0:
+        # A host time with the arithmetic taken out at or below 0: the step is arithmetic-bound there (the
+        # estimate of its arithmetic exceeds its CPU time), so no ratio is a measurement.
+        return f"{label:<34}{cells}{'n/a':>13}   (a figure <= 0: arithmetic-bound, not measured)"
     ratio = (before / best if better_lower else best / before) if before and best else float("nan")
     return f"{label:<34}{cells}{ratio:>12.1f}x"
 
