@@ -213,6 +213,9 @@ def _run_leased(config: RunConfig, progress: bool, echo, committed: list[int], s
         finally:
             # _process committed every row that reached the driver, interrupted or not.
             committed[0] = copied + summary.processed
+        # A stop that landed after the last batch (its commit, Ray's shutdown) is still a stop:
+        # the merge is left to the rerun, and the exit code tells the supervisor it was obeyed.
+        ctrl_c.check()
     lease.check()  # never merge over the rows of a run that took the output over
     try:
         summary.total_rows = store.finalize(schema, run=identity)

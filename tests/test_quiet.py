@@ -222,3 +222,35 @@ def test_sigterm_is_a_stop_like_ctrl_c_with_its_own_exit_code():
     assert RunInterrupted(3, "/o/", signal.SIGTERM).exit_code == 143
     assert RunInterrupted(3, "/o/").exit_code == 130
     assert str(RunInterrupted(3, "/o/", signal.SIGTERM)).startswith("stopped by SIGTERM: 3 processed rows were committed to /o/")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_after_the_last_batch_stops_before_the_merge(ray_local, tmp_path, tiny_clip_dir, monkeypatch, signum):
+    """A stop landing after the last batch reached the driver (its commit, Ray's shutdown) is acted on
+    before the merge. It was dropped: CI's SIGTERM came just as a small run ended, the run merged and
+    exited 0, and a supervisor could not tell its stop was ignored."""
+    import jobs.run
+    from jobs.interrupt import exit_code_of
+
+    make_jpegs(tmp_path / "photos", 6)
+    real_process = jobs.run._process
+
+    def process_then_stop(*args, **kwargs):
+        schema = real_process(*args, **kwargs)  # every row is in; Ray is still up
+        os.kill(os.getpid(), signum)
+        return schema
+
+    monkeypatch.setattr(jobs.run, "_process", process_then_stop)
+    out = tmp_path / "captions.parquet"
+    args = ["run", tmp_path / "photos", "--out", out, "--no-caption", "--no-probes",
+            "--embed-model", tiny_clip_dir, "--no-progress"]  # fmt: skip
+    from tests.cli import cli
+
+    stopped = cli(*args, exit_code=exit_code_of(signum))
+    how = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+    assert f"captioner: {how}: 6 processed rows were committed to {out}.parts/" in stopped.output, stopped.output
+    assert not out.exists() and len(list((tmp_path / "captions.parquet.parts").glob("part-*.parquet"))) >= 1
+
+    monkeypatch.setattr(jobs.run, "_process", real_process)
+    rerun = cli(*args)
+    assert "0 to process" in rerun.output and pq.read_metadata(out).num_rows == 6, rerun.output
